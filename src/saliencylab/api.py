@@ -1,0 +1,34 @@
+"""`explain`: one call from a model and images to an Explanation."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from . import methods as _methods
+from .explanation import Explanation
+from .targets import TargetSpec
+
+
+def explain(model: nn.Module, x, method="integrated_gradients", target: TargetSpec = None, *,
+            channels: bool = False, **params) -> Explanation:
+    """Explain `model`'s decision on images `x` (B, C, H, W) with a registered method.
+
+    `method` is a registered name (see `saliencylab.methods.available()`), a Method class, or a
+    Method instance (then `params` must be empty). `target`: None (predicted class), an int, B ints,
+    or a callable `f(outputs) -> (B,)`.
+    """
+    if isinstance(method, _methods.Method):
+        if params:
+            raise TypeError("pass parameters to the Method instance, not to explain()")
+        instance = method
+    else:
+        instance = _methods.build(method, model, **params)
+    maps = instance.attribute(x, target, channels=channels)
+    return Explanation(
+        maps=maps,
+        targets=instance.last_targets,
+        method=instance.name,
+        params=dict(instance.params),
+        cost=instance.last_cost,
+        outputs=instance.last_outputs,
+    )
