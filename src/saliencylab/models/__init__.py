@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -164,7 +165,10 @@ def _load_torchscript(path: str) -> nn.Module:
     if os.path.isdir(path):
         raise InputError(f"cannot read model file '{path}': it is a directory")
     try:
-        return torch.jit.load(path, map_location="cpu")
+        with warnings.catch_warnings():
+            # torch 2.9+ flags TorchScript as deprecated; the user chose the format, not us.
+            warnings.filterwarnings("ignore", message=".*torch.jit.load.* is deprecated", category=DeprecationWarning)
+            return torch.jit.load(path, map_location="cpu")
     except Exception as exc:
         raise InputError(
             f"cannot read model file '{path}' as TorchScript ({_reason(exc)}); a plain state dict "
@@ -232,11 +236,14 @@ def _load_weights(model: nn.Module, weights: str | os.PathLike) -> None:
         raise ConfigError(
             f"weights file '{path}' does not match the model: "
             f"{len(missing)} missing keys {_few(missing)}, {len(unexpected)} unexpected keys {_few(unexpected)}")
-    try:
-        model.load_state_dict(state, strict=True)
-    except Exception as exc:  # same keys, wrong shapes
-        detail = " ".join(_reason(exc).split())
-        raise ConfigError(f"weights file '{path}' does not match the model: {detail}") from exc
+    current = model.state_dict()
+    wrong_shape = [f"{k} {tuple(state[k].shape)} vs {tuple(current[k].shape)}"
+                   for k in sorted(current) if state[k].shape != current[k].shape]
+    if wrong_shape:
+        raise ConfigError(
+            f"weights file '{path}' does not match the model: size mismatch for "
+            f"{len(wrong_shape)} tensors (file vs model) {_few(wrong_shape)}")
+    model.load_state_dict(state, strict=True)
 
 
 def _is_state_dict(obj: Mapping) -> bool:

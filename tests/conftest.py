@@ -1,0 +1,49 @@
+import os
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("SALIENCYLAB_PROGRESS", "0")
+
+
+class SmallCNN(nn.Module):
+    """Conv/BN/ReLU/pool/linear: every layer kind the methods meet, small enough for fast tests."""
+
+    def __init__(self, classes: int = 5, channels: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(0.5)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu2(self.conv2(x))
+        return self.fc(self.dropout(self.pool(x).flatten(1)))
+
+
+def make_small_cnn(seed: int = 0, dtype=torch.float32) -> SmallCNN:
+    torch.manual_seed(seed)
+    model = SmallCNN().to(dtype)
+    with torch.no_grad():  # non-trivial BN statistics so eval and train modes differ
+        model.bn1.running_mean.uniform_(-0.5, 0.5)
+        model.bn1.running_var.uniform_(0.5, 2.0)
+        model.bn1.weight.uniform_(0.5, 1.5)
+        model.bn1.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+@pytest.fixture
+def small_cnn():
+    return make_small_cnn()
+
+
+@pytest.fixture
+def images():
+    torch.manual_seed(1)
+    return torch.randn(3, 3, 12, 12)
