@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import methods as _methods
+from . import metrics as _metrics
 from .explanation import Explanation
 from .targets import TargetSpec
 
@@ -32,3 +33,16 @@ def explain(model: nn.Module, x, method="integrated_gradients", target: TargetSp
         cost=instance.last_cost,
         outputs=instance.last_outputs,
     )
+
+
+def evaluate(model: nn.Module | None, x, maps, metric="deletion", target: TargetSpec = None, *,
+             return_curves: bool = False, **params):
+    """Score explanations `maps` (B, H, W) (or an Explanation) with a registered metric: (B,) scores.
+
+    Localization metrics take `boxes=` or `masks=`; other keyword arguments are the metric's
+    parameters (see `saliencylab.metrics.parameters(name)`). With `return_curves=True` returns
+    (scores, curves) where the metric has curves.
+    """
+    data = {k: params.pop(k) for k in list(params) if k in _metrics.base.DATA_KEYS}
+    instance = metric if isinstance(metric, _metrics.Metric) else _metrics.build(metric, **params)
+    return instance(model, x, maps, target, return_curves=return_curves, **data)
