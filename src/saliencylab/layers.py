@@ -23,14 +23,14 @@ def get_layer(model: nn.Module, name: str | nn.Module) -> nn.Module:
     raise ConfigError(f"model has no layer named '{name}'{hint}")
 
 
-def _grid_for(n: int, aspect: float) -> tuple[int, int] | None:
-    """Factor n tokens into an (h, w) grid with h / w close to the input's aspect ratio."""
+def _grid_for(n: int, aspect: float, tolerance: float) -> tuple[int, int] | None:
+    """Factor n tokens into an (h, w) grid with h / w within `tolerance` (relative) of the input's aspect."""
     h = round(math.sqrt(n * aspect))
     for dh in (0, -1, 1, -2, 2):
         hh = h + dh
         if hh > 0 and n % hh == 0:
             ww = n // hh
-            if abs(hh / ww - aspect) <= 0.25 * aspect:
+            if abs(hh / ww - aspect) <= tolerance * aspect:
                 return hh, ww
     return None
 
@@ -52,11 +52,13 @@ def to_grid(t: torch.Tensor, input_hw: tuple[int, int], layout: str = "auto") ->
         return t.permute(0, 3, 1, 2)
     if t.dim() == 3 and layout in ("auto", "tokens"):
         B, N, D = t.shape
-        for prefix in range(0, min(N, 9)):
-            grid = _grid_for(N - prefix, aspect)
-            if grid is not None and (N - prefix) > 1:
-                h, w = grid
-                return t[:, prefix:, :].transpose(1, 2).reshape(B, D, h, w)
+        # Prefer an exact aspect match (patches tile the input), then allow rounding at the borders.
+        for tolerance in (1e-6, 0.25):
+            for prefix in range(0, min(N - 1, 9)):
+                grid = _grid_for(N - prefix, aspect, tolerance)
+                if grid is not None:
+                    h, w = grid
+                    return t[:, prefix:, :].transpose(1, 2).reshape(B, D, h, w)
         raise ConfigError(f"cannot arrange {N} tokens of layer output {tuple(t.shape)} into a spatial grid")
     raise ConfigError(
         f"layer output of shape {tuple(t.shape)} is not a spatial feature map; choose a convolutional or token layer"
@@ -96,9 +98,11 @@ def find_default_layer(session, x: torch.Tensor, target) -> str:
     def hook(module, args, output):
         if module in names and is_spatial(output, hw):
             if not output.requires_grad:
-                output = output.detach().requires_grad_(True)
+                leaf = output.detach().requires_grad_(True)
+                order.append((names[module], leaf))
+                # A copy goes on: an in-place op downstream (VGG's ReLU(inplace=True)) may not modify a leaf.
+                return leaf.clone()
             order.append((names[module], output))
-            return output
         return None
 
     handles = [session.add_forward_hook(m, hook) for m in names]
@@ -113,6 +117,7 @@ def find_default_layer(session, x: torch.Tensor, target) -> str:
         for h in handles:
             h.remove()
     for (name, _), g in reversed(list(zip(order, grads))):
-        if g is not None and bool(g.abs().sum() > 0):
+        # Only the grid counts: after a transformer's last block the class token alone has gradient.
+        if g is not None and bool(to_grid(g, hw).abs().sum() > 0):
             return name
     raise ConfigError("found no spatial layer the target depends on; pass layer='dotted.name'")

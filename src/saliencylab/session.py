@@ -195,7 +195,9 @@ class ModelSession:
                 if make_differentiable and not output.requires_grad:
                     output = output.detach().requires_grad_(True)
                     store[name] = output
-                    return output
+                    # The model continues with a copy: an in-place op downstream (out += identity,
+                    # ReLU(inplace=True)) may not modify a leaf that requires grad.
+                    return output.clone()
                 store[name] = output
                 return None
 
