@@ -100,6 +100,8 @@ def test_model_untouched_after_success(name, images):
 @pytest.mark.parametrize("mode,after", [("forward", 0), ("forward", 1), ("backward", 0)])
 @pytest.mark.parametrize("name", methods.available())
 def test_model_untouched_after_failure(name, mode, after, images):
+    if mode == "backward" and not methods.get(name).uses_gradients:
+        pytest.skip("forward-only method: no backward pass to fail")
     inner = user_model()
     model = Failing(inner, mode, after)
     model.train()

@@ -89,6 +89,7 @@ class Method:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     input_space: ClassVar[bool] = True
+    uses_gradients: ClassVar[bool] = True  # False for forward-only (perturbation) methods
 
     def __init__(self, model: nn.Module, **params):
         if not isinstance(model, nn.Module):
