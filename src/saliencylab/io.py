@@ -1,0 +1,271 @@
+"""Files in and out for the command line: models with their preprocessing, images, result files.
+
+Kept apart from `cli.py` so that scripts can reuse the same steps:
+
+>>> loaded = load_model("efficientnet_lite0")
+>>> item = prepare_image("cat.jpg", loaded)
+>>> results = explain_images(loaded.model, method, item.tensor[None], target=None)
+>>> write_result("out", item, results[0], loaded, model_name="efficientnet_lite0")
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+from . import models as _models
+from .api import explain
+from .errors import ConfigError, InputError
+from .explanation import Explanation
+from .report.render import denormalize, overlay, save_png
+
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "PreparedImage", "ImageResult", "load_model", "read_labels",
+    "parse_param", "parse_floats", "resolve_target_arg", "label_of", "prepare_image", "explain_images",
+    "split_explanation", "write_result", "unique_stems",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# -- arguments ------------------------------------------------------------------------------------
+def parse_param(text: str) -> tuple[str, object]:
+    """'key=value' -> (key, value); the value is a Python literal if it parses as one, else a string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--param expects key=value, got {text!r}")
+    raw = raw.strip()
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        value = raw
+    return key, value
+
+
+def parse_floats(text: str, name: str) -> tuple[float, float, float]:
+    """'0.5' or '0.485,0.456,0.406' -> three floats (one value is used for every channel)."""
+    try:
+        values = [float(v) for v in str(text).replace(" ", "").split(",") if v]
+    except ValueError:
+        raise ConfigError(f"--{name} expects one or three numbers separated by commas, got {text!r}") from None
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3:
+        raise ConfigError(f"--{name} expects one or three numbers separated by commas, got {text!r}")
+    if name == "std" and any(v <= 0 for v in values):
+        raise ConfigError(f"--std values must be positive, got {text!r}")
+    return tuple(values)
+
+
+def read_labels(path: str | os.PathLike) -> list[str]:
+    """Class names, one per line (blank trailing lines ignored)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read labels file '{path}': {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot read labels file '{path}': not UTF-8 text") from None
+    labels = [line.strip() for line in text.splitlines()]
+    while labels and not labels[-1]:
+        labels.pop()
+    if not labels:
+        raise ConfigError(f"labels file '{path}' is empty")
+    return labels
+
+
+def label_of(labels: Sequence[str], index: int) -> str:
+    return labels[index] if 0 <= index < len(labels) and labels[index] else f"class {index}"
+
+
+def resolve_target_arg(text: str | None, labels: Sequence[str]) -> int | None:
+    """--target: None (predicted class), a class index, or a unique part of a class name."""
+    if text is None:
+        return None
+    text = str(text).strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    wanted = text.lower()
+    exact = [i for i, name in enumerate(labels) if name.lower() == wanted]
+    if len(exact) == 1:
+        return exact[0]
+    found = [i for i, name in enumerate(labels) if wanted and wanted in name.lower()]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ConfigError(f"--target {text!r} is neither a class index nor part of a class name")
+    shown = ", ".join(f"{i} {labels[i]!r}" for i in found[:6]) + (", ..." if len(found) > 6 else "")
+    raise ConfigError(f"--target {text!r} matches {len(found)} classes ({shown}); give the class index")
+
+
+# -- models ---------------------------------------------------------------------------------------
+def load_model(spec: str = "efficientnet_lite0", weights: str | None = None, *, size: int | None = None,
+               mean=None, std=None, labels: str | Sequence[str] | None = None) -> "_models.LoadedModel":
+    """A model with its preprocessing and labels.
+
+    Embedded names keep their own preprocessing and ImageNet labels. Anything else goes through
+    `models.from_spec` and gets resize-256 / centre-crop-224 with ImageNet mean/std and labels
+    "class N", unless `size`, `mean`, `std` or `labels` (a file or a list) say otherwise.
+    """
+    if isinstance(mean, str):
+        mean = parse_floats(mean, "mean")
+    if isinstance(std, str):
+        std = parse_floats(std, "std")
+    if size is not None and (not isinstance(size, int) or size < 8):
+        raise ConfigError(f"--size must be an int of at least 8, got {size!r}")
+    if spec in _models.available():
+        loaded = _models.load(spec)
+        if weights is not None:
+            loaded = dataclasses.replace(loaded, model=_models.from_spec(spec, weights))
+    else:
+        model = _models.from_spec(spec, weights)
+        loaded = _models.LoadedModel(name=spec, model=model, labels=[], mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                                     input_size=224, resize_size=256, interpolation="bilinear")
+    changes = {}
+    if size is not None:
+        changes.update(input_size=size, resize_size=max(size, round(size * 256 / 224)))
+    if mean is not None:
+        changes["mean"] = tuple(float(v) for v in mean)
+    if std is not None:
+        changes["std"] = tuple(float(v) for v in std)
+    if labels is not None:
+        changes["labels"] = read_labels(labels) if isinstance(labels, (str, os.PathLike)) else list(labels)
+    return dataclasses.replace(loaded, **changes) if changes else loaded
+
+
+# -- images ---------------------------------------------------------------------------------------
+@dataclass
+class PreparedImage:
+    """An image as given on the command line, its model input, and the crop the model saw."""
+
+    path: str
+    stem: str
+    tensor: torch.Tensor  # (3, S, S), normalized
+    photo: np.ndarray  # (S, S, 3) uint8, for overlays
+
+
+def prepare_image(path: str | os.PathLike, loaded, stem: str | None = None) -> PreparedImage:
+    """Read and preprocess one image; raises InputError for unreadable files."""
+    tensor = loaded.preprocess(os.fspath(path))
+    if not bool(torch.isfinite(tensor).all()):
+        raise InputError(f"image '{path}' gives non-finite values after preprocessing (check --mean/--std)")
+    photo = denormalize(tensor, loaded.mean, loaded.std)
+    return PreparedImage(os.fspath(path), stem or Path(path).stem, tensor, photo)
+
+
+def unique_stems(paths: Sequence[str]) -> list[str]:
+    """File stems, made unique with -2, -3 ... so that a/x.jpg and b/x.jpg do not overwrite each other."""
+    seen: dict[str, int] = {}
+    stems = []
+    for p in paths:
+        stem = Path(p).stem or "image"
+        n = seen.get(stem, 0) + 1
+        seen[stem] = n
+        stems.append(stem if n == 1 else f"{stem}-{n}")
+    return stems
+
+
+# -- explaining -----------------------------------------------------------------------------------
+@dataclass
+class ImageResult:
+    """One image's share of an Explanation."""
+
+    map: torch.Tensor  # (H, W) or (C, H, W), raw
+    method: str
+    params: dict
+    target: int | None
+    probability: float | None
+    predicted: int | None
+    predicted_probability: float | None
+    cost: dict = field(default_factory=dict)
+    batch_images: int = 1
+
+
+def split_explanation(expl: Explanation) -> list[ImageResult]:
+    summary = expl.to_dict()
+    probs = expl.probabilities
+    soft = expl.outputs.softmax(dim=1) if expl.outputs is not None and expl.outputs.dim() == 2 else None
+    results = []
+    for i in range(len(expl)):
+        pred = int(soft[i].argmax()) if soft is not None else None
+        results.append(ImageResult(
+            map=expl.maps[i].detach().cpu(),
+            method=expl.method,
+            params=summary["params"],
+            target=None if expl.targets is None else int(expl.targets[i]),
+            probability=None if probs is None else float(probs[i]),
+            predicted=pred,
+            predicted_probability=None if pred is None else float(soft[i, pred]),
+            cost=summary["cost"],
+            batch_images=len(expl),
+        ))
+    return results
+
+
+def explain_images(model, method, x: torch.Tensor, target=None) -> list[ImageResult | Exception]:
+    """Explain a batch; if the batch fails, explain image by image so one bad image loses only itself.
+
+    Returns one entry per image: an ImageResult, or the exception that image raised.
+    """
+    try:
+        return split_explanation(explain(model, x, method, target))
+    except Exception as exc:  # noqa: BLE001 - isolated per image below
+        if len(x) == 1:
+            return [exc]
+    results: list[ImageResult | Exception] = []
+    for i in range(len(x)):
+        try:
+            results.extend(split_explanation(explain(model, x[i : i + 1], method, target)))
+        except Exception as exc:  # noqa: BLE001
+            results.append(exc)
+    return results
+
+
+# -- results --------------------------------------------------------------------------------------
+def write_result(out_dir: str | os.PathLike, item: PreparedImage, result: ImageResult, loaded,
+                 model_name: str | None = None) -> dict[str, Path]:
+    """Write <stem>.<method>.png (overlay), .npy (raw float32 map) and .json (the record)."""
+    out_dir = Path(out_dir)
+    base = out_dir / f"{item.stem}.{result.method}"
+    paths = {"png": base.with_name(base.name + ".png"), "npy": base.with_name(base.name + ".npy"),
+             "json": base.with_name(base.name + ".json")}
+    raw = result.map.numpy().astype(np.float32, copy=False)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        np.save(paths["npy"], raw)
+        save_png(paths["png"], overlay(item.photo, raw))
+        labels = loaded.labels
+        record = {
+            "image": item.path,
+            "model": model_name or loaded.name,
+            "method": result.method,
+            "params": result.params,
+            "target": result.target,
+            "label": None if result.target is None else label_of(labels, result.target),
+            "probability": result.probability,
+            "predicted": None if result.predicted is None else {
+                "index": result.predicted, "label": label_of(labels, result.predicted),
+                "probability": result.predicted_probability},
+            "map": {"file": paths["npy"].name, "shape": list(raw.shape), "dtype": "float32",
+                    "min": float(raw.min()), "max": float(raw.max())},
+            "overlay": paths["png"].name,
+            "cost": result.cost,
+            "cost_covers_images": result.batch_images,
+            "versions": {"saliencylab": __version__, "torch": torch.__version__},
+        }
+        paths["json"].write_text(json.dumps(record, indent=2, default=repr) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"cannot write results to '{out_dir}': {exc.strerror or exc}") from None
+    return paths

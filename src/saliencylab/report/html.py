@@ -1,0 +1,96 @@
+"""The demo page: a self-contained HTML grid of images x methods."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+__all__ = ["DemoCell", "DemoRow", "DemoMethod", "write_demo_page"]
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+@dataclass
+class DemoCell:
+    """One (image, method) result: an overlay PNG path relative to the page, or an error message."""
+
+    image: str | None = None
+    error: str | None = None
+    title: str = ""
+
+
+@dataclass
+class DemoRow:
+    """One photo: its name, the model's prediction, and a cell per method name."""
+
+    name: str
+    label: str = ""
+    probability: float | None = None
+    photo: str | None = None  # the model's input crop, relative to the page
+    cells: dict[str, DemoCell] = field(default_factory=dict)
+    note: str = ""
+
+
+@dataclass
+class DemoMethod:
+    """One column: a method, its description and its time per image (None if it failed)."""
+
+    name: str
+    description: str = ""
+    seconds_per_image: float | None = None
+    params: dict = field(default_factory=dict)
+    note: str = ""  # e.g. warnings the method gave, shown under the header
+    cost: dict = field(default_factory=dict)  # Cost.as_dict() of the whole column (all images)
+    images: int | None = None  # how many images `cost` covers
+
+    @property
+    def passes_per_image(self) -> str:
+        n = self.images or 0
+        if not n or "forward_images" not in self.cost:
+            return ""
+        fwd, bwd = self.cost["forward_images"] / n, self.cost.get("backward_images", 0) / n
+        return f"{fwd:.3g} fwd + {bwd:.3g} bwd passes / image"
+
+
+def _as(cls, item):
+    if isinstance(item, cls):
+        return item
+    if isinstance(item, Mapping):
+        return cls(**item)
+    if cls is DemoMethod and isinstance(item, str):
+        return DemoMethod(item)
+    raise TypeError(f"expected a {cls.__name__} or a dict, got {type(item).__name__}")
+
+
+def _environment() -> Environment:
+    env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=select_autoescape(["html", "j2"]),
+                      trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters["relpath"] = lambda p: Path(p).as_posix()
+    return env
+
+
+def write_demo_page(out_dir: str | os.PathLike, rows: Sequence, methods: Sequence, meta: Mapping) -> Path:
+    """Write `out_dir/index.html` and return its path.
+
+    rows: DemoRow (or dicts with the same fields) in display order; each row's `cells` maps a method
+    name to a DemoCell (image path relative to `out_dir`, or an error message).
+    methods: DemoMethod (or dicts, or plain names), the columns in display order.
+    meta: free-form facts for the header and footer; known keys: title, model, command, date,
+    versions (a dict name -> version), notes (a list of strings).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [_as(DemoRow, r) for r in rows]
+    for row in rows:
+        row.cells = {name: _as(DemoCell, cell) for name, cell in row.cells.items()}
+    methods = [_as(DemoMethod, m) for m in methods]
+    meta = dict(meta)
+    html = _environment().get_template("demo.html.j2").render(
+        rows=rows, methods=methods, meta=meta, title=meta.get("title", "saliencylab demo"))
+    path = out_dir / "index.html"
+    path.write_text(html, encoding="utf-8")
+    return path

@@ -1,0 +1,173 @@
+"""The `saliencylab` command, run in-process through main() (plus one real console-script run)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from saliencylab import __version__, images, methods
+from saliencylab.cli import demo_params, main
+
+CHELSEA = str(images.samples()["chelsea"].path)
+CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+def _errors(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("error:")]
+
+
+def test_version_and_methods(capsys):
+    assert main(["--version"]) == 0
+    assert __version__ in capsys.readouterr().out
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == methods.available()
+    assert all(len(line.split(None, 1)) == 2 for line in lines)  # name and description
+
+
+def test_demo_quick_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert _errors(captured.err) == []
+    index = out / "index.html"
+    assert captured.out.strip().splitlines()[-1] == str(index.resolve())
+    html = index.read_text()
+    sources = set(re.findall(r'src="([^"]+)"', html))
+    for name in images.samples():
+        assert f"{name}.png" in sources
+        for method in methods.available():
+            assert f"{name}.{method}.png" in sources
+    for src in sources:
+        assert (out / src).is_file(), src
+    assert "efficientnet_lite0" in html and "saliencylab demo --quick" in html
+
+
+def test_demo_params_are_cheap_when_quick():
+    assert demo_params("integrated_gradients", quick=True)["steps"] == 4
+    assert demo_params("smoothgrad", quick=True)["samples"] == 4
+    assert demo_params("gradient", quick=True) == {}
+
+
+def test_demo_unknown_method(tmp_path, capsys):
+    assert main(["demo", "--quick", "--methods", "gradient,nope", "--out", str(tmp_path)]) == 2
+    assert "unknown method" in capsys.readouterr().err
+
+
+def test_explain_chelsea_gradient(tmp_path, capsys):
+    assert main(["explain", CHELSEA, "--method", "gradient", "--out", str(tmp_path)]) == 0
+    assert _errors(capsys.readouterr().err) == []
+    record = json.loads((tmp_path / "chelsea.gradient.json").read_text())
+    assert record["method"] == "gradient" and record["model"] == "efficientnet_lite0"
+    assert record["target"] in CAT_CLASSES and "cat" in record["label"] or record["label"] == "tabby"
+    assert 0 < record["probability"] <= 1
+    assert record["image"] == CHELSEA
+    assert record["cost"]["backward_images"] >= 1
+    m = np.load(tmp_path / "chelsea.gradient.npy")
+    assert m.shape == (224, 224) and m.dtype == np.float32 and np.abs(m).max() > 0
+    assert (tmp_path / "chelsea.gradient.png").stat().st_size > 0
+
+
+def test_bad_image_does_not_lose_the_good_one(tmp_path, capsys):
+    bad = tmp_path / "x.jpg"
+    bad.write_text("this is not an image")
+    out = tmp_path / "out"
+    assert main(["explain", str(bad), CHELSEA, "--method", "gradient", "--out", str(out)]) == 1
+    errors = _errors(capsys.readouterr().err)
+    assert len(errors) == 1 and str(bad) in errors[0] and "Traceback" not in errors[0]
+    assert sorted(p.name for p in out.iterdir()) == ["chelsea.gradient.json", "chelsea.gradient.npy",
+                                                     "chelsea.gradient.png"]
+
+
+def test_target_out_of_range(tmp_path, capsys):
+    assert main(["explain", CHELSEA, "--method", "gradient", "--target", "5000", "--out", str(tmp_path)]) == 1
+    errors = _errors(capsys.readouterr().err)
+    assert len(errors) == 1 and "out of range" in errors[0]
+    assert not list(tmp_path.glob("*.npy"))
+
+
+def test_target_by_name(tmp_path, capsys):
+    assert main(["explain", CHELSEA, "--method", "gradient", "--target", "Egyptian", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "chelsea.gradient.json").read_text())["target"] == 285
+    assert main(["explain", CHELSEA, "--method", "gradient", "--target", "cat", "--out", str(tmp_path)]) == 2
+    assert "matches" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "nope"], "unknown method"),
+    (["--method", "gradient", "--param", "nope=1"], "unknown parameter"),
+    (["--method", "gradient", "--param", "nope"], "key=value"),
+    (["--method", "gradcam", "--param", "layer='blocks.99'"], "no layer named"),
+    (["--method", "gradient", "--model", "no_such_module_xyz:factory"], "no_such_module_xyz"),
+    (["--method", "gradient", "--batch-size", "0"], "batch-size"),
+])
+def test_configuration_errors_exit_2(tmp_path, capsys, args, message):
+    assert main(["explain", CHELSEA, *args, "--out", str(tmp_path / "out")]) == 2
+    errors = _errors(capsys.readouterr().err)
+    assert len(errors) == 1 and message in errors[0]
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_param_reaches_the_method(tmp_path):
+    args = ["explain", CHELSEA, "--method", "integrated_gradients", "--param", "steps=2",
+            "--param", "baseline=blur", "--out", str(tmp_path)]
+    assert main(args) == 0
+    record = json.loads((tmp_path / "chelsea.integrated_gradients.json").read_text())
+    assert record["params"]["steps"] == 2 and record["params"]["baseline"] == "blur"
+    assert record["cost"]["backward_images"] == 2
+
+
+def test_user_model_factory(tmp_path, monkeypatch, capsys):
+    (tmp_path / "tests_module.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        def factory():
+            torch.manual_seed(0)
+            return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                 nn.Flatten(), nn.Linear(4, 10))
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tests_module", raising=False)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(f"thing {i}" for i in range(10)) + "\n")
+    coffee = str(images.samples()["coffee"].path)
+    out = tmp_path / "out"
+    args = ["explain", CHELSEA, coffee, "--model", "tests_module:factory", "--method", "gradient",
+            "--target", "3", "--batch-size", "1", "--size", "64", "--out", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    record = json.loads((out / "chelsea.gradient.json").read_text())
+    assert record["model"] == "tests_module:factory"
+    assert record["target"] == 3 and record["label"] == "class 3"
+    assert np.load(out / "coffee.gradient.npy").shape == (64, 64)
+
+    assert main(args[:-2] + ["--labels", str(labels), "--out", str(out)]) == 0
+    assert json.loads((out / "chelsea.gradient.json").read_text())["label"] == "thing 3"
+    # Out of range for a 10-class model: per-image errors, exit 1.
+    args[args.index("3")] = "10"
+    assert main(args) == 1
+    assert len(_errors(capsys.readouterr().err)) == 2
+
+
+def test_console_script_subprocess(tmp_path):
+    script = shutil.which("saliencylab")
+    cmd = [script] if script else [sys.executable, "-m", "saliencylab"]
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    proc = subprocess.run(
+        cmd + ["explain", CHELSEA, str(bad), "--method", "gradient", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    errors = _errors(proc.stderr)
+    assert len(errors) == 1 and "broken.png" in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert (tmp_path / "out" / "chelsea.gradient.npy").is_file()
+    assert json.loads((tmp_path / "out" / "chelsea.gradient.json").read_text())["target"] in CAT_CLASSES
