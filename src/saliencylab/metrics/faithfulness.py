@@ -43,15 +43,21 @@ def area(curves: torch.Tensor, fractions: torch.Tensor, rule: str) -> torch.Tens
 
 
 def ranked_curves(session, x, maps, target, *, insertion: bool, least_first: bool, steps, per_step, tile,
-                  baseline, score, batch_size, seed, desc=""):
-    """Scores after acting on the top-ranked units, at each checkpoint: fractions (K,), curves (B, K)."""
+                  baseline, score, batch_size, seed, desc="", fractions=None):
+    """Scores after acting on the top-ranked units, at each checkpoint: fractions (K,), curves (B, K).
+
+    Checkpoints: `fractions` (of the units, e.g. ROAD's 0, 0.1, ..., 0.9) if given, else `steps`/`per_step`.
+    """
     if not isinstance(tile, int) or tile < 1:
         raise ConfigError(f"tile must be a positive int, got {tile!r}")
     units = tile_sums(maps, tile)
     h, w = units.shape[-2:]
     values = units.flatten(1)
     positions = rank_positions(-values if least_first else values, seed)
-    counts = step_counts(h * w, steps, per_step).to(x.device)
+    if fractions is not None:
+        counts = torch.round(torch.as_tensor(fractions, dtype=torch.float64) * (h * w)).long().to(x.device)
+    else:
+        counts = step_counts(h * w, steps, per_step).to(x.device)
     perturber = Perturber(baseline, score, batch_size)
     curves = perturber.scores(session, x, target, len(counts),
                               ranked_masks(positions, counts, (h, w), insertion=insertion), desc=desc)

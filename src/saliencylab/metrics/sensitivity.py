@@ -1,0 +1,241 @@
+"""Random-perturbation faithfulness: sensitivity-N, faithfulness correlation and infidelity.
+
+All three compare, over random perturbations of each image, how much attribution the perturbation
+touches with how much the target's score changes; all run on the perturbation engine (`Perturber`):
+
+- `sensitivity_n` (Ancona et al. 2018): for each subset size n, `samples` random subsets of n
+  pixels (or tiles) are set to the baseline; the score is the Pearson correlation between the
+  summed attribution of the removed units and the drop of the target's logit, averaged over the
+  sizes (`n` in units, or `fraction` of the units). A map whose sums track the drops (completeness
+  for every subset, as input x gradient on a linear model with a zero baseline) scores 1.
+- `faithfulness_correlation` (Bhatt et al. 2020, as quantus.FaithfulnessCorrelation): the same
+  correlation for one subset size, `subset_size` pixels (Quantus' default 224), `samples` = 100.
+- `infidelity` (Yeh et al. 2019, as captum.metrics.infidelity): the mean over perturbations I of
+  (I . map - (f(x) - f(x - I)))^2, lower is better. `perturbation="noise"` (default): I ~ N(0, sigma^2)
+  per pixel, shared by the channels (maps are per pixel), for local maps (gradients);
+  `perturbation="subset"`: a random `fraction` of the units is replaced by the baseline and I is
+  the binary indicator of the removed units (captum's `multiply_by_inputs=True` convention), for
+  maps that already multiply by the input (input x gradient, integrated gradients). With
+  `normalize=True` the map is first rescaled by captum's beta = E[I.map * drop] / E[(I.map)^2],
+  which makes the score invariant to the map's scale.
+
+Subsets and noise are drawn per perturbed row from `seed` by a counter-based hash
+(`perturbation.random_subsets`, `row_normal`), so scores do not depend on `batch_size` or device.
+The clean score f(x) also goes through the engine (one all-kept mask per image).
+Where the attribution sums or the drops do not vary (a constant map), the correlation is 0.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..errors import ConfigError
+from ..perturbation import Perturber, random_subsets, row_normal, tile_sums
+from ..targets import SCORES
+from .base import Metric, register
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation along the last dimension (in float64); 0 where either side is constant."""
+    a = a.double() - a.double().mean(-1, keepdim=True)
+    b = b.double() - b.double().mean(-1, keepdim=True)
+    den = (a.pow(2).sum(-1) * b.pow(2).sum(-1)).sqrt()
+    return torch.where(den > 0, (a * b).sum(-1) / den.clamp_min(1e-300), torch.zeros_like(den))
+
+
+def clean_scores(perturber: Perturber, session, x: torch.Tensor, target) -> torch.Tensor:
+    """f(x) for each image (B,), through the engine (one all-kept mask per image)."""
+    def keep_all(image, k):
+        return torch.ones(len(image), 1, 1, 1, device=x.device, dtype=x.dtype)
+
+    return perturber.scores(session, x, target, 1, keep_all)[:, 0]
+
+
+def subset_drops(session, x, maps, target, *, sizes: Sequence[int], samples: int, tile: int, baseline, score: str,
+                 batch_size: int, seed: int, desc: str = ""):
+    """Remove `samples` random subsets of each size (in units of `tile` x `tile` pixels).
+
+    Returns the summed attribution of the removed units and the drop of the score, both
+    (B, len(sizes), samples).
+    """
+    units = tile_sums(maps, tile)
+    B, h, w = units.shape
+    values = units.flatten(1)
+    S, n = len(sizes), len(sizes) * samples
+    size_of = torch.as_tensor(list(sizes), device=x.device).repeat_interleave(samples)  # (n,) size of sample k
+    attribution = torch.empty(B, n, device=x.device, dtype=x.dtype)
+
+    def make_masks(image, k):
+        removed = random_subsets(seed, image * n + k, h * w, size_of[k])
+        attribution[image, k] = (values[image] * removed).sum(1)
+        return (~removed).view(-1, 1, h, w)
+
+    perturber = Perturber(baseline, score, batch_size)
+    clean = clean_scores(perturber, session, x, target)
+    scores = perturber.scores(session, x, target, n, make_masks, desc=desc)
+    return attribution.view(B, S, samples), (clean[:, None] - scores).view(B, S, samples)
+
+
+def _check_int(value, name: str, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def _check_score(score) -> str:
+    if score not in SCORES:
+        raise ConfigError(f"unknown score '{score}'; choose one of {', '.join(SCORES)}")
+    return score
+
+
+def _units(x: torch.Tensor, tile: int) -> int:
+    H, W = x.shape[-2:]
+    return -(-H // tile) * -(-W // tile)
+
+
+@register
+class SensitivityN(Metric):
+    name = "sensitivity_n"
+    description = ("Sensitivity-N (Ancona et al.): correlation between the attribution of random pixel subsets of "
+                   "size n and the logit drop when they are removed, averaged over n (higher is better).")
+    category = "faithfulness"
+    higher_is_better = True
+
+    def __init__(self, *, n: int | Sequence[int] | None = None, fraction: float | Sequence[float] = (0.01, 0.1, 0.5),
+                 samples: int = 64, tile: int = 1, baseline="zero", score: str = "logit", batch_size: int = 64,
+                 seed: int = 0):
+        super().__init__(n=n, fraction=fraction, samples=samples, tile=tile, baseline=baseline, score=score,
+                         batch_size=batch_size, seed=seed)
+        _check_int(samples, "samples", 2)
+        _check_int(tile, "tile")
+        _check_score(score)
+        if n is not None:
+            sizes = [n] if isinstance(n, int) else list(n)
+            if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+                raise ConfigError(f"n must be a positive int or a sequence of them, got {n!r}")
+        else:
+            fracs = [fraction] if isinstance(fraction, (int, float)) else list(fraction)
+            if not fracs or any(isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1
+                                for f in fracs):
+                raise ConfigError(f"fraction must be a number in (0, 1) or a sequence of them, got {fraction!r}")
+        self._sizes = None if n is None else sizes
+
+    def sizes(self, units: int) -> list[int]:
+        if self._sizes is not None:
+            sizes = self._sizes
+        else:
+            fracs = [self.fraction] if isinstance(self.fraction, (int, float)) else list(self.fraction)
+            sizes = [max(1, round(f * units)) for f in fracs]
+        if any(s >= units for s in sizes):
+            raise ConfigError(f"subset sizes {sizes} must be smaller than the number of units ({units})")
+        return sizes
+
+    def _score(self, session, x, maps, target, **data):
+        target = self.resolve(session, x, target)
+        units = _units(x, self.tile)
+        sizes = self.sizes(units)
+        attribution, drops = subset_drops(session, x, maps, target, sizes=sizes, samples=self.samples,
+                                          tile=self.tile, baseline=self.baseline, score=self.score,
+                                          batch_size=self.batch_size, seed=self.seed, desc=self.name)
+        corr = pearson(attribution, drops).to(x.dtype)  # (B, S)
+        sizes_t = torch.tensor(sizes, device=x.device)
+        self.last_curves = {"n": sizes_t, "fraction": sizes_t.to(x.dtype) / units, "correlation": corr}
+        return corr.mean(1)
+
+
+@register
+class FaithfulnessCorrelation(Metric):
+    name = "faithfulness_correlation"
+    description = ("Faithfulness correlation (Bhatt et al.): correlation between the attribution of random "
+                   "224-pixel subsets and the score drop when they are removed (higher is better).")
+    category = "faithfulness"
+    higher_is_better = True
+
+    def __init__(self, *, subset_size: int = 224, samples: int = 100, tile: int = 1, baseline="zero",
+                 score: str = "logit", batch_size: int = 64, seed: int = 0):
+        super().__init__(subset_size=subset_size, samples=samples, tile=tile, baseline=baseline, score=score,
+                         batch_size=batch_size, seed=seed)
+        _check_int(subset_size, "subset_size")
+        _check_int(samples, "samples", 2)
+        _check_int(tile, "tile")
+        _check_score(score)
+
+    def _score(self, session, x, maps, target, **data):
+        target = self.resolve(session, x, target)
+        units = _units(x, self.tile)
+        if self.subset_size >= units:
+            raise ConfigError(f"subset_size ({self.subset_size}) must be smaller than the number of units ({units})")
+        attribution, drops = subset_drops(session, x, maps, target, sizes=[self.subset_size], samples=self.samples,
+                                          tile=self.tile, baseline=self.baseline, score=self.score,
+                                          batch_size=self.batch_size, seed=self.seed, desc=self.name)
+        self.last_curves = {"attribution_sum": attribution[:, 0], "score_drop": drops[:, 0]}
+        return pearson(attribution[:, 0], drops[:, 0]).to(x.dtype)
+
+
+PERTURBATIONS = ("noise", "subset")
+
+
+@register
+class Infidelity(Metric):
+    name = "infidelity"
+    description = ("Infidelity (Yeh et al.): mean squared error between map . perturbation and the logit change "
+                   "under Gaussian noise (or random removals); lower is better.")
+    category = "faithfulness"
+    higher_is_better = False
+
+    def __init__(self, *, perturbation: str = "noise", sigma: float = 0.1, fraction: float = 0.1, samples: int = 32,
+                 normalize: bool = False, tile: int = 1, baseline="zero", score: str = "logit",
+                 batch_size: int = 64, seed: int = 0):
+        super().__init__(perturbation=perturbation, sigma=sigma, fraction=fraction, samples=samples,
+                         normalize=normalize, tile=tile, baseline=baseline, score=score, batch_size=batch_size,
+                         seed=seed)
+        if perturbation not in PERTURBATIONS:
+            raise ConfigError(f"unknown perturbation '{perturbation}'; choose one of {', '.join(PERTURBATIONS)}")
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or sigma <= 0:
+            raise ConfigError(f"sigma must be a positive number, got {sigma!r}")
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+            raise ConfigError(f"fraction must be a number in (0, 1), got {fraction!r}")
+        if not isinstance(normalize, bool):
+            raise ConfigError(f"normalize must be a bool, got {normalize!r}")
+        _check_int(samples, "samples")
+        _check_int(tile, "tile")
+        _check_score(score)
+
+    def dots_and_drops(self, session, x, maps, target):
+        """I . map and f(x) - f(x - I) for every perturbation: both (B, samples)."""
+        if self.perturbation == "subset":
+            units = _units(x, self.tile)
+            size = max(1, round(self.fraction * units))
+            dots, drops = subset_drops(session, x, maps, target, sizes=[size], samples=self.samples, tile=self.tile,
+                                       baseline=self.baseline, score=self.score, batch_size=self.batch_size,
+                                       seed=self.seed, desc=self.name)
+            return dots[:, 0], drops[:, 0]
+        B, _, H, W = x.shape
+        n = self.samples
+        dots = torch.empty(B, n, device=x.device, dtype=x.dtype)
+
+        def keep_all(image, k):
+            return torch.ones(len(image), 1, 1, 1, device=x.device, dtype=x.dtype)
+
+        def subtract_noise(inputs, image, k):
+            noise = float(self.sigma) * row_normal(self.seed, image * n + k, (1, H, W), x.dtype)
+            dots[image, k] = (noise[:, 0] * maps[image]).sum((1, 2))
+            return inputs - noise
+
+        perturber = Perturber(self.baseline, self.score, self.batch_size)
+        clean = clean_scores(perturber, session, x, target)
+        scores = perturber.scores(session, x, target, n, keep_all, perturb=subtract_noise, desc=self.name)
+        return dots, clean[:, None] - scores
+
+    def _score(self, session, x, maps, target, **data):
+        target = self.resolve(session, x, target)
+        dots, drops = self.dots_and_drops(session, x, maps, target)
+        d, f = dots.double(), drops.double()
+        if self.normalize:  # captum: beta = E[I.map * drop] / E[(I.map)^2], safe_div with default 1
+            den = d.pow(2).sum(1, keepdim=True)
+            beta = (d * f).sum(1, keepdim=True) / torch.where(den != 0, den, torch.ones_like(den))
+            d = beta * d
+        self.last_curves = {"dot": dots, "score_drop": drops}
+        return (d - f).pow(2).mean(1).to(x.dtype)
