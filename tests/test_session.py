@@ -9,7 +9,7 @@ from saliencylab import methods
 from conftest import make_small_cnn
 
 # Cheap settings so that every method runs in a fraction of a second on the small model.
-CHEAP = {"steps": 3, "samples": 3}
+CHEAP = {"steps": 3, "samples": 3, "gan_epochs": 1}
 
 
 def cheap_params(name, **extra):
