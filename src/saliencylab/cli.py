@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from . import evaluate_cmd
 from . import methods as _methods
 from ._progress import progress
-from .errors import ConfigError, SaliencyLabError
+from .errors import SaliencyLabError
 
 # Cost knobs that the demo lowers for any method that has them (and a higher default).
 _DEMO_KNOBS = ("steps", "samples", "n_samples", "n_steps", "num_samples", "masks", "n_masks", "num_masks")
@@ -30,7 +31,7 @@ _DEMO_FULL, _DEMO_QUICK = 16, 4
 _IBA_QUICK = {"steps": 2, "samples": 2}
 DEMO_PARAMS: dict[str, dict[str, dict]] = {
     "occlusion": {"full": {"window": 32, "stride": 16}, "quick": {"window": 56, "stride": 56}},
-    "rise": {"full": {"masks": 500}, "quick": {"masks": 16}},
+    "rise": {"full": {"masks": 500}, "quick": {"masks": 8}},
     "iba": {"quick": _IBA_QUICK},
     "inverse_iba": {"quick": _IBA_QUICK},
     "multilayer_iba": {"quick": {"steps": 2, "samples": 1}},
@@ -106,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="cheap settings (few steps/samples): a fast smoke run")
     demo.add_argument("--methods", help="comma-separated method names (default: all)")
     demo.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+
+    evaluate_cmd.add_parser(sub)
     return parser
 
 
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     args.argv = argv
-    handler = {"methods": cmd_methods, "explain": cmd_explain, "demo": cmd_demo}[args.command]
+    handler = {"methods": cmd_methods, "explain": cmd_explain, "demo": cmd_demo, "evaluate": cmd_evaluate}[args.command]
     with warnings.catch_warnings():
         warnings.simplefilter("default")  # each distinct warning once
         warnings.showwarning = _show_warning
@@ -228,6 +231,19 @@ def cmd_explain(args) -> int:
                 bar.write(f"{item.path}: {label} ({result.target}, p={prob}) -> {paths['png']}", file=sys.stdout)
             bar.update(len(chunk))
     return 1 if failed else 0
+
+
+# -- evaluate -------------------------------------------------------------------------------------
+def cmd_evaluate(args) -> int:
+    def fail(path, exc):
+        if args.debug and not isinstance(exc, SaliencyLabError):
+            raise exc
+        _error(path, _message(exc))
+
+    try:
+        return evaluate_cmd.cmd_evaluate(args, fail)
+    except SaliencyLabError as exc:
+        raise _Fail(exc) from None
 
 
 # -- demo -----------------------------------------------------------------------------------------
