@@ -11,7 +11,7 @@ from .base import Method, available, build, describe, get, parameters, register 
 # Importing the family modules registers their methods.
 from . import gradient, integrated, smoothgrad  # noqa: F401,E402
 
-for _family in ("guided", "cam", "fullgrad", "occlusion", "rise", "iba", "readout_iba", "input_iba", "igos"):
+for _family in ("guided", "cam", "fullgrad", "occlusion", "rise", "iba", "readout_iba", "input_iba", "igos", "extremal", "sag"):
     try:  # families under construction register themselves once their module exists
         __import__(f"{__name__}.{_family}")
     except ModuleNotFoundError as _e:

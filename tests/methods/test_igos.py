@@ -1,0 +1,228 @@
+"""I-GOS and iGOS++: the batched optimizer against a slow one-image reference, seeding, pass counts,
+and the known-relevant-pixels property on a model built by hand."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import saliencylab as sl
+from saliencylab.baselines import Blur
+from saliencylab.errors import ConfigError
+from saliencylab.methods import build
+from saliencylab.methods.igos import igos_noise
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny double-precision models run far faster on one thread, above all on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_cnn(seed=0, classes=4):
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, classes),
+    ).double().eval()
+    with torch.no_grad():  # confident predictions that perturbations can change: masks move a lot
+        model[-1].weight.mul_(8)
+    return model
+
+
+@pytest.fixture
+def images():
+    torch.manual_seed(3)
+    return torch.randn(3, 3, 12, 12, dtype=torch.float64)
+
+
+SMALL = dict(size=6, steps=5, iterations=6, seed=7, l1=0.05)  # a weak model: a light L1 lets masks move
+
+
+# -- the reference: one image, one path point at a time, plain autograd, sequential line search -----
+def reference(model, x1, cls, *, plus, size, steps, iterations, seed, l1, noise=0.2, l2=20.0, alpha=1000.0,
+              armijo=1e-4, decay=0.2, alpha_min=1e-5, ls_growth=1.0, bil_sigma=0.01):
+    H, W = x1.shape[-2:]
+    b1 = Blur(sigma=50.0, kernel_size=51)(x1)
+    # (kind, mask, sign): mask 0 = deletion, 1 = insertion, 2 = product
+    terms = [("del", 2, 1.0), ("ins", 2, -1.0), ("del", 0, 1.0), ("ins", 1, -1.0)] if plus else [("del", 0, 1.0)]
+    K = 2 if plus else 1
+    N = steps
+
+    def up(m):
+        return F.interpolate(m, size=(H, W), mode="bilinear", align_corners=True)
+
+    def reg(P):
+        M = P[0, 0] * P[0, 1] if plus else P[0, 0]
+        tv = ((M[1:] - M[:-1]) ** 2).mean() + ((M[:, 1:] - M[:, :-1]) ** 2).mean()
+        r = l1 * (1 - M).abs().mean()
+        if not plus:
+            return r + l2 * tv
+        U = up(M[None, None])[0, 0]
+        wv = torch.exp(-((x1[0, :, 1:] - x1[0, :, :-1]) ** 2).mean(0) / bil_sigma)
+        wh = torch.exp(-((x1[0, :, :, 1:] - x1[0, :, :, :-1]) ** 2).mean(0) / bil_sigma)
+        btv = 0.5 * (tv + (wv * (U[1:] - U[:-1]) ** 2).mean() + (wh * (U[:, 1:] - U[:, :-1]) ** 2).mean())
+        return r + l2 * btv
+
+    def scores(P, eps):
+        """Signed sum of the integrated scores, built one path point at a time."""
+        u = up(P)[0]
+        masks = {0: u[0], 1: u[1] if plus else None, 2: u[0] * u[1] if plus else u[0]}
+        total = 0.0
+        for t, (kind, mk, sign) in enumerate(terms):
+            for i in range(N):
+                m = masks[mk] * (i + 1) / N
+                inp = x1 * m + b1 * (1 - m) if kind == "del" else b1 * m + x1 * (1 - m)
+                inp = inp + eps[t * N + i]
+                total = total + sign * model(inp).softmax(1)[0, cls] / N
+        return total
+
+    P = torch.ones(1, K, size, size, dtype=x1.dtype)
+    step = alpha
+    for it in range(iterations):
+        eps = igos_noise(seed, it, len(terms) * N, x1.shape[1:], noise, dtype=x1.dtype)
+        Pl = P.clone().requires_grad_(True)
+        s = scores(Pl, eps)
+        (gs,) = torch.autograd.grad(s, Pl)
+        r = reg(Pl)
+        (gr,) = torch.autograd.grad(r, Pl)
+        g = (0.5 if plus else 1.0) * gs + gr
+        loss = float(s.detach()) + float(r.detach())
+        a = alpha if it == 0 else min(step * ls_growth, alpha)
+        with torch.no_grad():
+            while True:
+                cand = (P - a * g).clamp(0, 1)
+                new = float(scores(cand, eps)) + float(reg(cand))
+                if new <= loss - armijo * a * float((g ** 2).sum()) or a < alpha_min:
+                    break
+                a *= decay
+        step = a
+        P = (P - a * g).clamp(0, 1).detach()
+    return P[0, 0] * P[0, 1] if plus else P[0, 0]
+
+
+@pytest.mark.parametrize("name", ["igos", "igos_plus_plus"])
+def test_batched_matches_one_image_reference(name, images):
+    model = tiny_cnn()
+    method = build(name, model, batch_size=7, **SMALL)  # 7: chunks cut across images and terms
+    maps = method.attribute(images)
+    targets = method.last_targets
+    for j in range(len(images)):
+        ref = reference(model, images[j:j + 1], int(targets[j]), plus=name == "igos_plus_plus", **SMALL)
+        assert torch.allclose(method.last_mask[j], ref, atol=1e-8), (j, (method.last_mask[j] - ref).abs().max())
+    # public output: higher = more important, the mask upsampled with align_corners=True
+    up = F.interpolate(method.last_mask[:, None], size=(12, 12), mode="bilinear", align_corners=True)[:, 0]
+    assert torch.allclose(maps, 1 - up)
+    assert torch.allclose(method.last_lowres, 1 - method.last_mask)
+    assert not torch.equal(method.last_mask, torch.ones_like(method.last_mask))  # it moved
+
+
+@pytest.mark.parametrize("name", ["igos", "igos_plus_plus"])
+def test_batch_composition_and_batch_size_do_not_change_masks(name, images):
+    model = tiny_cnn()
+    full = build(name, model, batch_size=64, **SMALL).attribute(images)
+    for j in range(len(images)):
+        single = build(name, model, batch_size=3, **SMALL).attribute(images[j:j + 1])
+        assert torch.allclose(full[j], single[0], atol=1e-9)
+
+
+def test_seeding(images):
+    model = tiny_cnn()
+    a = build("igos", model, **SMALL).attribute(images)
+    b = build("igos", model, **SMALL).attribute(images)
+    c = build("igos", model, **{**SMALL, "seed": 8}).attribute(images)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("name,terms", [("igos", 1), ("igos_plus_plus", 4)])
+@pytest.mark.parametrize("line_search", ["reuse", "authors"])
+def test_pass_counts(name, terms, line_search, images):
+    model = tiny_cnn()
+    method = build(name, model, line_search=line_search, batch_size=16, **SMALL)
+    e = sl.explain(model, images, method)
+    rows = terms * SMALL["steps"]  # rows per image per evaluation of the objective
+    tried = sum(sum(c) for c in method.last_history["candidates"])
+    B, T = len(images), SMALL["iterations"]
+    assert e.cost.backward_images == B * T * rows
+    extra_base = B * T * rows if line_search == "authors" else 0  # the authors evaluate the current mask again
+    assert e.cost.forward_images == B + B * T * rows + extra_base + tried * rows
+    assert e.cost.forward_calls > 1 and e.cost.backward_calls == -(-B * rows // 16) * T
+
+
+def test_warm_start_spends_fewer_candidates_than_restarting(images):
+    model = tiny_cnn()
+    reuse = build("igos", model, **SMALL)
+    reuse.attribute(images)
+    authors = build("igos", model, line_search="authors", **SMALL)
+    authors.attribute(images)
+    n_reuse = sum(map(sum, reuse.last_history["candidates"]))
+    n_authors = sum(map(sum, authors.last_history["candidates"]))
+    assert n_reuse < n_authors
+
+
+def test_nag_and_adaptive_l1_options(images):
+    model = tiny_cnn()
+    nag = build("igos", model, opt="nag", alpha=50.0, **SMALL)
+    e = sl.explain(model, images, nag)
+    assert e.cost.forward_images == 3 + 3 * SMALL["iterations"] * SMALL["steps"]  # no line search
+    assert torch.isfinite(e.maps).all()
+    ada = build("igos", model, adaptive_l1=True, **{**SMALL, "iterations": 8})
+    ada.attribute(images)
+    l1 = torch.tensor(ada.last_history["l1"], dtype=torch.float64)  # (iterations, B): per image, only ever divided by 10 or 5
+    ratios = l1[-1] / l1[0]
+    assert all(any(abs(float(r) - v) < 1e-9 for v in (1, 0.1, 0.2, 0.02)) for r in ratios)
+    assert (ratios < 1).any()  # the weak model barely moves its score: L1 was lowered
+
+
+def test_tiny_images_and_mask_size(images):
+    model = tiny_cnn()
+    m = build("igos_plus_plus", model, steps=2, iterations=2)  # default size 28 > 12: clipped to the input
+    maps = m.attribute(images)
+    assert maps.shape == (3, 12, 12) and m.last_lowres.shape == (3, 12, 12)
+    m = build("igos", model, size=1, steps=2, iterations=2)
+    assert m.attribute(images).shape == (3, 12, 12)
+
+
+def test_bad_parameters():
+    model = tiny_cnn()
+    with pytest.raises(ConfigError, match="line_search"):
+        build("igos", model, line_search="nope")
+    with pytest.raises(ConfigError, match="opt"):
+        build("igos_plus_plus", model, opt="adam")
+    with pytest.raises(ConfigError, match="size"):
+        build("igos", model, size=0)
+
+
+# -- a model whose relevant pixels are known by construction ---------------------------------------
+class RegionModel(nn.Module):
+    """Class 1 wins when the mean of channel 0 over REGION is bright; nothing else matters."""
+
+    def __init__(self, rows, cols):
+        super().__init__()
+        self.rows, self.cols = rows, cols
+
+    def forward(self, x):
+        r = x[:, 0, self.rows, self.cols].mean((1, 2))
+        return torch.stack([torch.zeros_like(r), 3 * (r - 1.2)], 1)  # p(class 1) 0.92 / 0.79, not saturated
+
+
+@pytest.mark.parametrize("name", ["igos", "igos_plus_plus"])
+def test_positive_attribution_falls_on_the_relevant_pixels(name):
+    rows, cols = slice(2, 8), slice(8, 14)
+    model = RegionModel(rows, cols).double()
+    torch.manual_seed(0)
+    x = 0.1 * torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    x[0, :, rows, cols] += 2.0
+    x[1, :, rows, cols] += 1.6
+    relevant = torch.zeros(16, 16, dtype=torch.bool)
+    relevant[rows, cols] = True
+    # the mask at the input's resolution, default weights (at coarser masks the TV term, 20x the L1
+    # weight, spreads the mask beyond the region within 10 iterations)
+    maps = build(name, model, size=16, steps=10, iterations=10).attribute(x, target=1)
+    pos = maps.clamp(min=0)
+    share = (pos * relevant).sum((1, 2)) / pos.sum((1, 2))
+    assert (share > 0.55).all(), share  # the region is 14% of the image
