@@ -61,22 +61,28 @@ def unit_costs(model, x, batch_size: int, repeat: int) -> tuple[float, float]:
             p.requires_grad_(flag)
 
 
-def bench_method(model, x, name, params, t_f, t_fb, repeat):
-    cost_holder = {}
+def bench_method(model, x, name, params, unit, repeat):
+    """Seconds per image and ratio to the pass bound, with unit costs taken at the rows per call the
+    method actually used (a CPU's cost per image depends strongly on the batch size)."""
+    holder = {}
 
     def run():
-        cost_holder["e"] = sl.explain(model, x, name, **params)
+        holder["e"] = sl.explain(model, x, name, **params)
 
     seconds = timed(run, repeat)
-    cost = cost_holder["e"].cost
+    cost = holder["e"].cost
+    bwd_rows = max(1, round(cost.backward_images / max(1, cost.backward_calls)))
     forward_only = cost.forward_images - cost.backward_images
-    bound = cost.backward_images * t_fb + forward_only * t_f
+    fwd_calls = cost.forward_calls - cost.backward_calls
+    fwd_rows = max(1, round(forward_only / max(1, fwd_calls)))
+    bound = cost.backward_images * unit(bwd_rows)[1] + forward_only * unit(fwd_rows)[0]
     return {
         "method": name,
         "params": {k: v for k, v in params.items()},
         "seconds_per_image": seconds / len(x),
         "forward_images": cost.forward_images,
         "backward_images": cost.backward_images,
+        "rows_per_pass": bwd_rows if cost.backward_images else fwd_rows,
         "bound_seconds_per_image": bound / len(x),
         "ratio_to_bound": seconds / bound,
     }
@@ -123,7 +129,14 @@ def main(argv=None) -> int:
     with torch.no_grad():
         targets = model(x).argmax(1).tolist()
 
-    t_f, t_fb = unit_costs(model, x, args.batch_size, args.repeat)
+    cache: dict[int, tuple[float, float]] = {}
+
+    def unit(rows: int) -> tuple[float, float]:
+        if rows not in cache:
+            cache[rows] = unit_costs(model, x, rows, args.repeat)
+        return cache[rows]
+
+    t_f, t_fb = unit(args.batch_size)
     names = args.methods.split(",") if args.methods else sl.methods.available()
     common = {"batch_size": args.batch_size}
     per_method = {"integrated_gradients": {"steps": args.steps}, "smoothgrad": {"samples": args.steps},
@@ -132,7 +145,7 @@ def main(argv=None) -> int:
     for name in names:
         known = sl.methods.parameters(name)
         params = {k: v for k, v in {**common, **per_method.get(name, {})}.items() if k in known}
-        row = bench_method(model, x, name, params, t_f, t_fb, args.repeat)
+        row = bench_method(model, x, name, params, unit, args.repeat)
         rows.append(row)
         print(f"{name:24s} {row['seconds_per_image']:7.3f} s/image  bound {row['bound_seconds_per_image']:7.3f}"
               f"  ratio {row['ratio_to_bound']:5.2f}", flush=True)
@@ -149,7 +162,9 @@ def main(argv=None) -> int:
     result = {
         "model": loaded.name, "images": len(x), "batch_size": args.batch_size, "steps": args.steps,
         "forward_seconds_per_image": t_f, "forward_backward_seconds_per_image": t_fb,
+        "unit_costs_by_rows": {str(k): {"forward": v[0], "forward_backward": v[1]} for k, v in cache.items()},
         "torch": torch.__version__, "threads": torch.get_num_threads(), "python": sys.version.split()[0],
+        "load_average_at_end": __import__("os").getloadavg(),
         "machine": platform.machine(), "processor": platform.processor(),
         "methods": rows, "captum": captum,
     }
