@@ -67,7 +67,8 @@ def test_explain_chelsea_gradient(tmp_path, capsys):
     assert _errors(capsys.readouterr().err) == []
     record = json.loads((tmp_path / "chelsea.gradient.json").read_text())
     assert record["method"] == "gradient" and record["model"] == "efficientnet_lite0"
-    assert record["target"] in CAT_CLASSES and "cat" in record["label"] or record["label"] == "tabby"
+    assert record["target"] in CAT_CLASSES
+    assert record["label"] in {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
     assert 0 < record["probability"] <= 1
     assert record["image"] == CHELSEA
     assert record["cost"]["backward_images"] >= 1

@@ -40,12 +40,19 @@ def test_signed_map_is_symmetric_around_zero():
     np.testing.assert_array_equal(rgb.reshape(-1, 3)[int(m.argmax())], hi)
 
 
-def test_display_scale_uses_a_high_percentile():
-    m = np.ones((100, 100))
+def test_display_scale_uses_percentiles():
+    m = np.linspace(0.0, 1.0, 10_000).reshape(100, 100)
     m[0, 0] = 1e6  # one outlier must not wash out everything else
     values, signed = display_values(m)
     assert not signed
-    assert values[50, 50] == pytest.approx(1.0)
+    assert values[99, 99] == pytest.approx(1.0)
+    assert values[50, 50] == pytest.approx(0.5, abs=0.01)
+    # A constant offset does not hide the structure of a non-negative map.
+    offset, _ = display_values(m + 100.0)
+    np.testing.assert_allclose(offset, values, atol=1e-6)
+    # Signed maps are not stretched: zero stays zero.
+    signed_values, signed = display_values(m - 0.25)
+    assert signed and signed_values[25, 0] == pytest.approx(0.0, abs=1e-3)
 
 
 def test_non_negative_map_uses_sequential_colormap():

@@ -1,9 +1,10 @@
 """Display helpers: turn raw attribution maps into pictures.
 
 Normalization happens here and only here, for display. Maps everywhere else keep their raw sign and
-scale. Signed maps (with negative values) are shown with a diverging colormap centred on zero;
-non-negative maps with a sequential colormap. Both are scaled by a high percentile of the magnitude,
-so a few extreme pixels do not wash out the rest.
+scale. Signed maps (with negative values) are shown with a diverging colormap centred on zero and
+scaled by a high percentile of |map|; non-negative maps with a sequential colormap, stretched between
+a low and a high percentile. Percentiles rather than min/max, so a few extreme pixels do not wash out
+the rest.
 """
 
 from __future__ import annotations
@@ -42,20 +43,31 @@ def to_numpy_map(map) -> np.ndarray:
 def display_values(map, percentile: float = PERCENTILE, signed: bool | None = None) -> tuple[np.ndarray, bool]:
     """Scale a map for display: values in [-1, 1] (signed) or [0, 1] (non-negative), and which.
 
-    The scale is the `percentile` of |map|, so 0 stays exactly 0 and +x / -x get the same
-    magnitude. `signed=None` decides from the data (any negative value means signed).
+    Signed maps are divided by the `percentile` of |map|, so 0 stays exactly 0 and +x / -x get the
+    same magnitude. Non-negative maps are stretched between their (100 - `percentile`) and
+    `percentile` percentiles, so a constant offset (RISE, bottleneck capacities) does not hide the
+    structure. `signed=None` decides from the data (any negative value means signed).
     """
     arr = to_numpy_map(map)
     if signed is None:
         signed = bool((arr < 0).any())
-    magnitude = np.abs(arr)
-    scale = float(np.percentile(magnitude, percentile)) if arr.size else 0.0
-    if scale <= 0.0:  # sparse maps: fall back to the largest value
-        scale = float(magnitude.max()) if arr.size else 0.0
-    if scale <= 0.0:
+    if arr.size == 0:
+        return arr, signed
+    if signed:
+        magnitude = np.abs(arr)
+        scale = float(np.percentile(magnitude, percentile))
+        if scale <= 0.0:  # sparse maps: fall back to the largest value
+            scale = float(magnitude.max())
+        if scale <= 0.0:
+            return np.zeros_like(arr), signed
+        return np.clip(arr / scale, -1.0, 1.0), signed
+    low, high = (float(v) for v in np.percentile(arr, [100.0 - percentile, percentile]))
+    low = max(low, 0.0)
+    if high <= low:  # sparse maps: fall back to the largest value
+        high = float(arr.max())
+    if high <= low:  # constant: nothing to show
         return np.zeros_like(arr), signed
-    lo = -1.0 if signed else 0.0
-    return np.clip(arr / scale, lo, 1.0), signed
+    return np.clip((arr - low) / (high - low), 0.0, 1.0), signed
 
 
 def to_display(map, percentile: float = PERCENTILE, signed: bool | None = None,
