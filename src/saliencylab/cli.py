@@ -42,7 +42,7 @@ DEMO_PARAMS: dict[str, dict[str, dict]] = {
     },
     "readout_iba": {"quick": {"epochs": 1}},
     "igos": {"full": {"steps": 8, "iterations": 10}, "quick": {"steps": 2, "iterations": 2}},
-    "igos_plus_plus": {"full": {"steps": 8, "iterations": 10}, "quick": {"steps": 2, "iterations": 1}},
+    "igos_plus_plus": {"full": {"steps": 8, "iterations": 5}, "quick": {"steps": 2, "iterations": 1}},
     "extremal_perturbation": {"full": {"steps": 200}, "quick": {"steps": 4}},
     "structured_attention_graph": {
         "full": {"steps": 8},
