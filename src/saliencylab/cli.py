@@ -20,6 +20,7 @@ import torch
 from . import __version__
 from . import evaluate_cmd
 from . import methods as _methods
+from . import metrics as _metrics
 from ._progress import progress
 from .errors import SaliencyLabError
 
@@ -106,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", "-o", default="demo-out", help="output folder (default ./demo-out)")
     demo.add_argument("--quick", action="store_true", help="cheap settings (few steps/samples): a fast smoke run")
     demo.add_argument("--methods", help="comma-separated method names (default: all)")
+    demo.add_argument("--metrics", default="deletion,insertion",
+                      help="metrics scored on every method's maps, I-GOS protocol (default deletion,insertion; "
+                           "'' for none)")
     demo.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
 
     evaluate_cmd.add_parser(sub)
@@ -247,6 +251,10 @@ def cmd_evaluate(args) -> int:
 
 
 # -- demo -----------------------------------------------------------------------------------------
+# The demo scores maps with the I-GOS protocol (28x28 ranking, blurred baseline); fewer steps when quick.
+DEMO_METRIC_PARAMS = {"full": {"protocol": "igos", "steps": 25}, "quick": {"protocol": "igos", "steps": 2}}
+
+
 def demo_params(name: str, quick: bool = False) -> dict:
     """Demo settings for a method: its cost knobs lowered, plus any per-method entry in DEMO_PARAMS."""
     cap = _DEMO_QUICK if quick else _DEMO_FULL
@@ -263,7 +271,9 @@ def demo_params(name: str, quick: bool = False) -> dict:
 def cmd_demo(args) -> int:
     from . import images, io, models
     from .api import explain
-    from .report import DemoCell, DemoMethod, DemoRow, overlay, save_png, write_demo_page
+    from .evaluation import markdown_table, score_explanation
+    from .report import DemoCell, DemoMethod, DemoRow, MetricsTable, overlay, save_png, write_demo_page
+    from .report.plots import plot_metric_curves
 
     names = [n.strip() for n in args.methods.split(",") if n.strip()] if args.methods else _methods.available()
     if not names:
@@ -291,6 +301,10 @@ def cmd_demo(args) -> int:
             note = "ImageNet has no class for this photo"
         rows.append(DemoRow(item.stem, io.label_of(loaded.labels, k), float(p[k]), f"{item.stem}.png", note=note))
 
+    metric_names = [m.strip() for m in (args.metrics or "").split(",") if m.strip()]
+    metric_names = [_setup(_metrics.get, m).name for m in metric_names]
+    metric_params = DEMO_METRIC_PARAMS["quick" if args.quick else "full"]
+    records = []
     columns, failed = [], False
     for name in progress(names, desc="demo", unit="method"):
         params = demo_params(name, args.quick)
@@ -310,6 +324,11 @@ def cmd_demo(args) -> int:
                 file = f"{item.stem}.{name}.png"
                 save_png(out_dir / file, overlay(item.photo, m.cpu()))
                 row.cells[name] = DemoCell(image=file, title=f"{row.name} / {name} ({row.label})")
+            for metric in metric_names:
+                params = {k: v for k, v in metric_params.items() if k in _metrics.parameters(metric)}
+                record = score_explanation(loaded.model, x, expl, name, metric, params)
+                if record is not None:  # None: the metric needs boxes/masks or ground truth
+                    records.append(record)
         except Exception as exc:  # noqa: BLE001 - a failing method becomes an error cell
             if args.debug and not isinstance(exc, SaliencyLabError):
                 raise
@@ -326,7 +345,19 @@ def cmd_demo(args) -> int:
         "command": shlex.join(["saliencylab", *args.argv]),
         "notes": ["Photos: " + " ".join(p.credit for p in photos.values())],
     }
-    index = write_demo_page(out_dir, rows, columns, meta)
+    tables = []
+    if records:
+        (out_dir / "metrics.md").write_text(markdown_table(records))
+        figures = [str(path.relative_to(out_dir)) for metric in metric_names
+                   if (path := plot_metric_curves(records, metric, out_dir / f"curves_{metric}.png"))]
+        tables.append(MetricsTable.from_records(
+            records, title="Faithfulness of each method's maps",
+            note=f"Mean over the {len(items)} photos, 95% bootstrap interval in brackets; I-GOS protocol "
+                 f"(28x28 ranking, blurred baseline, {metric_params['steps']} steps). Best mean in bold; "
+                 "with this few images, overlapping intervals mean no reliable difference.",
+            figures=figures))
+        meta["notes"].append(f"Metric tables: {out_dir / 'metrics.md'}")
+    index = write_demo_page(out_dir, rows, columns, meta, tables=tables)
     print(index.resolve())
     return 1 if failed else 0
 

@@ -60,8 +60,33 @@ class Record:
 
 # Metrics that re-explain with the method under evaluation take it as a parameter.
 _NEEDS_METHOD = ("model_randomization", "random_logit")
-# Localization metrics need boxes or masks; skipped when none are given.
+# Localization metrics need boxes or masks, ground-truth metrics the truth; skipped when not given.
 _NEEDS_REGIONS = "localization"
+_NEEDS_TRUTH = "groundtruth"
+
+
+def score_explanation(model, x: torch.Tensor, explanation, method: str, metric: str, params: dict | None = None, *,
+                      boxes=None, masks=None, truth=None, key: str = "") -> Record | None:
+    """Score one explanation with one metric: a Record with the per-image scores, interval, curves and
+    costs; None when the metric needs data (regions, ground truth) that was not given."""
+    cls = _metrics.get(metric)
+    data = {}
+    if cls.category == _NEEDS_REGIONS:
+        if boxes is None and masks is None:
+            return None
+        data = {"boxes": boxes} if boxes is not None else {"masks": masks}
+    elif cls.category == _NEEDS_TRUTH:
+        if truth is None:
+            return None
+        data = {"truth": truth}
+    instance = _metrics.build(metric, **(params or {}))
+    scores, curves = instance(model if cls.needs_model else None, x, explanation, return_curves=True, **data)
+    mean, lo, hi = bootstrap_interval(scores)
+    return Record(method=method, metric=metric, scores=[float(s) for s in scores], mean=mean, low=lo, high=hi,
+                  higher_is_better=cls.higher_is_better, category=cls.category, curves=_curves_to_lists(curves),
+                  cost={"explain": explanation.cost.as_dict(),
+                        "metric": instance.last_cost.as_dict() if instance.last_cost else {}},
+                  key=key)
 
 
 def _key(method: str, method_params: dict, metric: str, metric_params: dict, n_images: int, image_ids) -> str:
@@ -81,7 +106,7 @@ def _curves_to_lists(curves: dict | None) -> dict | None:
 
 def run_evaluation(model, x: torch.Tensor, method_names: Sequence[str], metric_names: Sequence[str], *,
                    target=None, method_params: dict | None = None, metric_params: dict | None = None,
-                   boxes=None, masks=None, out_dir=None, image_ids: Sequence[str] | None = None,
+                   boxes=None, masks=None, truth=None, out_dir=None, image_ids: Sequence[str] | None = None,
                    on_record=None) -> list[Record]:
     """Explain `x` with every method and score the maps with every metric.
 
@@ -126,22 +151,10 @@ def run_evaluation(model, x: torch.Tensor, method_names: Sequence[str], metric_n
             if key in done:
                 records.append(done[key])
                 continue
-            cls = _metrics.get(metric)
-            data = {}
-            if cls.category == _NEEDS_REGIONS:
-                if boxes is None and masks is None:
-                    continue
-                data = {"boxes": boxes} if boxes is not None else {"masks": masks}
-            instance = _metrics.build(metric, **params)
-            scores, curves = instance(model if cls.needs_model else None, x, explanation,
-                                      return_curves=True, **data)
-            mean, lo, hi = bootstrap_interval(scores)
-            rec = Record(method=method, metric=metric, scores=[float(s) for s in scores], mean=mean, low=lo,
-                         high=hi, higher_is_better=cls.higher_is_better, category=cls.category,
-                         curves=_curves_to_lists(curves),
-                         cost={"explain": explanation.cost.as_dict(),
-                               "metric": instance.last_cost.as_dict() if instance.last_cost else {}},
-                         key=key)
+            rec = score_explanation(model, x, explanation, method, metric, params, boxes=boxes, masks=masks,
+                                    truth=truth, key=key)
+            if rec is None:
+                continue
             records.append(rec)
             if log is not None:
                 with log.open("a") as f:

@@ -49,6 +49,13 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     for src in sources:
         assert (out / src).is_file(), src
     assert "efficientnet_lite0" in html and "saliencylab demo --quick" in html
+    # the faithfulness table: one row per method, deletion and insertion with intervals, and the curves
+    table = (out / "metrics.md").read_text().splitlines()
+    assert table[0] == "| method | deletion ↓ | insertion ↑ |"
+    assert [line.split("|")[1].strip() for line in table[2:]] == methods.available()
+    assert all(re.search(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", line) for line in table[2:])
+    assert {"curves_deletion.png", "curves_insertion.png"} <= sources
+    assert "Faithfulness of each method" in html
 
 
 def test_demo_params_are_cheap_when_quick():

@@ -9,7 +9,7 @@ from typing import Mapping, Sequence
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-__all__ = ["DemoCell", "DemoRow", "DemoMethod", "write_demo_page"]
+__all__ = ["DemoCell", "DemoRow", "DemoMethod", "MetricsTable", "write_demo_page"]
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
@@ -56,6 +56,44 @@ class DemoMethod:
         return f"{fwd:.3g} fwd + {bwd:.3g} bwd passes / image"
 
 
+@dataclass
+class MetricsTable:
+    """A method x metric table of means with intervals, for the page; `best` marks the best mean per metric."""
+
+    title: str
+    metrics: list[str]
+    arrows: dict[str, str]
+    rows: list[dict]  # {"method": name, "cells": {metric: {"text", "best", "title"}}}
+    note: str = ""
+    figures: list[str] = field(default_factory=list)  # image paths relative to the page
+
+    @classmethod
+    def from_records(cls, records: Sequence, title: str, note: str = "", figures: Sequence[str] = ()):
+        """From evaluation Records (method, metric, mean, low, high, higher_is_better)."""
+        metrics = list(dict.fromkeys(r.metric for r in records))
+        methods = list(dict.fromkeys(r.method for r in records))
+        by = {(r.method, r.metric): r for r in records}
+        better = {r.metric: r.higher_is_better for r in records}
+        best = {}
+        for metric in metrics:
+            means = [by[m, metric].mean for m in methods if (m, metric) in by and by[m, metric].mean == by[m, metric].mean]
+            if means:
+                best[metric] = max(means) if better[metric] else min(means)
+        rows = []
+        for method in methods:
+            cells = {}
+            for metric in metrics:
+                r = by.get((method, metric))
+                if r is None:
+                    continue
+                cells[metric] = {"text": f"{r.mean:.3f}", "interval": f"[{r.low:.3f}, {r.high:.3f}]",
+                                 "best": best.get(metric) == r.mean,
+                                 "title": f"n = {sum(1 for s in r.scores if s == s)} images"}
+            rows.append({"method": method, "cells": cells})
+        return cls(title=title, metrics=metrics, arrows={m: "↑" if better[m] else "↓" for m in metrics},
+                   rows=rows, note=note, figures=list(figures))
+
+
 def _as(cls, item):
     if isinstance(item, cls):
         return item
@@ -73,7 +111,8 @@ def _environment() -> Environment:
     return env
 
 
-def write_demo_page(out_dir: str | os.PathLike, rows: Sequence, methods: Sequence, meta: Mapping) -> Path:
+def write_demo_page(out_dir: str | os.PathLike, rows: Sequence, methods: Sequence, meta: Mapping,
+                    tables: Sequence[MetricsTable] = ()) -> Path:
     """Write `out_dir/index.html` and return its path.
 
     rows: DemoRow (or dicts with the same fields) in display order; each row's `cells` maps a method
@@ -81,6 +120,7 @@ def write_demo_page(out_dir: str | os.PathLike, rows: Sequence, methods: Sequenc
     methods: DemoMethod (or dicts, or plain names), the columns in display order.
     meta: free-form facts for the header and footer; known keys: title, model, command, date,
     versions (a dict name -> version), notes (a list of strings).
+    tables: MetricsTable sections shown under the grid (scores with intervals, curve figures).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -90,7 +130,7 @@ def write_demo_page(out_dir: str | os.PathLike, rows: Sequence, methods: Sequenc
     methods = [_as(DemoMethod, m) for m in methods]
     meta = dict(meta)
     html = _environment().get_template("demo.html.j2").render(
-        rows=rows, methods=methods, meta=meta, title=meta.get("title", "saliencylab demo"))
+        rows=rows, methods=methods, meta=meta, tables=list(tables), title=meta.get("title", "saliencylab demo"))
     path = out_dir / "index.html"
     path.write_text(html, encoding="utf-8")
     return path
