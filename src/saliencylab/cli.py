@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from . import bench as bench_cmd
 from . import evaluate_cmd
 from . import methods as _methods
 from . import metrics as _metrics
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
 
     evaluate_cmd.add_parser(sub)
+    bench_cmd.add_parser(sub)
     return parser
 
 
@@ -127,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     args.argv = argv
-    handler = {"methods": cmd_methods, "explain": cmd_explain, "demo": cmd_demo, "evaluate": cmd_evaluate}[args.command]
+    handler = {"methods": cmd_methods, "explain": cmd_explain, "demo": cmd_demo, "evaluate": cmd_evaluate,
+               "bench": cmd_bench}[args.command]
     with warnings.catch_warnings():
         warnings.simplefilter("default")  # each distinct warning once
         warnings.showwarning = _show_warning
@@ -246,6 +249,14 @@ def cmd_evaluate(args) -> int:
 
     try:
         return evaluate_cmd.cmd_evaluate(args, fail)
+    except SaliencyLabError as exc:
+        raise _Fail(exc) from None
+
+
+# -- bench ----------------------------------------------------------------------------------------
+def cmd_bench(args) -> int:
+    try:
+        return bench_cmd.cmd_bench(args)
     except SaliencyLabError as exc:
         raise _Fail(exc) from None
 

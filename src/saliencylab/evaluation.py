@@ -38,6 +38,46 @@ def bootstrap_interval(values, level: float = 0.95, resamples: int = 2000, seed:
     return mean, lo, hi
 
 
+def paired_permutation_test(a, b, resamples: int = 20000, seed: int = 0) -> float:
+    """Two-sided p-value that paired scores a and b have equal means (sign-flip permutation test).
+
+    Pairs with a NaN are dropped. Exact over all 2^n sign flips for n <= 16, else `resamples` random
+    flips (p = (hits + 1) / (resamples + 1), never 0)."""
+    a = torch.as_tensor(a, dtype=torch.float64).flatten()
+    b = torch.as_tensor(b, dtype=torch.float64).flatten()
+    if a.shape != b.shape:
+        raise ConfigError(f"paired scores need equal lengths, got {a.numel()} and {b.numel()}")
+    d = a - b
+    d = d[~torch.isnan(d)]
+    n = d.numel()
+    if n == 0:
+        return math.nan
+    observed = d.mean().abs()
+    if observed == 0:
+        return 1.0
+    tol = 1e-12 * max(1.0, float(d.abs().max()))
+    if n <= 16:
+        codes = torch.arange(2 ** n)[:, None]
+        signs = 1.0 - 2.0 * ((codes >> torch.arange(n)) & 1).to(torch.float64)
+        return float(((signs * d).mean(1).abs() >= observed - tol).to(torch.float64).mean())
+    g = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (resamples, n), generator=g).to(torch.float64) * 2 - 1
+    hits = int(((signs * d).mean(1).abs() >= observed - tol).sum())
+    return (hits + 1) / (resamples + 1)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (NaNs kept as NaN)."""
+    idx = [i for i, p in enumerate(pvalues) if not math.isnan(p)]
+    order = sorted(idx, key=lambda i: pvalues[i])
+    adjusted = [math.nan] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 @dataclass
 class Record:
     method: str
@@ -107,8 +147,11 @@ def _curves_to_lists(curves: dict | None) -> dict | None:
 def run_evaluation(model, x: torch.Tensor, method_names: Sequence[str], metric_names: Sequence[str], *,
                    target=None, method_params: dict | None = None, metric_params: dict | None = None,
                    boxes=None, masks=None, truth=None, out_dir=None, image_ids: Sequence[str] | None = None,
-                   on_record=None) -> list[Record]:
+                   on_record=None, on_explanation=None) -> list[Record]:
     """Explain `x` with every method and score the maps with every metric.
+
+    `on_explanation(method, explanation)` is called for every explanation computed (not for methods
+    whose records were all reused), e.g. to keep example maps.
 
     method_params / metric_params: {name: {param: value}}. With `out_dir`, each record is appended to
     `out_dir/records.jsonl` as soon as it exists, and records already there (same settings) are reused.
@@ -146,6 +189,8 @@ def run_evaluation(model, x: torch.Tensor, method_names: Sequence[str], metric_n
             plan[metric] = (params, _key(method, mparams, metric, params, len(x), image_ids))
         pending = [m for m in metric_names if plan[m][1] not in done]
         explanation = explain(model, x, method, target, **mparams) if pending else None
+        if explanation is not None and on_explanation is not None:
+            on_explanation(method, explanation)
         for metric in metric_names:
             params, key = plan[metric]
             if key in done:

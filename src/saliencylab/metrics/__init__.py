@@ -1,4 +1,4 @@
-"""Evaluation metrics, registered by name: faithfulness, sanity, localization, complexity.
+"""Evaluation metrics, registered by name: faithfulness, sanity, localization, complexity, ground truth.
 
 >>> from saliencylab import metrics
 >>> metrics.available()
@@ -7,7 +7,7 @@
 
 from .base import CATEGORIES, Metric, available, build, describe, get, parameters, register  # noqa: F401
 
-for _family in ("faithfulness", "road", "sensitivity", "sanity", "localization", "complexity"):
+for _family in ("faithfulness", "road", "soundness", "sensitivity", "sanity", "localization", "complexity", "groundtruth"):
     try:  # families register themselves once their module exists
         __import__(f"{__name__}.{_family}")
     except ModuleNotFoundError as _e:

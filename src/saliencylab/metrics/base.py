@@ -1,11 +1,11 @@
 """The metric contract and registry.
 
 A metric is a class: `Metric(**params)(model, x, maps, target=None, **data) -> (B,) scores`, with
-metadata `name`, `higher_is_better`, `category` (faithfulness / sanity / localization / complexity)
-and a one-line `description`. `return_curves=True` also returns the curves a metric has
+metadata `name`, `higher_is_better`, `category` (faithfulness / sanity / localization / complexity /
+groundtruth) and a one-line `description`. `return_curves=True` also returns the curves a metric has
 (deletion/insertion, MoRF/LeRF...) as a dict of tensors. Localization metrics take `boxes=` or
-`masks=` as data; perturbation metrics take `steps=` and `baseline=` as parameters; sanity metrics
-take `method=` (a method name or instance) to recompute maps.
+`masks=` as data, ground-truth metrics `truth=`; perturbation metrics take `steps=` and `baseline=`
+as parameters; sanity metrics take `method=` (a method name or instance) to recompute maps.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from ..session import Cost, ModelSession, model_device
 from ..targets import Target, resolve_target
 from ..validation import check_images
 
-CATEGORIES = ("faithfulness", "sanity", "localization", "complexity")
-DATA_KEYS = ("boxes", "masks")
+CATEGORIES = ("faithfulness", "sanity", "localization", "complexity", "groundtruth")
+DATA_KEYS = ("boxes", "masks", "truth")
 
 _REGISTRY: dict[str, type["Metric"]] = {}
 

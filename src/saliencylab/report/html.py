@@ -9,7 +9,7 @@ from typing import Mapping, Sequence
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-__all__ = ["DemoCell", "DemoRow", "DemoMethod", "MetricsTable", "write_demo_page"]
+__all__ = ["DemoCell", "DemoRow", "DemoMethod", "MetricsTable", "write_demo_page", "write_bench_page"]
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
@@ -66,6 +66,8 @@ class MetricsTable:
     rows: list[dict]  # {"method": name, "cells": {metric: {"text", "best", "title"}}}
     note: str = ""
     figures: list[str] = field(default_factory=list)  # image paths relative to the page
+    costs: dict = field(default_factory=dict)  # method -> {forward_per_image, backward_per_image, seconds_per_image}
+    errors: dict = field(default_factory=dict)  # method -> message, for methods that failed
 
     @classmethod
     def from_records(cls, records: Sequence, title: str, note: str = "", figures: Sequence[str] = ()):
@@ -131,6 +133,28 @@ def write_demo_page(out_dir: str | os.PathLike, rows: Sequence, methods: Sequenc
     meta = dict(meta)
     html = _environment().get_template("demo.html.j2").render(
         rows=rows, methods=methods, meta=meta, tables=list(tables), title=meta.get("title", "saliencylab demo"))
+    path = out_dir / "index.html"
+    path.write_text(html, encoding="utf-8")
+    return path
+
+
+def write_bench_page(out_dir: str | os.PathLike, tables: Sequence[MetricsTable], meta: Mapping) -> Path:
+    """Write the `saliencylab bench` leaderboard page `out_dir/index.html` and return its path.
+
+    meta: title, command, seed, seconds, methods, versions."""
+    import platform
+
+    import torch
+
+    from .. import __version__
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta)
+    meta.setdefault("versions", {"saliencylab": __version__, "torch": torch.__version__,
+                                 "python": platform.python_version()})
+    html = _environment().get_template("bench.html.j2").render(
+        tables=list(tables), meta=meta, title=meta.get("title", "saliencylab bench"))
     path = out_dir / "index.html"
     path.write_text(html, encoding="utf-8")
     return path

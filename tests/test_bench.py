@@ -1,0 +1,120 @@
+"""`saliencylab bench`: the paired test and Holm correction against references, and the suite run end to
+end on the ground-truth environments (leaderboard, HTML, resume, per-method isolation)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from saliencylab import bench
+from saliencylab.cli import main
+from saliencylab.errors import ConfigError
+from saliencylab.evaluation import Record, holm, paired_permutation_test
+
+
+def test_paired_permutation_test_matches_scipy_exact():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0.3, 1, 10), rng.normal(0, 1, 10)
+    ref = stats.permutation_test((a, b), lambda u, v: np.mean(u - v), permutation_type="samples",
+                                 n_resamples=np.inf, alternative="two-sided").pvalue
+    assert paired_permutation_test(a, b) == pytest.approx(ref, abs=1e-12)
+
+
+def test_paired_permutation_test_hand_cases():
+    assert paired_permutation_test([1, 2, 3], [0, 0, 0]) == 0.25  # 2 of 8 sign flips reach |mean| 2
+    assert paired_permutation_test([1, 2], [1, 2]) == 1.0
+    assert math.isnan(paired_permutation_test([math.nan], [1.0]))
+    big = paired_permutation_test(np.arange(40) + 1.0, np.zeros(40))  # Monte Carlo branch: never 0
+    assert 0 < big < 1e-3
+    with pytest.raises(ConfigError):
+        paired_permutation_test([1, 2], [1])
+
+
+def test_holm_hand_case():
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, math.nan])[0] == 0.5 and math.isnan(holm([0.5, math.nan])[1])
+
+
+def _record(method, scores, higher=True):
+    return Record(method=method, metric="m", scores=scores, mean=float(np.mean(scores)), low=0, high=0,
+                  higher_is_better=higher, category="faithfulness")
+
+
+def test_significance_against_best_picks_the_best_by_direction():
+    good, bad, tie = [1.0] * 8, [0.0] * 8, [1.0, 0.9, 1.1, 1.0, 1.0, 0.95, 1.05, 1.0]
+    rows = bench.significance_against_best([_record("good", good), _record("bad", bad), _record("tie", tie)])
+    by = {r["method"]: r for r in rows}
+    assert {r["best"] for r in rows} == {"good"}
+    assert by["bad"]["different"] and not by["tie"]["different"]
+    rows = bench.significance_against_best([_record("good", good, False), _record("bad", bad, False)])
+    assert rows[0]["best"] == "bad"  # lower is better
+
+
+def test_unknown_suite_and_method():
+    with pytest.raises(ConfigError, match="did you mean groundtruth"):
+        bench.run_bench("groundtruht", ["gradient"], "unused")
+    with pytest.raises(ConfigError, match="unknown method"):
+        bench.resolve_methods("gradient,nope")
+
+
+def test_groundtruth_suite_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "bench"
+    argv = ["bench", "--suite", "groundtruth", "--methods", "gradient,integrated_gradients",
+            "--images", "4", "--out", str(out)]
+    assert main(argv) == 0
+    board = json.loads((out / "leaderboard.json").read_text())
+    from saliencylab import envs
+
+    assert [g["name"] for g in board["groups"]] == [n + t for n in envs.available() for t in ("", " (trained)")]
+    first = board["groups"][0]
+    assert {(r["method"], r["metric"]) for r in first["rows"]} == {
+        (m, k) for m in ("gradient", "integrated_gradients") for k in bench.GROUNDTRUTH_METRICS}
+    assert all(r["n"] == 4 or r["metric"] == "gt_mass_negative" for r in first["rows"])
+    # IG from a black baseline recovers the signed truth of the additive colour-count environment
+    ig = {r["metric"]: r["mean"] for r in first["rows"] if r["method"] == "integrated_gradients"}
+    assert ig["gt_rank_correlation"] > 0.99 and ig["gt_mass_positive"] > 0.99
+    assert {c["method"] for c in first["costs"]} == {"gradient", "integrated_gradients"}
+    html = (out / "index.html").read_text()
+    assert "saliencylab bench: groundtruth" in html and "examples.png" in html
+    assert "integrated_gradients" in (out / "leaderboard.md").read_text()
+
+    # a rerun reuses every record: no method is explained again
+    calls = []
+    monkeypatch.setattr(bench, "run_evaluation", _counting(bench.run_evaluation, calls))
+    import saliencylab.evaluation as evaluation
+
+    explained = []
+    monkeypatch.setattr(evaluation, "explain", lambda *a, **k: explained.append(a) or pytest.fail("re-explained"))
+    assert main(argv) == 0
+    assert calls and not explained
+    assert json.loads((out / "leaderboard.json").read_text())["groups"][0]["rows"] == first["rows"]
+
+
+def _counting(fn, calls):
+    def wrapped(*a, **k):
+        calls.append(1)
+        return fn(*a, **k)
+    return wrapped
+
+
+def test_failing_method_is_reported_and_others_go_on(tmp_path, capsys, monkeypatch):
+    real = bench.run_evaluation
+
+    def flaky(model, x, methods, *a, **k):
+        if methods == ["integrated_gradients"]:
+            raise RuntimeError("boom in the middle")
+        return real(model, x, methods, *a, **k)
+
+    monkeypatch.setattr(bench, "run_evaluation", flaky)
+    out = tmp_path / "bench"
+    code = main(["bench", "--suite", "groundtruth", "--methods", "integrated_gradients,gradient", "--images", "2",
+                 "--out", str(out)])
+    assert code == 1
+    board = json.loads((out / "leaderboard.json").read_text())
+    for g in board["groups"]:
+        assert {r["method"] for r in g["rows"]} == {"gradient"}
+        assert g["errors"] == {"integrated_gradients": "boom in the middle"}
+    assert "integrated_gradients failed: boom in the middle" in (out / "leaderboard.md").read_text()
