@@ -312,11 +312,36 @@ def leaderboard_markdown(results: Sequence[GroupResult]) -> str:
     return legend + "\n\n" + "\n\n".join(parts)
 
 
+def summary_markdown(results: Sequence[GroupResult], metric: str) -> str:
+    """One metric across groups: method x group means [95% interval], best per group in bold."""
+    groups = [g for g in results if any(r.metric == metric for r in g.records)]
+    if not groups:
+        return ""
+    methods = list(dict.fromkeys(r.method for g in groups for r in g.records if r.metric == metric))
+    lines = [f"| {metric} | " + " | ".join(g.name for g in groups) + " |", "|---|" + "---|" * len(groups)]
+    best = {}
+    for g in groups:
+        chosen = [r for r in g.records if r.metric == metric and not math.isnan(r.mean)]
+        if chosen:
+            best[g.name] = (max if chosen[0].higher_is_better else min)(r.mean for r in chosen)
+    for method in methods:
+        cells = []
+        for g in groups:
+            r = next((r for r in g.records if r.metric == metric and r.method == method), None)
+            text = "" if r is None else f"{r.mean:.2f} [{r.low:.2f}, {r.high:.2f}]"
+            cells.append(f"**{text}**" if r is not None and best.get(g.name) == r.mean else text)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_leaderboard(results: Sequence[GroupResult], out: Path, *, suite: str, methods, full: bool, seed: int,
                       seconds: float) -> dict[str, Path]:
     from .report.html import MetricsTable, write_bench_page
 
-    paths = {"markdown": out / "leaderboard.md", "json": out / "leaderboard.json", "html": out / "index.html"}
+    paths = {"markdown": out / "leaderboard.md", "json": out / "leaderboard.json", "html": out / "index.html",
+             "summary": out / "summary.md"}
+    metrics = list(dict.fromkeys(r.metric for g in results for r in g.records))
+    paths["summary"].write_text("\n".join(summary_markdown(results, m) for m in metrics))
     command = f"saliencylab bench --suite {suite}" + (" --full" if full else "")
     paths["markdown"].write_text(f"## saliencylab bench: {suite}\n\n" + leaderboard_markdown(results)
                                  + f"\nCommand: `{command}` (seed {seed}); {seconds:.0f} s in all.\n")
