@@ -38,6 +38,38 @@ def make_small_cnn(seed: int = 0, dtype=torch.float32) -> SmallCNN:
     return model.eval()
 
 
+class ColourNet(nn.Module):
+    """Four classes, each firing on one corner of the RGB cube (1x1 colour detectors, BN, ReLU, 3x3 conv,
+    global average pool): model-knows-best patches for it are generated in about a second."""
+
+    def __init__(self, scale: float = 30.0):
+        super().__init__()
+        d = torch.tensor([[1.0, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]])  # tetrahedron corners
+        self.detect = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU()
+        self.smooth = nn.Conv2d(4, 4, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(0.5)
+        self.fc = nn.Linear(4, 4)
+        with torch.no_grad():
+            self.detect.weight.copy_(d[:, :, None, None])
+            self.detect.bias.copy_(-0.5 * d.sum(1))
+            self.bn.running_mean.zero_()
+            self.bn.running_var.fill_(1.0)
+            self.smooth.weight.zero_()
+            self.smooth.bias.zero_()
+            for k in range(4):
+                self.smooth.weight[k, k] = 1 / 9
+            self.fc.weight.copy_(torch.eye(4) * scale)
+            self.fc.bias.zero_()
+
+    def forward(self, x):
+        h = self.relu2(self.smooth(self.relu(self.bn(self.detect(x)))))
+        return self.fc(self.dropout(self.pool(h).flatten(1)))
+
+
 @pytest.fixture
 def small_cnn():
     return make_small_cnn()

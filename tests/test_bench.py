@@ -118,3 +118,28 @@ def test_failing_method_is_reported_and_others_go_on(tmp_path, capsys, monkeypat
         assert {r["method"] for r in g["rows"]} == {"gradient"}
         assert g["errors"] == {"integrated_gradients": "boom in the middle"}
     assert "integrated_gradients failed: boom in the middle" in (out / "leaderboard.md").read_text()
+
+
+def test_knows_best_group_on_a_small_model_and_resume(tmp_path, monkeypatch):
+    from conftest import ColourNet
+
+    model = ColourNet().eval()
+    kw = dict(full=False, seed=0, images=3, model=model, classes=(0, 1, 2, 3), model_name="ColourNet",
+              generation={"image_size": 32, "patch_size": 12, "steps": 200, "cache": False}, method_params={})
+    result = bench.knows_best_group(["gradient", "integrated_gradients"], tmp_path, **kw)
+    assert not result.errors
+    assert {(r.method, r.metric) for r in result.records} == {
+        (m, a) for m in ("gradient", "integrated_gradients") for a in ("class_sensitivity", "null_player", "symmetry")}
+    for r in result.records:
+        assert len(r.scores) == 3 and all(0 <= s <= 1 for s in r.scores)
+    cost = {c["method"]: c for c in bench.cost_rows(result.records)}
+    # 3 images per axiom = 9 images; the 3 class-sensitivity images are explained for both classes
+    assert cost["gradient"]["forward_per_image"] == pytest.approx(12 / 9)
+    assert (tmp_path / result.examples).is_file()
+    assert "ColourNet" in result.note and "independence" in result.note
+
+    import saliencylab.envs.knows_best as kb
+
+    monkeypatch.setattr(kb, "evaluate_method", lambda *a, **k: pytest.fail("re-explained"))
+    again = bench.knows_best_group(["gradient", "integrated_gradients"], tmp_path, **kw)
+    assert [r.scores for r in again.records] == [r.scores for r in result.records]
