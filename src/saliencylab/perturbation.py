@@ -29,6 +29,18 @@ def apply_masks(x_rows: torch.Tensor, masks: torch.Tensor, baseline_rows: torch.
     return torch.lerp(baseline_rows, x_rows, masks)
 
 
+# Rows per forward pass when batch_size is None. CPUs run a forward pass fastest per image at small
+# batches (EfficientNet-Lite0 on 2 cores: 26 ms/image at batch 1, 24 at 4, 33 at 8, 54 at 64: cache-bound);
+# accelerators at large ones.
+AUTO_BATCH_SIZE = {"cpu": 4}
+AUTO_BATCH_SIZE_OTHER = 64
+
+
+def auto_batch_size(device) -> int:
+    """Forward-only rows per pass for `batch_size=None` on this device."""
+    return AUTO_BATCH_SIZE.get(torch.device(device).type, AUTO_BATCH_SIZE_OTHER)
+
+
 class Perturber:
     """Scores perturbed copies of a batch of images; see the module docstring.
 
@@ -36,11 +48,13 @@ class Perturber:
     depend on the mask (ROAD's noisy linear imputation).
     score: "softmax" (probability of the target class, the I-GOS/insertion convention), "logit",
     "log_softmax"; callable targets score themselves.
+    batch_size: rows per forward pass; None picks one for the device (`auto_batch_size`).
     """
 
-    def __init__(self, baseline="zero", score: str = "softmax", batch_size: int = 64):
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
+    def __init__(self, baseline="zero", score: str = "softmax", batch_size: int | None = None):
+        if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
+                                       or batch_size < 1):
+            raise ConfigError(f"batch_size must be a positive int or None (automatic), got {batch_size!r}")
         self.baseline = make_perturbation_baseline(baseline)
         self.score = score
         self.batch_size = batch_size
@@ -80,9 +94,10 @@ class Perturber:
         base = None if imputing else self.baseline(x)
         out = torch.empty(B, n, device=x.device, dtype=x.dtype)
         total = B * n
-        starts = range(0, total, self.batch_size)
+        size = self.batch_size or auto_batch_size(x.device)
+        starts = range(0, total, size)
         for start in progress(starts, desc=desc, total=len(starts)):
-            rows = torch.arange(start, min(start + self.batch_size, total), device=x.device)
+            rows = torch.arange(start, min(start + size, total), device=x.device)
             image, k = rows // n, rows % n
             masks = fit_masks(make_masks(image, k), x.shape[-2:]).to(x.dtype)
             if grads:

@@ -79,7 +79,7 @@ class Occlusion(Method):
     description = "Occlusion (Zeiler & Fergus): mean score drop over the sliding windows covering a pixel (Captum's)."
     uses_gradients = False
 
-    def __init__(self, model, *, window=16, stride=8, baseline="zero", score: str = "logit", batch_size: int = 64):
+    def __init__(self, model, *, window=16, stride=8, baseline="zero", score: str = "logit", batch_size: int | None = None):
         super().__init__(model, window=window, stride=stride, baseline=baseline, score=score, batch_size=batch_size)
         self._window = as_pair(window, "window")
         self._stride = as_pair(stride, "stride")

@@ -98,7 +98,7 @@ class RISE(Method):
     uses_gradients = False
 
     def __init__(self, model, *, masks: int = 2000, cell: int = 7, probability: float = 0.5,
-                 score: str = "softmax", baseline="zero", seed: int = 0, batch_size: int = 64):
+                 score: str = "softmax", baseline="zero", seed: int = 0, batch_size: int | None = None):
         super().__init__(model, masks=masks, cell=cell, probability=probability, score=score, baseline=baseline,
                          seed=seed, batch_size=batch_size)
         check_int(masks, "masks")

@@ -74,7 +74,7 @@ class RankedCurveMetric(Metric):
 
     def __init__(self, *, steps: int | None = None, per_step: int | None = None, tile: int | None = None,
                  baseline=None, score: str = "softmax", auc: str | None = None, protocol: str | None = None,
-                 batch_size: int = 64, seed: int = 0):
+                 batch_size: int | None = None, seed: int = 0):
         if protocol not in PROTOCOLS:
             raise ConfigError(f"unknown protocol '{protocol}'; choose one of igos, inputiba")
         preset = PROTOCOLS[protocol]

@@ -50,7 +50,7 @@ class ROADMetric(Metric):
 
     def __init__(self, *, fractions: Sequence[float] | None = None, tile: int = 1, noise: float = 0.01,
                  score: str = "softmax", auc: str = "trapezoid", iterations: int = 50, tol: float = 1e-6,
-                 batch_size: int = 64, seed: int = 0):
+                 batch_size: int | None = None, seed: int = 0):
         fractions = _check_fractions(ROAD_FRACTIONS if fractions is None else fractions)
         super().__init__(fractions=fractions, tile=tile, noise=noise, score=score, auc=auc, iterations=iterations,
                          tol=tol, batch_size=batch_size, seed=seed)

@@ -104,7 +104,7 @@ class SensitivityN(Metric):
     higher_is_better = True
 
     def __init__(self, *, n: int | Sequence[int] | None = None, fraction: float | Sequence[float] = (0.01, 0.1, 0.5),
-                 samples: int = 64, tile: int = 1, baseline="zero", score: str = "logit", batch_size: int = 64,
+                 samples: int = 64, tile: int = 1, baseline="zero", score: str = "logit", batch_size: int | None = None,
                  seed: int = 0):
         super().__init__(n=n, fraction=fraction, samples=samples, tile=tile, baseline=baseline, score=score,
                          batch_size=batch_size, seed=seed)
@@ -154,7 +154,7 @@ class FaithfulnessCorrelation(Metric):
     higher_is_better = True
 
     def __init__(self, *, subset_size: int = 224, samples: int = 100, tile: int = 1, baseline="zero",
-                 score: str = "logit", batch_size: int = 64, seed: int = 0):
+                 score: str = "logit", batch_size: int | None = None, seed: int = 0):
         super().__init__(subset_size=subset_size, samples=samples, tile=tile, baseline=baseline, score=score,
                          batch_size=batch_size, seed=seed)
         _check_int(subset_size, "subset_size")
@@ -187,7 +187,7 @@ class Infidelity(Metric):
 
     def __init__(self, *, perturbation: str = "noise", sigma: float = 0.1, fraction: float = 0.1, samples: int = 32,
                  normalize: bool = False, tile: int = 1, baseline="zero", score: str = "logit",
-                 batch_size: int = 64, seed: int = 0):
+                 batch_size: int | None = None, seed: int = 0):
         super().__init__(perturbation=perturbation, sigma=sigma, fraction=fraction, samples=samples,
                          normalize=normalize, tile=tile, baseline=baseline, score=score, batch_size=batch_size,
                          seed=seed)

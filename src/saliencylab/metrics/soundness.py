@@ -59,7 +59,7 @@ Per image, with the target's score (the authors score a data set's accuracy):
 Parameters (defaults): both take `ratios` (None: the authors' 0.1, ..., 0.9 for completeness,
 increasing; 0.98, 0.97, ..., 0.03 for soundness, decreasing), `score="softmax"` ("logit",
 "log_softmax", or "accuracy": 1 if the target class is the top class), `noise=0.01` (ROAD's
-imputation noise), `iterations=50` and `tol=1e-6` (the imputation solver), `batch_size=64`,
+imputation noise), `iterations=50` and `tol=1e-6` (the imputation solver), `batch_size=None` (automatic: `perturbation.auto_batch_size`),
 `seed=0` (imputation noise and tie-breaking). Soundness adds `threshold=0.01` (the authors'
 cls_threshold) and `min_score=0.04` (their cls_result_start; None disables the gate).
 
@@ -177,7 +177,7 @@ class _SoCoMetric(Metric):
     decreasing = False
 
     def __init__(self, *, ratios: Sequence[float] | None = None, score: str = "softmax", noise: float = 0.01,
-                 iterations: int = 50, tol: float = 1e-6, batch_size: int = 64, seed: int = 0, **extra):
+                 iterations: int = 50, tol: float = 1e-6, batch_size: int | None = None, seed: int = 0, **extra):
         ratios = _check_ratios(self.default_ratios if ratios is None else ratios, self.decreasing)
         super().__init__(ratios=ratios, score=score, noise=noise, iterations=iterations, tol=tol,
                          batch_size=batch_size, seed=seed, **extra)
@@ -235,7 +235,7 @@ class Soundness(_SoCoMetric):
 
     def __init__(self, *, ratios: Sequence[float] | None = None, threshold: float = 0.01,
                  min_score: float | None = 0.04, score: str = "softmax", noise: float = 0.01, iterations: int = 50,
-                 tol: float = 1e-6, batch_size: int = 64, seed: int = 0):
+                 tol: float = 1e-6, batch_size: int | None = None, seed: int = 0):
         super().__init__(ratios=ratios, score=score, noise=noise, iterations=iterations, tol=tol,
                          batch_size=batch_size, seed=seed, threshold=threshold, min_score=min_score)
         _check_number(threshold, "threshold")
