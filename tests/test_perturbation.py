@@ -9,9 +9,13 @@ from saliencylab.errors import ConfigError
 from saliencylab.perturbation import AUTO_BATCH_SIZE, Perturber, auto_batch_size
 
 
-def test_auto_batch_size_per_device():
+def test_auto_batch_size_per_device_and_image_size():
     assert auto_batch_size("cpu") == AUTO_BATCH_SIZE["cpu"] == 4
+    assert auto_batch_size("cpu", pixels=224 * 224) == 4 and auto_batch_size("cpu", backward=True) == 16
+    assert auto_batch_size("cpu", pixels=112 * 112) == 16  # smaller images: proportionally more rows
+    assert auto_batch_size("cpu", pixels=12 * 12) == 256  # capped
     assert auto_batch_size(torch.device("cuda", 0)) == 64  # accelerators: large batches are cheaper per image
+    assert auto_batch_size(torch.device("cuda", 0), backward=True, pixels=12 * 12) == 32
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True, "8"])
@@ -21,12 +25,24 @@ def test_batch_size_must_be_positive_int_or_none(bad):
 
 
 def test_default_batch_size_uses_the_device_choice_and_gives_the_same_maps():
-    model, x = make_small_cnn(), torch.randn(2, 3, 12, 12)
-    auto = sl.explain(model, x, "occlusion", window=4, stride=2)  # 25 windows per image
+    model, x = make_small_cnn(), torch.randn(2, 3, 112, 112)
+    auto = sl.explain(model, x, "occlusion", window=28, stride=14)  # 49 windows per image
     assert auto.params.get("batch_size") is None
-    rows = 2 * 25
-    # one clean forward, then ceil(rows / 4) passes of at most 4 rows
-    assert auto.cost.forward_calls == 1 + -(-rows // 4)
-    fixed = sl.explain(model, x, "occlusion", window=4, stride=2, batch_size=64)
+    rows = 2 * 49
+    # one clean forward, then ceil(rows / 16) passes of at most 16 rows (112x112 on CPU)
+    assert auto.cost.forward_calls == 1 + -(-rows // 16)
+    fixed = sl.explain(model, x, "occlusion", window=28, stride=14, batch_size=128)
     assert fixed.cost.forward_calls == 2
     torch.testing.assert_close(auto.maps, fixed.maps)
+
+
+def test_gradient_methods_default_batch_is_automatic_too():
+    model, x = make_small_cnn(), torch.randn(3, 3, 224, 224)
+    auto = sl.explain(model, x, "integrated_gradients", steps=10)  # 30 rows
+    assert auto_batch_size("cpu", backward=True, pixels=224 * 224) == 16
+    assert auto.cost.backward_calls == 2 and auto.cost.backward_images == 30
+    fixed = sl.explain(model, x, "integrated_gradients", steps=10, batch_size=64)
+    assert fixed.cost.backward_calls == 1
+    torch.testing.assert_close(auto.maps, fixed.maps)
+    sg = sl.explain(model, x, "smoothgrad", samples=6)
+    assert sg.cost.backward_calls == 2  # 18 rows in passes of 16

@@ -158,7 +158,7 @@ def accumulate_input_gradients(
     n_samples: int,
     make_inputs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     reduce: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None],
-    batch_size: int,
+    batch_size: int | None,
     desc: str = "",
 ) -> None:
     """Forward and backward `n_images * n_samples` derived inputs in chunks of `batch_size` rows.
@@ -166,8 +166,15 @@ def accumulate_input_gradients(
     Rows are ordered image-major (row = image * n_samples + sample), so a chunk mixes images and
     samples freely and every pass is full. `make_inputs(image_index, sample_index)` builds a chunk's
     inputs; `reduce(grads, image_index, sample_index, inputs)` folds its input gradients into the
-    caller's accumulators.
+    caller's accumulators. `batch_size=None` picks the rows per pass for the device
+    (`perturbation.auto_batch_size(device, backward=True)`).
     """
+    if batch_size is None:
+        from ..perturbation import auto_batch_size
+
+        zero = torch.zeros(1, dtype=torch.long, device=session.device)
+        probe = make_inputs(zero, zero)  # one row, to size the passes by the image
+        batch_size = auto_batch_size(session.device, backward=True, pixels=probe.shape[-2] * probe.shape[-1])
     batch_size = check_batch_size(batch_size)
     total = n_images * n_samples
     starts = range(0, total, batch_size)

@@ -58,7 +58,7 @@ class IntegratedGradients(Method):
     description = "Integrated gradients along the straight path from a baseline (zero, blur, noise, tensor)."
 
     def __init__(self, model, *, steps: int = 32, baseline="zero", rule: str = "gausslegendre",
-                 batch_size: int = 32):
+                 batch_size: int | None = None):
         super().__init__(model, steps=steps, baseline=baseline, rule=rule, batch_size=batch_size)
         self._baseline = make_baseline(baseline)
         path_points(steps, rule)  # validate now, not deep inside attribute()

@@ -38,7 +38,7 @@ class SmoothGrad(Method):
     description = "SmoothGrad: gradients averaged over Gaussian-noised copies (also squaregrad, vargrad)."
 
     def __init__(self, model, *, samples: int = 32, noise_level: float = 0.15, stdev: float | None = None,
-                 aggregate: str = "mean", multiply_by_inputs: bool = False, seed: int = 0, batch_size: int = 32):
+                 aggregate: str = "mean", multiply_by_inputs: bool = False, seed: int = 0, batch_size: int | None = None):
         super().__init__(model, samples=samples, noise_level=noise_level, stdev=stdev, aggregate=aggregate,
                          multiply_by_inputs=multiply_by_inputs, seed=seed, batch_size=batch_size)
         if aggregate not in AGGREGATES:
@@ -70,7 +70,7 @@ class SquareGrad(SmoothGrad):
     description = "SquareGrad: mean of squared gradients over Gaussian-noised copies."
 
     def __init__(self, model, *, samples: int = 32, noise_level: float = 0.15, stdev: float | None = None,
-                 seed: int = 0, batch_size: int = 32):
+                 seed: int = 0, batch_size: int | None = None):
         super().__init__(model, samples=samples, noise_level=noise_level, stdev=stdev, aggregate="square",
                          seed=seed, batch_size=batch_size)
 
@@ -81,6 +81,6 @@ class VarGrad(SmoothGrad):
     description = "VarGrad: variance of gradients over Gaussian-noised copies."
 
     def __init__(self, model, *, samples: int = 32, noise_level: float = 0.15, stdev: float | None = None,
-                 seed: int = 0, batch_size: int = 32):
+                 seed: int = 0, batch_size: int | None = None):
         super().__init__(model, samples=samples, noise_level=noise_level, stdev=stdev, aggregate="variance",
                          seed=seed, batch_size=batch_size)
