@@ -70,6 +70,21 @@ class ColourNet(nn.Module):
         return self.fc(self.dropout(self.pool(h).flatten(1)))
 
 
+class PatchModel(nn.Module):
+    """A linear model with two logits, the second 0; the first is the given weight map (zero off the
+    relevant patch) summed against the image: the relevant pixels are known by construction."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.fc = nn.Linear(weight.numel(), 2, bias=False)
+        with torch.no_grad():
+            self.fc.weight.zero_()
+            self.fc.weight[0] = weight.flatten()
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
 @pytest.fixture
 def small_cnn():
     return make_small_cnn()

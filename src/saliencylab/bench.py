@@ -35,7 +35,8 @@ from . import methods as _methods
 from . import metrics as _metrics
 from ._progress import progress
 from .errors import ConfigError, SaliencyLabError
-from .evaluation import Record, holm, markdown_table, paired_permutation_test, run_evaluation
+from .evaluation import (Record, append_record, holm, load_records, markdown_table, paired_permutation_test,
+                         run_evaluation)
 
 SUITES = ("groundtruth", "knows-best", "faithfulness")
 
@@ -270,14 +271,7 @@ def knows_best_group(methods: Sequence[str], out_dir: Path, *, full: bool, seed:
     gdir = out_dir / "knows-best"
     gdir.mkdir(parents=True, exist_ok=True)
     log = gdir / "records.jsonl"
-    done = {}
-    if log.exists():
-        for line in log.read_text().splitlines():
-            try:
-                rec = Record(**json.loads(line))
-            except (json.JSONDecodeError, TypeError):
-                continue
-            done[rec.key] = rec
+    done = load_records(log)
     show = torch.cat([suite.indices(k)[:1] for k in kb.AXIOMS])[:examples]
     truth = suite.regions[show, 0].float()
     # shown truth: +1 on the explained patch, -1 on the other class's (or the null) patch, both copies +1
@@ -316,8 +310,7 @@ def knows_best_group(methods: Sequence[str], out_dir: Path, *, full: bool, seed:
                          higher_is_better=True, category="knows-best",
                          cost={"explain": {**cost, "images": len(suite)}}, key=f"{key}/{axiom}")
             records.append(rec)
-            with log.open("a") as f:
-                f.write(json.dumps(rec.__dict__) + "\n")
+            append_record(log, rec)
             if on_record is not None:
                 on_record(rec)
     figure = None

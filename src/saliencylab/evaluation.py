@@ -129,6 +129,25 @@ def score_explanation(model, x: torch.Tensor, explanation, method: str, metric: 
                   key=key)
 
 
+def load_records(log: Path) -> dict[str, "Record"]:
+    """Records already written to a records.jsonl, by key (none if the file does not exist)."""
+    done: dict[str, Record] = {}
+    if log.exists():
+        for line in log.read_text().splitlines():
+            try:
+                rec = Record(**json.loads(line))
+            except (json.JSONDecodeError, TypeError):
+                continue  # a line cut short by an interrupted run
+            done[rec.key] = rec
+    return done
+
+
+def append_record(log: Path, rec: "Record") -> None:
+    """Append one record as soon as it exists, so an interrupted run keeps it."""
+    with log.open("a") as f:
+        f.write(json.dumps(rec.__dict__) + "\n")
+
+
 def _key(method: str, method_params: dict, metric: str, metric_params: dict, n_images: int, image_ids) -> str:
     text = json.dumps([method, method_params, metric, metric_params, n_images, list(image_ids)], sort_keys=True,
                       default=repr)
@@ -169,13 +188,7 @@ def run_evaluation(model, x: torch.Tensor, method_names: Sequence[str], metric_n
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         log = out / "records.jsonl"
-        if log.exists():
-            for line in log.read_text().splitlines():
-                try:
-                    rec = Record(**json.loads(line))
-                except (json.JSONDecodeError, TypeError):
-                    continue  # a line cut short by an interrupted run
-                done[rec.key] = rec
+        done = load_records(log)
 
     records: list[Record] = []
     for method in method_names:
@@ -202,8 +215,7 @@ def run_evaluation(model, x: torch.Tensor, method_names: Sequence[str], metric_n
                 continue
             records.append(rec)
             if log is not None:
-                with log.open("a") as f:
-                    f.write(json.dumps(rec.__dict__) + "\n")
+                append_record(log, rec)
             if on_record is not None:
                 on_record(rec)
     return records

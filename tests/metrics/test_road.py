@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from conftest import PatchModel
 
 import saliencylab
 from saliencylab.errors import ConfigError
@@ -157,20 +157,6 @@ def test_nothing_kept_and_nothing_removed():
 
 
 # -- the metrics ------------------------------------------------------------------------------------
-class PatchModel(nn.Module):
-    """A linear model (two logits, the second 0) that only looks at a 4x4 patch of 8x8 images."""
-
-    def __init__(self, weight):
-        super().__init__()
-        self.fc = nn.Linear(weight.numel(), 2, bias=False)
-        with torch.no_grad():
-            self.fc.weight.zero_()
-            self.fc.weight[0] = weight.flatten()
-
-    def forward(self, x):
-        return self.fc(x.flatten(1))
-
-
 def patch_setup():
     torch.manual_seed(4)
     x = (torch.rand(4, 1, 8, 8) * 0.5 + 0.5) * torch.sign(torch.randn(4, 1, 8, 8))  # iid +-[0.5, 1]

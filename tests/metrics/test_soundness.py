@@ -3,14 +3,13 @@ follow the authors' code step by step, on a model whose relevant pixels are know
 
 import pytest
 import torch
-from torch import nn
 
 import saliencylab
 from saliencylab.errors import ConfigError
 from saliencylab.metrics.soundness import COMPLETENESS_RATIOS, SOUNDNESS_RATIOS, false_attribution
 from saliencylab.perturbation import LinearImputer
 
-from conftest import make_small_cnn
+from conftest import PatchModel, make_small_cnn
 
 
 # -- slow references: one image, one step at a time ----------------------------------------------
@@ -166,20 +165,6 @@ def test_false_attribution_by_hand():
 
 
 # -- known relevant pixels -------------------------------------------------------------------------
-class PatchModel(nn.Module):
-    """Two logits, the second 0: the first is a signed weighted sum over a 4x4 patch of 16x16 images."""
-
-    def __init__(self, weight):
-        super().__init__()
-        self.fc = nn.Linear(weight.numel(), 2, bias=False)
-        with torch.no_grad():
-            self.fc.weight.zero_()
-            self.fc.weight[0] = weight.flatten()
-
-    def forward(self, x):
-        return self.fc(x.flatten(1))
-
-
 def patch_setup():
     torch.manual_seed(4)
     x = (torch.rand(4, 1, 16, 16) * 0.5 + 0.5) * torch.sign(torch.randn(4, 1, 16, 16))  # iid +-[0.5, 1]
