@@ -34,7 +34,9 @@ import torch
 
 import saliencylab as sl
 from saliencylab import features, images as sample_images, models
+from saliencylab.methods import build
 from saliencylab.methods.iba import restrict, smooth
+from saliencylab.perturbation import auto_batch_size
 from saliencylab.session import ModelSession
 
 warnings.filterwarnings("ignore")
@@ -160,15 +162,18 @@ def bench_iba(model, x, layer, stats, args, t_f, t_fb):
     n = len(x)
     runs = {}
 
-    def batched(reuse):
+    def batched(reuse, batch_size=args.batch_size):
         def run():
-            return [sl.explain(model, x, "iba", batch_size=args.batch_size, reuse_features=reuse, **common)]
+            return [sl.explain(model, x, "iba", batch_size=batch_size, reuse_features=reuse, **common)]
         return run
 
     def one_at_a_time():
         return [sl.explain(model, x[i:i + 1], "iba", batch_size=args.samples, **common) for i in range(n)]
 
-    variants = {f"ours, batched ({n} images, {args.batch_size} rows/pass), reuse_features='auto'": batched("auto"),
+    rows_auto = max(auto_batch_size(x.device, backward=True) // args.samples, 1) * args.samples
+    variants = {f"ours, default: batched ({n} images), batch_size=None ({rows_auto} rows/pass here), "
+                "reuse_features='auto'": batched("auto", None),
+                f"ours, batched ({n} images, {args.batch_size} rows/pass), reuse_features='auto'": batched("auto"),
                 f"ours, batched ({n} images, {args.batch_size} rows/pass), reuse_features=False": batched(False)}
     if not args.skip_variants:
         variants[f"ours, one image at a time ({args.samples} rows/pass), reuse_features='auto'"] = one_at_a_time
@@ -315,7 +320,10 @@ def bench_known_region():
         x[b, b % 3, 4:9, 2:7] += 3
         x[b, b % 3, 5:10, 10:15] += 3
     region = model.region[0, 0]
-    runs = [("iba", {}), ("iba", {"steps": 30}), ("inverse_iba", {}), ("inverse_iba", {"beta": 6.0}),
+    evidence = torch.zeros(16, 16, dtype=torch.bool)
+    evidence[4:9, 2:7] = True
+    runs = [("iba", {}), ("iba", {"steps": 15}), ("iba", {"steps": 20}), ("iba", {"steps": 30}),
+            ("iba", {"initial_alpha": 0.0}), ("iba", {"lr": 2.0}), ("inverse_iba", {}), ("inverse_iba", {"beta": 6.0}),
             ("inverse_iba", {"beta": 1.0}), ("multilayer_iba", {"layer": ["conv1", "relu1"]}),
             ("multilayer_iba", {"layer": ["conv1", "relu1"], "steps": 30}), ("readout_iba", {}),
             ("readout_iba", {"epochs": 30, "lr": 1e-2}), ("input_iba", {}), ("gradient", {"absolute": True}),
@@ -326,7 +334,8 @@ def bench_known_region():
         if name not in ("gradient", "integrated_gradients"):
             kw = {"layer": "relu1", "data": data, "cache": False, **kw}
         t0 = time.perf_counter()
-        maps = sl.explain(model, x, name, **kw).maps
+        method = build(name, model, **kw)
+        maps = sl.explain(model, x, method).maps
         pos = maps.clamp(min=0)
         total = pos.flatten(1).sum(1)
         frac = torch.where(total > 0, (pos * region).flatten(1).sum(1) / total.clamp_min(1e-30),
@@ -335,6 +344,11 @@ def bench_known_region():
                      "mean": float(frac.nanmean()),
                      "min": float(frac[~frac.isnan()].min()) if (~frac.isnan()).any() else float("nan"),
                      "zero_maps": int((total == 0).sum()), "seconds": time.perf_counter() - t0})
+        result = getattr(method, "last_result", None)
+        if name == "iba" and result is not None:  # how far the optimisation got: lambda on / off the evidence
+            lam = result.lam.amax(1)
+            rows[-1]["lambda_evidence"] = float(lam[:, evidence].mean())
+            rows[-1]["lambda_elsewhere"] = float(lam[:, ~evidence].mean())
         print(f"  {name:22s} {str(params):42s} inside {rows[-1]['mean']:.3f} (min {rows[-1]['min']:.3f})", flush=True)
     return {"region_share": float(region.mean()), "images": len(x), "rows": rows}
 
@@ -398,10 +412,12 @@ def write_report(result: dict, outdir: Path) -> None:
                   f"{kr['images']} images with evidence inside it and an identical distractor outside. Share of the "
                   "positive attribution inside the region (mean and minimum over images; a zero map counts as "
                   "missing).", "",
-                  "| method | parameters | inside, mean | inside, min | all-zero maps |", "|---|---|---|---|---|"]
+                  "| method | parameters | inside, mean | inside, min | all-zero maps | lambda evidence / elsewhere |",
+                  "|---|---|---|---|---|---|"]
         for r in kr["rows"]:
             params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "defaults"
-            lines.append(f"| {r['method']} | {params} | {r['mean']:.3f} | {r['min']:.3f} | {r['zero_maps']} |")
+            lam = (f"{r['lambda_evidence']:.3f} / {r['lambda_elsewhere']:.3f}" if "lambda_evidence" in r else "")
+            lines.append(f"| {r['method']} | {params} | {r['mean']:.3f} | {r['min']:.3f} | {r['zero_maps']} | {lam} |")
         lines.append("")
     (outdir / "iba.md").write_text("\n".join(lines))
     plot(deg["per_image"], outdir / "iba_morf_lerf.png")

@@ -8,14 +8,15 @@ What it measures (all in one process, on this machine):
 - passes per image (forward images, backward images) against the authors' code (2,245 forward /
   300 backward images per I-GOS explanation, 9,220 / 1,200 per iGOS++, from the issue), and
   optionally against our re-implementation of the authors' line-search schedule on the same images
-  (`--authors-schedule`, expensive);
+  (`--variants igos@authors`, expensive) and our other line searches (`igos@reuse`);
 - seconds per image against the pass bound: backward_images * t(fwd+bwd) + forward-only images *
   t(fwd), unit costs measured on the same model at the method's batch size;
 - batched (B images in one call) against B single-image calls, seconds per image.
 
 Usage (the figures in docs/igos.md):
-    python benchmarks/igos.py --images chelsea,coffee,rocket,astronaut --threads 1 \
-        --batched 8 --batched-iterations 15 --out benchmarks/results
+    python benchmarks/igos.py --images chelsea,coffee,rocket,astronaut --threads 2 \
+        --variants igos@reuse,igos@authors,igos_plus_plus@reuse --batched 8 --batched-iterations 3 \
+        --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -125,10 +126,11 @@ def main(argv=None):
     ap.add_argument("--methods", default="igos,igos_plus_plus,gradient,integrated_gradients,gradcam,random")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--batch-size", type=int, default=10)
-    ap.add_argument("--authors-schedule", default="", help="comma list of igos,igos_plus_plus to also run "
-                    "with line_search='authors' (the authors' pass schedule; expensive)")
+    ap.add_argument("--variants", default="", help="comma list of METHOD@LINE_SEARCH to also run, e.g. "
+                    "igos@reuse,igos@authors (line_search='authors' is the authors' pass schedule; expensive)")
     ap.add_argument("--batched", type=int, default=8, help="B for batched vs single-image timing (0: skip)")
     ap.add_argument("--batched-iterations", type=int, default=15)
+    ap.add_argument("--batched-line-search", default="reuse")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     if args.threads:
@@ -153,10 +155,10 @@ def main(argv=None):
     deletion = sl.metrics.build("deletion", protocol="igos", batch_size=args.batch_size)
     insertion = sl.metrics.build("insertion", protocol="igos", batch_size=args.batch_size)
     todo = [(m, {}) for m in args.methods.split(",") if m]
-    todo += [(m, {"line_search": "authors"}) for m in args.authors_schedule.split(",") if m]
+    todo += [(v.split("@")[0], {"line_search": v.split("@")[1]}) for v in args.variants.split(",") if v]
     per_image = {}
     for name, extra in todo:
-        label = name if not extra else f"{name}@authors_schedule"
+        label = name if not extra else f"{name}@{extra['line_search']}"
         if name == "random":
             g = torch.Generator().manual_seed(0)
             maps = torch.rand(len(x), *x.shape[-2:], generator=g)
@@ -178,39 +180,7 @@ def main(argv=None):
                  f"{info['cpu_seconds_per_image']:.1f} s, x{info['cpu_ratio_to_bound']:.2f} CPU bound)"
                  if "seconds_per_image" in info else ""), flush=True)
 
-    # paired differences (per image), the claims
-    diffs = {}
-
-    def paired(a, b, metric):
-        if a in per_image and b in per_image:
-            v = np.subtract(per_image[a][metric], per_image[b][metric])
-            diffs[f"{metric}: {a} - {b}"] = bootstrap(v)
-
-    for m in ("igos", "igos_plus_plus"):
-        for other in ("gradient", "integrated_gradients", "gradcam", "random"):
-            paired(m, other, "deletion")
-        paired(f"{m}@authors_schedule", m, "deletion")
-        paired(f"{m}@authors_schedule", m, "insertion")
-    paired("igos_plus_plus", "igos", "insertion")
-    paired("igos_plus_plus", "igos", "deletion")
-    results["paired_differences"] = diffs
-
-    # passes against the authors' code
-    passes = {}
-    for m in ("igos", "igos_plus_plus"):
-        if m in results["methods"]:
-            r = results["methods"][m]
-            a = AUTHORS[m]
-            passes[m] = {"forward_images": r["forward_images_per_image"],
-                         "backward_images": r["backward_images_per_image"],
-                         "authors_forward_images": a["forward_images"], "authors_backward_images": a["backward_images"],
-                         "forward_reduction": a["forward_images"] / r["forward_images_per_image"],
-                         "total_reduction": (a["forward_images"] + a["backward_images"])
-                         / (r["forward_images_per_image"] + r["backward_images_per_image"])}
-            sched = results["methods"].get(f"{m}@authors_schedule")
-            if sched:
-                passes[m]["measured_authors_schedule_forward_images"] = sched["forward_images_per_image"]
-    results["passes"] = passes
+    summarize(results)
 
     # batched vs single
     if args.batched:
@@ -218,7 +188,8 @@ def main(argv=None):
         pool = [photos[n].image for n in sorted(photos)]
         xs = loaded.preprocess_batch(pool)
         xs = torch.cat([xs, xs.flip(-1)])[:B]  # bundled photos and their mirror images
-        params = {"iterations": args.batched_iterations, "batch_size": args.batch_size}
+        params = {"iterations": args.batched_iterations, "batch_size": args.batch_size,
+                  "line_search": args.batched_line_search}
         t0, p0 = time.perf_counter(), time.process_time()
         e = sl.explain(model, xs, "igos", **params)
         batched, batched_cpu = time.perf_counter() - t0, time.process_time() - p0
@@ -227,7 +198,8 @@ def main(argv=None):
         single, single_cpu = time.perf_counter() - t0, time.process_time() - p0
         same = float(max((e.maps[j] - s.maps[0]).abs().max() for j, s in enumerate(singles)))
         results["batched_vs_single"] = {
-            "B": B, "iterations": args.batched_iterations, "batched_seconds_per_image": batched / B,
+            "B": B, "iterations": args.batched_iterations, "line_search": args.batched_line_search,
+            "batched_seconds_per_image": batched / B,
             "single_seconds_per_image": single / B, "speedup": single / batched,
             "batched_cpu_seconds_per_image": batched_cpu / B, "single_cpu_seconds_per_image": single_cpu / B,
             "cpu_speedup": single_cpu / batched_cpu,
@@ -241,13 +213,53 @@ def main(argv=None):
     print(f"wrote {Path(args.out) / 'igos.json'} and {Path(args.out) / 'igos.md'}")
 
 
-def save(out, results, partial=False):
+def summarize(results):
+    """Paired differences (the claims) and passes against the authors' code, from results["methods"]."""
+    per_image = {k: v["per_image"] for k, v in results["methods"].items() if "per_image" in v}
+    t_f, t_fb = results["unit_costs"]["forward_s"], results["unit_costs"]["forward_backward_s"]
+    diffs = {}
+
+    def paired(a, b, metric):
+        if a in per_image and b in per_image:
+            v = np.subtract(per_image[a][metric], per_image[b][metric])
+            diffs[f"{metric}: {a} - {b}"] = bootstrap(v)
+
+    for m in ("igos", "igos_plus_plus"):
+        for other in ("gradient", "integrated_gradients", "gradcam", "random"):
+            paired(m, other, "deletion")
+        for ls in ("lookahead", "reuse", "authors"):
+            paired(f"{m}@{ls}", m, "deletion")
+            paired(f"{m}@{ls}", m, "insertion")
+    paired("igos_plus_plus", "igos", "insertion")
+    paired("igos_plus_plus", "igos", "deletion")
+    results["paired_differences"] = diffs
+
+    def reductions(r, a):
+        fwd, bwd = r["forward_images_per_image"], r["backward_images_per_image"]
+        return {"forward_images": fwd, "backward_images": bwd,
+                "authors_forward_images": a["forward_images"], "authors_backward_images": a["backward_images"],
+                "forward_reduction": a["forward_images"] / fwd,
+                "total_reduction": (a["forward_images"] + a["backward_images"]) / (fwd + bwd),
+                # the same passes weighted by their unit costs (forward-only vs forward+backward)
+                "pass_seconds_reduction": ((a["forward_images"] - a["backward_images"]) * t_f
+                                           + a["backward_images"] * t_fb) / ((fwd - bwd) * t_f + bwd * t_fb)}
+
+    passes = {}
+    for m in ("igos", "igos_plus_plus"):
+        for label in (m, f"{m}@lookahead", f"{m}@reuse", f"{m}@authors"):
+            if label in results["methods"]:
+                passes[label] = reductions(results["methods"][label], AUTHORS[m])
+    results["passes"] = passes
+
+
+def save(out, results, partial=False, command=None):
     """Write the JSON (after every method, so that an interrupted run keeps what it measured) and the table."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "igos.json").write_text(json.dumps({**results, "partial": partial}, indent=1))
     if not partial:
-        (out / "igos.md").write_text(markdown(results, "python benchmarks/igos.py " + " ".join(sys.argv[1:])))
+        command = command or "python benchmarks/igos.py " + " ".join(sys.argv[1:])
+        (out / "igos.md").write_text(markdown(results, command))
 
 
 def fmt(ci):
@@ -258,7 +270,7 @@ def markdown(r, command):
     lines = [f"# I-GOS / iGOS++ benchmark", "", f"Command: `{command}`", "",
              f"Images: {', '.join(r['images'])}; torch threads {r['threads']}; batch size {r['batch_size']}; "
              f"load average at start/end {r['machine']['loadavg_start'][0]:.1f} / "
-             f"{r['machine']['loadavg_end'][0]:.1f} (a shared 2-core machine).", "",
+             f"{r['machine']['loadavg_end'][0]:.1f} ({r['machine']['cpus']} cores).", "",
              f"Unit costs: forward {r['unit_costs']['forward_s'] * 1e3:.0f} ms/image, forward+backward "
              f"{r['unit_costs']['forward_backward_s'] * 1e3:.0f} ms/image (CPU time "
              f"{r['unit_costs'].get('cpu_forward_s', float('nan')) * 1e3:.0f} / "
@@ -283,11 +295,12 @@ def markdown(r, command):
     if r.get("passes"):
         lines += ["", "## Passes per explanation against the authors' code", "",
                   "| method | forward images | backward images | authors' forward / backward | fewer forward passes "
-                  "| fewer passes (fwd+bwd) |", "|---|---|---|---|---|---|"]
+                  "| fewer passes (fwd+bwd) | less pass time (passes x unit costs) |", "|---|---|---|---|---|---|---|"]
         for name, p in r["passes"].items():
             lines.append(f"| {name} | {p['forward_images']:.0f} | {p['backward_images']:.0f} | "
                          f"{p['authors_forward_images']} / {p['authors_backward_images']} | "
-                         f"{p['forward_reduction']:.2f}x | {p['total_reduction']:.2f}x |")
+                         f"{p['forward_reduction']:.2f}x | {p['total_reduction']:.2f}x | "
+                         f"{p.get('pass_seconds_reduction', float('nan')):.2f}x |")
     if r.get("batched_vs_single"):
         b = r["batched_vs_single"]
         lines += ["", "## Batched against single-image calls (I-GOS)", "",

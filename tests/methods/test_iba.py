@@ -218,6 +218,23 @@ def test_cost_counts_every_noisy_copy(x, data):
     assert auto.cost.forward_images == e.cost.forward_images + 2
 
 
+def test_automatic_batch_size_cuts_chunks_at_whole_images(x, data, monkeypatch):
+    from saliencylab.methods import iba as iba_module
+
+    model = small_cnn()
+    stats = features.estimate(model, "2", data)
+    kw = dict(layer="2", data=stats, steps=2, samples=4, reuse_features=False)
+    fixed = sl.explain(model, x, "iba", batch_size=8, **kw)
+    monkeypatch.setattr(iba_module, "auto_batch_size", lambda *a, **k: 11)  # rounds down to 8 = 2 images
+    auto = sl.explain(model, x, "iba", **kw)
+    assert auto.cost.forward_calls == fixed.cost.forward_calls == 1 + 2 * 2  # clean pass + 2 chunks per step
+    assert torch.allclose(auto.maps, fixed.maps, rtol=1e-5, atol=1e-7)
+    monkeypatch.setattr(iba_module, "auto_batch_size", lambda *a, **k: 3)  # fewer rows than copies: kept
+    assert sl.explain(model, x, "iba", **kw).cost.forward_calls == 1 + 2 * 4
+    with pytest.raises(ConfigError, match="batch_size"):
+        build("readout_iba", model, layer="2", data=stats, batch_size=None)
+
+
 class SkipAcross(nn.Module):
     """A skip connection across the bottleneck layer: sharing features among copies is not exact here."""
 

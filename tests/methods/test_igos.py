@@ -44,7 +44,7 @@ SMALL = dict(size=6, steps=5, iterations=6, seed=7, l1=0.05)  # a weak model: a 
 
 # -- the reference: one image, one path point at a time, plain autograd, sequential line search -----
 def reference(model, x1, cls, *, plus, size, steps, iterations, seed, l1, noise=0.2, l2=20.0, alpha=1000.0,
-              armijo=1e-4, decay=0.2, alpha_min=1e-5, ls_growth=1.0, bil_sigma=0.01):
+              armijo=1e-4, decay=0.2, alpha_min=1e-5, ls_growth=1.0, bil_sigma=0.01, line_search="reuse"):
     H, W = x1.shape[-2:]
     b1 = Blur(sigma=50.0, kernel_size=51)(x1)
     # (kind, mask, sign): mask 0 = deletion, 1 = insertion, 2 = product
@@ -83,7 +83,8 @@ def reference(model, x1, cls, *, plus, size, steps, iterations, seed, l1, noise=
     P = torch.ones(1, K, size, size, dtype=x1.dtype)
     step = alpha
     for it in range(iterations):
-        eps = igos_noise(seed, it, len(terms) * N, x1.shape[1:], noise, dtype=x1.dtype)
+        draw = 0 if line_search == "lookahead" else it  # lookahead: one noise draw for the whole run
+        eps = igos_noise(seed, draw, len(terms) * N, x1.shape[1:], noise, dtype=x1.dtype)
         Pl = P.clone().requires_grad_(True)
         s = scores(Pl, eps)
         (gs,) = torch.autograd.grad(s, Pl)
@@ -104,14 +105,16 @@ def reference(model, x1, cls, *, plus, size, steps, iterations, seed, l1, noise=
     return P[0, 0] * P[0, 1] if plus else P[0, 0]
 
 
+@pytest.mark.parametrize("line_search", ["lookahead", "reuse"])
 @pytest.mark.parametrize("name", ["igos", "igos_plus_plus"])
-def test_batched_matches_one_image_reference(name, images):
+def test_batched_matches_one_image_reference(name, line_search, images):
     model = tiny_cnn()
-    method = build(name, model, batch_size=7, **SMALL)  # 7: chunks cut across images and terms
+    method = build(name, model, batch_size=7, line_search=line_search, **SMALL)  # 7: chunks cut across images and terms
     maps = method.attribute(images)
     targets = method.last_targets
     for j in range(len(images)):
-        ref = reference(model, images[j:j + 1], int(targets[j]), plus=name == "igos_plus_plus", **SMALL)
+        ref = reference(model, images[j:j + 1], int(targets[j]), plus=name == "igos_plus_plus",
+                        line_search=line_search, **SMALL)
         assert torch.allclose(method.last_mask[j], ref, atol=1e-8), (j, (method.last_mask[j] - ref).abs().max())
     # public output: higher = more important, the mask upsampled with align_corners=True
     up = F.interpolate(method.last_mask[:, None], size=(12, 12), mode="bilinear", align_corners=True)[:, 0]
@@ -151,6 +154,22 @@ def test_pass_counts(name, terms, line_search, images):
     extra_base = B * T * rows if line_search == "authors" else 0  # the authors evaluate the current mask again
     assert e.cost.forward_images == B + B * T * rows + extra_base + tried * rows
     assert e.cost.forward_calls > 1 and e.cost.backward_calls == -(-B * rows // 16) * T
+
+
+@pytest.mark.parametrize("name,terms", [("igos", 1), ("igos_plus_plus", 4)])
+def test_lookahead_pass_counts(name, terms, images):
+    """Candidates of the middle iterations run with gradients (their pass is the next gradient pass);
+    the first search runs forward only and is followed by one gradient pass; the last needs none."""
+    model = tiny_cnn()
+    method = build(name, model, line_search="lookahead", batch_size=16, **SMALL)
+    e = sl.explain(model, images, method)
+    rows = terms * SMALL["steps"]
+    tried = torch.tensor(method.last_history["candidates"])  # (iterations, B)
+    B = len(images)
+    assert e.cost.backward_images == 2 * B * rows + int(tried[1:-1].sum()) * rows
+    assert e.cost.forward_images == B + 2 * B * rows + int(tried.sum()) * rows
+    reuse = sl.explain(model, images, build(name, model, line_search="reuse", batch_size=16, **SMALL))
+    assert e.cost.forward_images < reuse.cost.forward_images  # the separate gradient passes are gone
 
 
 def test_warm_start_spends_fewer_candidates_than_restarting(images):

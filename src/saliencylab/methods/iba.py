@@ -56,6 +56,7 @@ from .._progress import progress
 from ..errors import ConfigError, InputError
 from ..features import FeatureStats
 from ..layers import get_layer, to_grid
+from ..perturbation import auto_batch_size
 from .base import Method, check_batch_size, register
 
 LN2 = math.log(2.0)
@@ -429,7 +430,7 @@ def optimize_bottleneck(session, x: torch.Tensor, layer: str, stats: FeatureStat
                         steps: int = 10, samples: int = 10, lr: float = 1.0, beta: float = 10.0,
                         sigma: float | None = 1.0, initial_alpha: float = 5.0, min_std: float = 0.01,
                         active_threshold: float = 0.01, relu: bool = False, inverse: bool = False,
-                        batch_size: int = 32, seed: int = 0, reuse_features=False,
+                        batch_size: int | None = None, seed: int = 0, reuse_features=False,
                         desc: str = "iba") -> BottleneckResult:
     """Fit one alpha per image at `layer`; see the module docstring.
 
@@ -437,12 +438,17 @@ def optimize_bottleneck(session, x: torch.Tensor, layer: str, stats: FeatureStat
     copies (the model runs up to the layer on len(images) rows, after it on all rows); "auto" runs the
     first chunk copy by copy, checks that sharing reproduces its outputs (one extra no-grad pass of that
     chunk's images) and shares from then on if it does; False runs every copy through the whole model
-    (the authors' structure)."""
+    (the authors' structure). batch_size None: the device's automatic forward+backward rows
+    (`perturbation.auto_batch_size`), rounded down to whole images (a multiple of `samples`), so that an
+    image's features are computed once per step when shared."""
     if reuse_features not in REUSE:
         raise ConfigError(f"reuse_features must be True, False or 'auto', got {reuse_features!r}")
     reuse = None if reuse_features == "auto" else bool(reuse_features)
     B = x.shape[0]
     dev, dt = x.device, x.dtype
+    if batch_size is None:
+        batch_size = auto_batch_size(dev, backward=True, pixels=x.shape[-2] * x.shape[-1])
+        batch_size = max(batch_size // samples, 1) * samples if batch_size >= samples else batch_size
     feat = stats.shape
     mean = stats.mean.to(dev, dt)
     std = stats.floored_std(min_std).to(dev, dt)
@@ -521,9 +527,12 @@ class IBAMethod(Method):
     input_space = False
     layers_wanted = 1  # how many default layers the method uses
 
+    auto_batch = False  # whether batch_size=None (rows per pass chosen for the device) is supported
+
     def __init__(self, model, **params):
         super().__init__(model, **params)
-        check_batch_size(self.batch_size)
+        if self.batch_size is not None or not self.auto_batch:
+            check_batch_size(self.batch_size)
         for name in ("steps", "samples"):
             if name in params:
                 _check_int(name, params[name])
@@ -584,7 +593,7 @@ class IBAMethod(Method):
                 f"{self.name}: no data= given, so feature statistics are estimated from the {x.shape[0]} images "
                 "being explained; this is a rough stand-in. " + NO_DATA.split(". ", 1)[1], StatisticsWarning,
                 stacklevel=4)
-            return _features.estimate(session, names, x, batch_size=self.batch_size, desc="feature statistics")
+            return _features.estimate(session, names, x, batch_size=self.batch_size or 32, desc="feature statistics")
         size = tuple(x.shape[-2:])  # folder images are cropped to the explained images' size
         missing = [n for n in names if (n, size) not in self._memo]
         if missing:
@@ -592,7 +601,7 @@ class IBAMethod(Method):
                 raise ConfigError("the data iterator was already consumed; pass a tensor, a folder or a re-iterable "
                                   "source (a list of batches, a DataLoader, sample_crops(...))")
             found = _features.feature_stats(session.model, missing, self.data, session=session, cache=self.cache,
-                                            batch_size=self.batch_size, size=size)
+                                            batch_size=self.batch_size or 32, size=size)
             self._memo.update({(n, size): st for n, st in found.items()})
         return {n: self._memo[(n, size)] for n in names}
 
@@ -609,11 +618,12 @@ class IBA(IBAMethod):
     name = "iba"
     description = "Per-sample information bottleneck (IBA): bits per location a fitted noise mask lets through."
     inverse = False
+    auto_batch = True
 
     def __init__(self, model, *, layer=None, data=None, beta: float = 10.0, steps: int = 10, samples: int = 10,
                  lr: float = 1.0, sigma: float | None = 1.0, initial_alpha: float = 5.0, min_std: float = 0.01,
                  active_threshold: float = 0.01, relu: bool = False, reuse_features="auto",
-                 cache: bool = True, seed: int = 0, batch_size: int = 32):
+                 cache: bool = True, seed: int = 0, batch_size: int | None = None):
         super().__init__(model, layer=layer, data=data, beta=beta, steps=steps, samples=samples, lr=lr, sigma=sigma,
                          initial_alpha=initial_alpha, min_std=min_std, active_threshold=active_threshold, relu=relu,
                          reuse_features=reuse_features, cache=cache, seed=seed, batch_size=batch_size)
@@ -641,7 +651,7 @@ class InverseIBA(IBA):
     def __init__(self, model, *, layer=None, data=None, beta: float = 30.0, steps: int = 10, samples: int = 10,
                  lr: float = 1.0, sigma: float | None = 1.0, initial_alpha: float = 5.0, min_std: float = 0.01,
                  active_threshold: float = 0.01, relu: bool = False, reuse_features="auto",
-                 cache: bool = True, seed: int = 0, batch_size: int = 32):
+                 cache: bool = True, seed: int = 0, batch_size: int | None = None):
         super().__init__(model, layer=layer, data=data, beta=beta, steps=steps, samples=samples, lr=lr, sigma=sigma,
                          initial_alpha=initial_alpha, min_std=min_std, active_threshold=active_threshold, relu=relu,
                          reuse_features=reuse_features, cache=cache, seed=seed, batch_size=batch_size)
@@ -677,12 +687,13 @@ class MultiLayerIBA(IBAMethod):
     name = "multilayer_iba"
     description = "Multi-layer IBA (CheXplain-IBA): per-sample IBA at several layers, maps combined (sum or filter)."
     layers_wanted = 3
+    auto_batch = True
 
     def __init__(self, model, *, layer=None, data=None, combine: str = "sum", threshold: float = 0.3,
                  inverse: bool = False, beta: float = 10.0, steps: int = 10, samples: int = 10, lr: float = 1.0,
                  sigma: float | None = 1.0, initial_alpha: float = 5.0, min_std: float = 0.01,
                  active_threshold: float = 0.01, relu: bool = False, reuse_features="auto",
-                 cache: bool = True, seed: int = 0, batch_size: int = 32):
+                 cache: bool = True, seed: int = 0, batch_size: int | None = None):
         super().__init__(model, layer=layer, data=data, combine=combine, threshold=threshold, inverse=inverse,
                          beta=beta, steps=steps, samples=samples, lr=lr, sigma=sigma, initial_alpha=initial_alpha,
                          min_std=min_std, active_threshold=active_threshold, relu=relu,

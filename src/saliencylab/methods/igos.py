@@ -42,7 +42,7 @@ from ..errors import ConfigError
 from ..perturbation import Perturber
 from .base import Method, check_batch_size, register
 
-LINE_SEARCHES = ("reuse", "authors")
+LINE_SEARCHES = ("lookahead", "reuse", "authors")
 OPTIMIZERS = ("ls", "nag")
 
 
@@ -182,10 +182,10 @@ class _Objective:
         up = upscale(M[:, None], self.size)[:, 0]
         return r + self.l2 * bilateral_tv(M, up, weights)
 
-    def regularizer_grad(self, P: torch.Tensor):
+    def regularizer_grad(self, P: torch.Tensor, l1: torch.Tensor, images: torch.Tensor | None = None):
         with torch.enable_grad():
             P = P.detach().requires_grad_(True)
-            r = self.regularizer(P, self.l1)
+            r = self.regularizer(P, l1, images)
             (g,) = torch.autograd.grad(r.sum(), P)
         return r.detach(), g
 
@@ -196,13 +196,15 @@ class _Objective:
         return (per_term * self.term_sign).sum(1)
 
     # -- passes ------------------------------------------------------------------------------
-    def value_and_grad(self, P: torch.Tensor):
-        """Loss (B,) and gradient direction (B, K, h, w) at P, in one engine pass with gradients."""
-        B, K = P.shape[:2]
+    def score_value_and_grad(self, P: torch.Tensor, images: torch.Tensor | None = None):
+        """Signed integrated score (n,) and its gradient direction (n, K, h, w) at masks P of the given
+        images (all by default), in one engine pass with gradients; no regularizer."""
+        n, K = P.shape[:2]
         H, W = self.size
         T, N = len(self.terms), self.steps
+        x, target = (self.x, self.target) if images is None else (self.x[images], self.target.for_images(images))
         up = self.up_masks(P)
-        acc = torch.zeros(B * T, H, W, dtype=self.x.dtype, device=self.x.device)
+        acc = torch.zeros(n * T, H, W, dtype=self.x.dtype, device=self.x.device)
         dkeep = torch.where(self.term_ins, -1.0, 1.0).to(self.x.dtype)
 
         def reduce(scores, grads, image, k, masks):
@@ -210,10 +212,10 @@ class _Objective:
             coeff = dkeep[t] * self.points[i] / N
             acc.index_add_(0, image * T + t, grads[:, 0] * coeff.view(-1, 1, 1))
 
-        scores = self.perturber.scores_and_grads(self.session, self.x, self.target, self.rows, self._make_masks(up),
+        scores = self.perturber.scores_and_grads(self.session, x, target, self.rows, self._make_masks(up),
                                                  reduce=reduce, perturb=self._perturb, desc="igos")
-        acc = acc.view(B, T, H, W)
-        g_up = torch.zeros(B, K, H, W, dtype=self.x.dtype, device=self.x.device)
+        acc = acc.view(n, T, H, W)
+        g_up = torch.zeros(n, K, H, W, dtype=self.x.dtype, device=self.x.device)
         for t, term in enumerate(self.terms):
             a = acc[:, t] * (term.sign * self.grad_scale)
             if term.mask == 0:
@@ -224,16 +226,24 @@ class _Objective:
                 g_up[:, 0] += a * (up[:, 1] if K == 2 else 1)
                 if K == 2:
                     g_up[:, 1] += a * up[:, 0]
-        g = upscale_adjoint(g_up, P.shape, self.size)
-        r, gr = self.regularizer_grad(P)
-        return self.score_loss(scores) + r, g + gr
+        return self.score_loss(scores), upscale_adjoint(g_up, P.shape, self.size)
 
-    def value(self, P: torch.Tensor, images: torch.Tensor, l1: torch.Tensor) -> torch.Tensor:
-        """Loss (n,) of masks P (n, K, h, w) for the given images, forward passes only."""
+    def value_and_grad(self, P: torch.Tensor):
+        """Loss (B,) and gradient direction (B, K, h, w) at P, in one engine pass with gradients."""
+        s, g = self.score_value_and_grad(P)
+        r, gr = self.regularizer_grad(P, self.l1)
+        return s + r, g + gr
+
+    def score_value(self, P: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Signed integrated score (n,) of masks P (n, K, h, w) for the given images, forward passes only."""
         up = self.up_masks(P)
         scores = self.perturber.scores(self.session, self.x[images], self.target.for_images(images), self.rows,
                                        self._make_masks(up), perturb=self._perturb, desc="igos line search")
-        return self.score_loss(scores) + self.regularizer(P, l1, images)
+        return self.score_loss(scores)
+
+    def value(self, P: torch.Tensor, images: torch.Tensor, l1: torch.Tensor) -> torch.Tensor:
+        """Loss (n,) of masks P (n, K, h, w) for the given images, forward passes only."""
+        return self.score_value(P, images) + self.regularizer(P, l1, images)
 
     def clean_scores(self, P: torch.Tensor) -> torch.Tensor:
         """Score of the deletion-perturbed images x*U(M) + b*(1-U(M)), no noise (adaptive L1)."""
@@ -251,12 +261,13 @@ def optimize_masks(obj: _Objective, B: int, K: int, *, iterations: int, alpha: f
     step = torch.full((B,), float(alpha), dtype=x.dtype, device=x.device)
     theta_prev = None
     history = {"alpha": [], "loss": [], "candidates": [], "l1": []}
+    if line_search == "lookahead" and opt == "ls":
+        return _optimize_lookahead(obj, P, step, iterations=iterations, alpha=alpha, armijo=armijo, decay=decay,
+                                   alpha_min=alpha_min, ls_growth=ls_growth, adaptive_l1=adaptive_l1,
+                                   clean_score=clean_score, history=history)
     draw = 0
     for it in range(iterations):
-        if adaptive_l1 and iterations > 3 and it in (int(iterations / 2), int(iterations / 1.25)):
-            moved = (clean_score - obj.clean_scores(P)).abs()
-            threshold, factor = (0.001, 10.0) if it == int(iterations / 2) else (0.01, 5.0)
-            obj.l1 = torch.where(moved <= threshold, obj.l1 / factor, obj.l1)
+        _adapt_l1(obj, P, it, iterations, adaptive_l1, clean_score)
         obj.draw_noise(draw)
         draw += 1
         loss, g = obj.value_and_grad(P)
@@ -297,6 +308,71 @@ def optimize_masks(obj: _Objective, B: int, K: int, *, iterations: int, alpha: f
         history["candidates"].append(tried.tolist())
         step = a
         P = (P - a.view(-1, 1, 1, 1) * g).clamp(0, 1)
+    return P, history
+
+
+def _adapt_l1(obj: _Objective, P: torch.Tensor, it: int, iterations: int, adaptive_l1: bool, clean_score) -> None:
+    """The I-GOS demo's rule: at T/2 (T/1.25), if the score moved <= 0.001 (0.01), l1 /= 10 (5), per image."""
+    if adaptive_l1 and iterations > 3 and it in (int(iterations / 2), int(iterations / 1.25)):
+        moved = (clean_score - obj.clean_scores(P)).abs()
+        threshold, factor = (0.001, 10.0) if it == int(iterations / 2) else (0.01, 5.0)
+        obj.l1 = torch.where(moved <= threshold, obj.l1 / factor, obj.l1)
+
+
+def _optimize_lookahead(obj: _Objective, P, step, *, iterations, alpha, armijo, decay, alpha_min, ls_growth,
+                        adaptive_l1, clean_score, history):
+    """The line search where every candidate's evaluation is also the next iteration's gradient pass.
+
+    The noise is drawn once for the whole optimization, so the objective is one deterministic
+    function: the accepted candidate's scores and gradient (computed with that noise in the same
+    forward+backward pass as its acceptance test) are exactly what the next iteration needs. Each
+    iteration then costs one pass with gradients per candidate and nothing else; the first and the
+    last iterations' candidates run forward only. Same result as `"reuse"` with the noise held fixed
+    (tested).
+    """
+    B = P.shape[0]
+    obj.draw_noise(0)
+    s, gs = obj.score_value_and_grad(P)
+    for it in range(iterations):
+        # The first search starts at `alpha` and usually backtracks several times: its candidates run
+        # forward only, then one pass with gradients at the accepted masks. Later searches start from
+        # the last accepted step and mostly accept their first candidate: they run with gradients.
+        speculate = 0 < it < iterations - 1
+        _adapt_l1(obj, P, it, iterations, adaptive_l1, clean_score)
+        r, gr = obj.regularizer_grad(P, obj.l1)
+        loss, g = s + r, gs + gr
+        history["loss"].append(loss.tolist())
+        history["l1"].append(obj.l1.tolist())
+        a = step.clone() if it == 0 else torch.clamp(step * ls_growth, max=float(alpha))
+        slope = armijo * g.pow(2).reshape(B, -1).sum(1)
+        last = it == iterations - 1
+        new_s, new_gs = s.clone(), gs.clone()
+        pending = torch.ones(B, dtype=torch.bool, device=P.device)
+        tried = torch.zeros(B, dtype=torch.long)
+        while pending.any():
+            idx = pending.nonzero()[:, 0]
+            cand = (P[idx] - a[idx].view(-1, 1, 1, 1) * g[idx]).clamp(0, 1)
+            if speculate:
+                cs, cg = obj.score_value_and_grad(cand, idx)
+            else:
+                cs = obj.score_value(cand, idx)
+            new = cs + obj.regularizer(cand, obj.l1[idx], idx)
+            tried[idx.cpu()] += 1
+            fail = (new > loss[idx] - a[idx] * slope[idx]) & (a[idx] >= alpha_min)
+            ok = ~fail
+            new_s[idx[ok]] = cs[ok]
+            if speculate:
+                new_gs[idx[ok]] = cg[ok]
+            pending[:] = False
+            pending[idx[fail]] = True
+            a[idx[fail]] *= decay
+        history["alpha"].append(a.tolist())
+        history["candidates"].append(tried.tolist())
+        step = a
+        P = (P - a.view(-1, 1, 1, 1) * g).clamp(0, 1)
+        s, gs = new_s, new_gs
+        if it == 0 and not last:
+            s, gs = obj.score_value_and_grad(P)
     return P, history
 
 
