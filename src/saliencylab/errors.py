@@ -11,3 +11,13 @@ class InputError(SaliencyLabError, ValueError):
 
 class ConfigError(SaliencyLabError, ValueError):
     """Unknown method, metric, layer, model or parameter."""
+
+
+def unknown_name(kind: str, name, choices) -> ConfigError:
+    """"unknown <kind> '<name>'" with the closest registered names, or the full list when none is close."""
+    import difflib
+
+    choices = sorted(choices)
+    close = difflib.get_close_matches(str(name), choices, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; available: {', '.join(choices)}"
+    return ConfigError(f"unknown {kind} '{name}'{hint}")

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, unknown_name
 
 _REGISTRY: dict[str, type["Design"]] = {}
 
@@ -125,11 +125,7 @@ def describe() -> dict[str, str]:
 
 def get(name: str) -> type[Design]:
     if name not in _REGISTRY:
-        import difflib
-
-        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; available: {', '.join(available())}"
-        raise ConfigError(f"unknown environment '{name}'{hint}")
+        raise unknown_name("environment", name, _REGISTRY)
     return _REGISTRY[name]
 
 

@@ -15,7 +15,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .._progress import progress
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, unknown_name
 from ..session import Cost, ModelSession, model_device
 from ..targets import Target, TargetSpec, resolve_target
 from ..validation import check_images
@@ -42,11 +42,7 @@ def get(name: str) -> type["Method"]:
     if isinstance(name, type) and issubclass(name, Method):
         return name
     if name not in _REGISTRY:
-        import difflib
-
-        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; available: {', '.join(available())}"
-        raise ConfigError(f"unknown method '{name}'{hint}")
+        raise unknown_name("method", name, _REGISTRY)
     return _REGISTRY[name]
 
 

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, unknown_name
 from ..explanation import Explanation
 from ..session import Cost, ModelSession, model_device
 from ..targets import Target, resolve_target
@@ -45,11 +45,7 @@ def get(name) -> type["Metric"]:
     if isinstance(name, type) and issubclass(name, Metric):
         return name
     if name not in _REGISTRY:
-        import difflib
-
-        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; available: {', '.join(available())}"
-        raise ConfigError(f"unknown metric '{name}'{hint}")
+        raise unknown_name("metric", name, _REGISTRY)
     return _REGISTRY[name]
 
 
