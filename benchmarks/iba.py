@@ -37,7 +37,7 @@ from saliencylab import features, images as sample_images, models
 from saliencylab.methods import build
 from saliencylab.methods.iba import restrict, smooth
 from saliencylab.perturbation import auto_batch_size
-from saliencylab.session import ModelSession
+from saliencylab.core.session import ModelSession
 
 warnings.filterwarnings("ignore")
 

@@ -10,7 +10,7 @@ import torch
 
 from saliencylab import bench
 from saliencylab.cli import main
-from saliencylab.errors import ConfigError
+from saliencylab.core.errors import ConfigError
 from saliencylab.evaluation import Record, holm, paired_permutation_test
 
 

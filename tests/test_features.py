@@ -7,8 +7,8 @@ from PIL import Image
 from torch import nn
 
 from saliencylab import features
-from saliencylab.errors import ConfigError, InputError
-from saliencylab.session import ModelSession
+from saliencylab.core.errors import ConfigError, InputError
+from saliencylab.core.session import ModelSession
 
 
 @pytest.fixture(autouse=True)

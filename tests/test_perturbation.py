@@ -5,7 +5,7 @@ import torch
 
 import saliencylab as sl
 from conftest import make_small_cnn
-from saliencylab.errors import ConfigError
+from saliencylab.core.errors import ConfigError
 from saliencylab.perturbation import AUTO_BATCH_SIZE, Perturber, auto_batch_size
 
 

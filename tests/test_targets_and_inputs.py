@@ -6,7 +6,7 @@ import torch
 
 import saliencylab as sl
 from saliencylab.baselines import gaussian_blur, make_baseline
-from saliencylab.layers import get_layer, to_grid
+from saliencylab.core.layers import get_layer, to_grid
 
 
 def test_target_out_of_range(small_cnn, images):

@@ -1,4 +1,4 @@
-"""`explain`: one call from a model and images to an Explanation."""
+"""`explain` and `evaluate`: one call from a model and images to an Explanation or scores."""
 
 from __future__ import annotations
 
@@ -6,17 +6,20 @@ from torch import nn
 
 from . import methods as _methods
 from . import metrics as _metrics
-from .explanation import Explanation
-from .targets import TargetSpec
+from .core.explanation import Explanation
+from .core.targets import TargetSpec
 
 
 def explain(model: nn.Module, x, method="integrated_gradients", target: TargetSpec = None, *,
-            channels: bool = False, **params) -> Explanation:
+            channels: bool = False, create_graph: bool = False, image_ids=None, **params) -> Explanation:
     """Explain `model`'s decision on images `x` (B, C, H, W) with a registered method.
 
     `method` is a registered name (see `saliencylab.methods.available()`), a Method class, or a
     Method instance (then `params` must be empty). `target`: None (predicted class), an int, B ints,
-    or a callable `f(outputs) -> (B,)`.
+    or a callable `f(outputs) -> (B,)`. `create_graph=True` returns maps that carry gradient to the
+    model's parameters (train with explanation losses; differentiable methods only) and leaves the
+    model's train/eval mode as the caller set it. `image_ids` key the random draws of stochastic
+    methods, so an image's map does not depend on the batch it was explained in.
     """
     if isinstance(method, _methods.Method):
         if params:
@@ -24,15 +27,7 @@ def explain(model: nn.Module, x, method="integrated_gradients", target: TargetSp
         instance = method
     else:
         instance = _methods.build(method, model, **params)
-    maps = instance.attribute(x, target, channels=channels)
-    return Explanation(
-        maps=maps,
-        targets=instance.last_targets,
-        method=instance.name,
-        params=dict(instance.params),
-        cost=instance.last_cost,
-        outputs=instance.last_outputs,
-    )
+    return instance.explain(x, target, channels=channels, create_graph=create_graph, image_ids=image_ids)
 
 
 def evaluate(model: nn.Module | None, x, maps, metric="deletion", target: TargetSpec = None, *,

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError, InputError
+from .core.errors import ConfigError, InputError
 
 
 class Baseline:

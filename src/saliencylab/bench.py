@@ -33,8 +33,8 @@ import torch
 
 from . import methods as _methods
 from . import metrics as _metrics
-from ._progress import progress
-from .errors import ConfigError, SaliencyLabError
+from .core.progress import progress
+from .core.errors import ConfigError, SaliencyLabError
 from .evaluation import (Record, append_record, holm, load_records, markdown_table, paired_permutation_test,
                          run_evaluation)
 
@@ -247,7 +247,7 @@ def knows_best_group(methods: Sequence[str], out_dir: Path, *, full: bool, seed:
     from .envs import knows_best as kb
     from .evaluation import bootstrap_interval
     from .report.bench_figures import example_grid
-    from .session import Cost
+    from .core.session import Cost
 
     if model is None:
         from . import models

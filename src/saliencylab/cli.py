@@ -22,8 +22,8 @@ from . import bench as bench_cmd
 from . import evaluate_cmd
 from . import methods as _methods
 from . import metrics as _metrics
-from ._progress import progress
-from .errors import SaliencyLabError
+from .core.progress import progress
+from .core.errors import SaliencyLabError
 
 # Cost knobs that the demo lowers for any method that has them (and a higher default).
 _DEMO_KNOBS = ("steps", "samples", "n_samples", "n_steps", "num_samples", "masks", "n_masks", "num_masks")
@@ -188,7 +188,7 @@ def cmd_explain(args) -> int:
                     labels=args.labels, debug=args.debug)
     model = loaded.model
     if isinstance(params.get("layer"), str):
-        from .layers import get_layer
+        from .core.layers import get_layer
 
         _setup(get_layer, model, params["layer"])
     method = _setup(_methods.build, cls.name, model, debug=args.debug, **params)

@@ -10,7 +10,7 @@ import torch
 
 from . import methods as _methods
 from . import metrics as _metrics
-from .errors import ConfigError, InputError
+from .core.errors import ConfigError, InputError
 
 DEFAULT_METRICS = "deletion,insertion,sparseness"
 

@@ -19,7 +19,7 @@ import torch
 from . import methods as _methods
 from . import metrics as _metrics
 from .api import evaluate, explain
-from .errors import ConfigError
+from .core.errors import ConfigError
 
 
 def bootstrap_interval(values, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -120,12 +120,13 @@ def score_explanation(model, x: torch.Tensor, explanation, method: str, metric: 
             return None
         data = {"truth": truth}
     instance = _metrics.build(metric, **(params or {}))
-    scores, curves = instance(model if cls.needs_model else None, x, explanation, return_curves=True, **data)
+    measured = instance.measure(model if cls.needs_model else None, x, explanation, **data)
+    scores, curves = measured.scores, measured.curves
     mean, lo, hi = bootstrap_interval(scores)
     return Record(method=method, metric=metric, scores=[float(s) for s in scores], mean=mean, low=lo, high=hi,
                   higher_is_better=cls.higher_is_better, category=cls.category, curves=_curves_to_lists(curves),
                   cost={"explain": explanation.cost.as_dict(),
-                        "metric": instance.last_cost.as_dict() if instance.last_cost else {}},
+                        "metric": measured.cost.as_dict() if measured.cost else {}},
                   key=key)
 
 

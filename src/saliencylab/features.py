@@ -38,10 +38,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._progress import progress
-from .errors import ConfigError, InputError
-from .layers import get_layer
-from .session import ModelSession, model_device
+from .core.progress import progress
+from .core.errors import ConfigError, InputError
+from .core.layers import get_layer
+from .core.session import ModelSession, model_device
 
 __all__ = [
     "FeatureStats", "feature_stats", "estimate", "capture", "sample_crops", "SampleCrops", "ImageFolder",

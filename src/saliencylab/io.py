@@ -24,8 +24,8 @@ import torch
 from . import __version__
 from . import models as _models
 from .api import explain
-from .errors import ConfigError, InputError
-from .explanation import Explanation
+from .core.errors import ConfigError, InputError
+from .core.explanation import Explanation
 from .report.render import denormalize, overlay, save_png
 
 __all__ = [

@@ -16,10 +16,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ._progress import progress
+from .core.progress import progress
 from .baselines import Baseline, make_baseline
-from .errors import ConfigError
-from .targets import Target
+from .core.errors import ConfigError
+from .core.targets import Target
 
 MaskFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

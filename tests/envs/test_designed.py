@@ -6,7 +6,7 @@ import torch
 import saliencylab
 from saliencylab import envs
 from saliencylab.envs.designed import PATTERNS
-from saliencylab.errors import ConfigError
+from saliencylab.core.errors import ConfigError
 
 NAMES = ("dominant_colour", "pattern_at_location", "null_player")
 COLOUR_ENVS = ("dominant_colour", "null_player")

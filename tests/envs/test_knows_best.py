@@ -10,7 +10,7 @@ from torch import nn
 
 from conftest import ColourNet
 from saliencylab.envs import knows_best as kb
-from saliencylab.errors import ConfigError
+from saliencylab.core.errors import ConfigError
 from saliencylab.methods import Method
 
 SIZE, PATCH = 32, 12

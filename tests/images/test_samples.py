@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from saliencylab.errors import ConfigError, InputError
+from saliencylab.core.errors import ConfigError, InputError
 from saliencylab.images import DATA_DIR, SamplePhoto, open_image, sample_names, samples
 from saliencylab.models import load
 

@@ -5,11 +5,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from saliencylab.errors import ConfigError
-from saliencylab.layers import find_default_layer
+from saliencylab.core.errors import ConfigError
+from saliencylab.core.layers import find_default_layer
 from saliencylab.methods import build
-from saliencylab.session import ModelSession
-from saliencylab.targets import resolve_target
+from saliencylab.core.session import ModelSession
+from saliencylab.core.targets import resolve_target
 
 
 def small_cnn(seed=0):

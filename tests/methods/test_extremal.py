@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import saliencylab as sl
-from saliencylab.errors import ConfigError
+from saliencylab.core.errors import ConfigError
 from saliencylab.methods import build
 from saliencylab.methods.extremal import SmoothMaskGenerator, area_reference
 

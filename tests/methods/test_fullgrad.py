@@ -7,7 +7,7 @@ from torch import nn
 
 from saliencylab.methods import build
 from saliencylab.methods.fullgrad import FullGradients, full_gradients
-from saliencylab.session import ModelSession
+from saliencylab.core.session import ModelSession
 
 
 def bias_net(seed=0, inplace=False):

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from saliencylab.errors import ConfigError
+from saliencylab.core.errors import ConfigError
 from saliencylab.methods import build
 
 

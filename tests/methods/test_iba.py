@@ -9,12 +9,12 @@ from torch import nn
 
 import saliencylab as sl
 from saliencylab import features
-from saliencylab.errors import ConfigError, InputError
+from saliencylab.core.errors import ConfigError, InputError
 from saliencylab.methods import build
 from saliencylab.methods.iba import (LN2, Adam, BottleneckHook, StatisticsWarning, capacity, capacity_map,
                                      combine_maps, default_layers, minimal_deviation, mse_target, probe_layers,
                                      restrict, smooth)
-from saliencylab.session import ModelSession
+from saliencylab.core.session import ModelSession
 
 
 @pytest.fixture(autouse=True)

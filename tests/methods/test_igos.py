@@ -8,7 +8,7 @@ from torch import nn
 
 import saliencylab as sl
 from saliencylab.baselines import Blur
-from saliencylab.errors import ConfigError
+from saliencylab.core.errors import ConfigError
 from saliencylab.methods import build
 from saliencylab.methods.igos import igos_noise
 

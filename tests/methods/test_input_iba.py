@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import saliencylab as sl
-from saliencylab.errors import ConfigError
+from saliencylab.core.errors import ConfigError
 from saliencylab.methods import build
 from saliencylab.methods.iba import capacity
 from saliencylab.methods.input_iba import Critic, GroupedCritics, input_capacity

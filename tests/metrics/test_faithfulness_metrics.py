@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import saliencylab
-from saliencylab.errors import ConfigError
+from saliencylab.core.errors import ConfigError
 from saliencylab.perturbation import random_subsets, row_normal, row_uniform
 from saliencylab.metrics.sensitivity import pearson
 

@@ -8,7 +8,7 @@ import torch
 
 import saliencylab
 from saliencylab import envs, metrics
-from saliencylab.errors import ConfigError, InputError
+from saliencylab.core.errors import ConfigError, InputError
 
 NAMES = ("gt_precision", "gt_recall", "gt_mass_positive", "gt_mass_negative", "gt_rank_correlation")
 

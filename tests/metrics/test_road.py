@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import PatchModel
 
 import saliencylab
-from saliencylab.errors import ConfigError
+from saliencylab.core.errors import ConfigError
 from saliencylab.perturbation import LinearImputer, solve_linear_imputation
 
 # ROAD's neighbour weights, as (row offset, column offset, weight) (tleemann/road_evaluation)

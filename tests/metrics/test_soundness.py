@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import saliencylab
-from saliencylab.errors import ConfigError
+from saliencylab.core.errors import ConfigError
 from saliencylab.metrics.soundness import COMPLETENESS_RATIOS, SOUNDNESS_RATIOS, false_attribution
 from saliencylab.perturbation import LinearImputer
 

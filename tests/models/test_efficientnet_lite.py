@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from saliencylab.errors import ConfigError, InputError
+from saliencylab.core.errors import ConfigError, InputError
 from saliencylab.images import samples
 from saliencylab.models import available, from_spec, load
 from saliencylab.models.efficientnet_lite import SamePadConv2d, efficientnet_lite0, weights_path

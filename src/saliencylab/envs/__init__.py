@@ -10,5 +10,5 @@ weights designed by hand), plus trained variants of the same data.
 >>> saliencylab.evaluate(None, batch.x, ex, "gt_precision", truth=batch.truth)
 """
 
-from .base import Design, EnvBatch, Environment, available, describe, get, load, register  # noqa: F401
+from .base import Design, EnvBatch, Environment, available, describe, get, load, register, registry  # noqa: F401
 from . import designed  # noqa: F401  (registers the designed environments)

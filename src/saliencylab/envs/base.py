@@ -14,9 +14,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..errors import ConfigError, unknown_name
+from ..core.errors import ConfigError
+from ..core.registry import Registry
 
-_REGISTRY: dict[str, type["Design"]] = {}
 
 DESIGNED_NOTE = ("designed weights: the network provably uses exactly the ground-truth pixels "
                  "(the tests check it by perturbation)")
@@ -105,28 +105,19 @@ class Environment:
         return self.design.sample(n, seed)
 
 
-def register(cls: type[Design]) -> type[Design]:
-    """Class decorator: make a design loadable by its `name`."""
-    if not cls.name or cls.num_classes < 2:
-        raise TypeError(f"{cls.__name__} needs a name and num_classes >= 2")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise TypeError(f"environment name '{cls.name}' is already registered")
-    _REGISTRY[cls.name] = cls
-    return cls
+def _check_design(cls) -> None:
+    if cls.num_classes < 2:
+        raise TypeError(f"{cls.__name__} needs num_classes >= 2")
+
+
+registry: Registry = Registry("environment", base=Design, skip=1, check=_check_design)
+register = registry.register
+get = registry.get
+describe = registry.describe
 
 
 def available() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def describe() -> dict[str, str]:
-    return {name: _REGISTRY[name].description for name in available()}
-
-
-def get(name: str) -> type[Design]:
-    if name not in _REGISTRY:
-        raise unknown_name("environment", name, _REGISTRY)
-    return _REGISTRY[name]
+    return registry.available()
 
 
 def load(name: str, trained: bool = False, seed: int = 0) -> Environment:

@@ -90,8 +90,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, InputError
-from ..session import Cost, ModelSession, model_device
+from ..core.errors import ConfigError, InputError
+from ..core.session import Cost, ModelSession, model_device
 
 __all__ = [
     "AXIOMS", "DESCRIPTIONS", "Normalize", "IMAGENET_NORMALIZE", "normalize_for", "Patches", "Suite",

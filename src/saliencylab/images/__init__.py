@@ -13,7 +13,7 @@ from typing import Iterable
 
 from PIL import Image, ImageOps
 
-from saliencylab.errors import ConfigError, InputError
+from saliencylab.core.errors import ConfigError, InputError
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 

@@ -3,17 +3,12 @@
 >>> from saliencylab import methods
 >>> methods.available()
 >>> ig = methods.build("integrated_gradients", model, steps=32)
->>> maps = ig.attribute(x, target=None)
+>>> e = ig.explain(x, target=None)        # Explanation: maps, lowres, targets, outputs, cost, extras
 """
 
-from .base import Method, available, build, describe, get, parameters, register  # noqa: F401
+from .base import (Method, Param, available, build, clean_outputs, describe, get, parameters, register,  # noqa: F401
+                   registry)
 
 # Importing the family modules registers their methods.
-from . import gradient, integrated, smoothgrad  # noqa: F401,E402
-
-for _family in ("guided", "cam", "fullgrad", "occlusion", "rise", "iba", "readout_iba", "input_iba", "igos", "extremal", "sag"):
-    try:  # families under construction register themselves once their module exists
-        __import__(f"{__name__}.{_family}")
-    except ModuleNotFoundError as _e:
-        if _e.name != f"{__name__}.{_family}":
-            raise
+from . import gradient, integrated, smoothgrad, guided, cam, fullgrad, occlusion, rise  # noqa: F401,E402
+from . import iba, readout_iba, input_iba, igos, extremal, sag  # noqa: F401,E402

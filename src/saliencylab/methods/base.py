@@ -1,125 +1,135 @@
 """The method contract, the registry, and the batched gradient loop every gradient method shares.
 
-A method is a class: `Method(model, **params).attribute(x, target=None) -> Tensor (B, H, W)` at the
-input's resolution, higher = more important, sign and magnitude kept. `channels=True` keeps
-(B, C, H, W) for methods whose maps live in input space.
+A method is a class: `Method(model, **params)`, with two public entry points:
+- `explain(x, target=None) -> Explanation`: maps, low-resolution maps, targets, outputs, cost, extras;
+- `attribute(x, target=None) -> Tensor`: just the maps, (B, H, W) at the input's resolution, higher =
+  more important, sign and magnitude kept. `channels=True` keeps (B, C, H, W) for input-space methods.
+
+Both take `create_graph=True` (maps that carry gradient to the model's parameters, in the caller's
+train/eval mode; for methods with `differentiable = True`) and `image_ids` (the keys of the call's
+random draws, so results do not depend on batching or sharding).
+
+A subclass implements `compute(session, x, target) -> Explanation` and returns everything it computed
+(nothing is stored on the instance; the target is an argument). Maps may be (B, C, H, W) input-space
+maps or (B, h, w) layer maps; `explain` sums channels and upsamples. Metadata lives on the class:
+`input_space`, `uses_gradients`, `differentiable`, `stochastic`, `needs_data`.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Callable, ClassVar
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .._progress import progress
-from ..errors import ConfigError, InputError, unknown_name
-from ..session import Cost, ModelSession, model_device
-from ..targets import Target, TargetSpec, resolve_target
-from ..validation import check_images
+from ..core.progress import progress
+from ..core.errors import ConfigError, InputError
+from ..core.explanation import Explanation
+from ..core.registry import Param, Registry, declared_params
+from ..core.session import ModelSession, model_device
+from ..core.targets import Target, TargetSpec, resolve_target
+from ..core.validation import check_images
 
-_REGISTRY: dict[str, type["Method"]] = {}
-
-
-def register(cls: type["Method"]) -> type["Method"]:
-    """Class decorator: make a method available by its `name`."""
-    if not cls.name:
-        raise TypeError(f"{cls.__name__} needs a `name` to be registered")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise TypeError(f"method name '{cls.name}' is already registered by {_REGISTRY[cls.name].__name__}")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def available() -> list[str]:
-    """Names of every registered method."""
-    return sorted(_REGISTRY)
-
-
-def get(name: str) -> type["Method"]:
-    if isinstance(name, type) and issubclass(name, Method):
-        return name
-    if name not in _REGISTRY:
-        raise unknown_name("method", name, _REGISTRY)
-    return _REGISTRY[name]
-
-
-def describe() -> dict[str, str]:
-    """One-line description of each registered method."""
-    return {name: _REGISTRY[name].description for name in available()}
-
-
-def parameters(name: str) -> dict[str, object]:
-    """A method's parameters and their defaults."""
-    sig = inspect.signature(get(name).__init__)
-    return {
-        p.name: p.default
-        for p in list(sig.parameters.values())[2:]
-        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-    }
-
-
-def build(name, model: nn.Module, **params) -> "Method":
-    """Instantiate a method by name, with a clear error for unknown parameters."""
-    cls = get(name)
-    known = parameters(cls.name)
-    unknown = [k for k in params if k not in known]
-    if unknown:
-        raise ConfigError(
-            f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
-            f"for method '{cls.name}'; its parameters are: {', '.join(known) or '(none)'}"
-        )
-    return cls(model, **params)
+__all__ = ["Method", "Param", "registry", "register", "available", "get", "describe", "parameters", "build",
+           "clean_outputs", "upsample", "check_batch_size", "accumulate_input_gradients"]
 
 
 class Method:
-    """Base class. Subclasses set `name`, `description`, declare keyword parameters in `__init__`
-    (passing them to `super().__init__`) and implement `_attribute(session, x, target)`.
-
-    `_attribute` returns (B, C, H, W) maps for input-space methods, or (B, h, w) maps for layer
-    methods (upsampled here to the input's resolution).
-    """
+    """Base class; see the module docstring. Parameters are declared once, as `Param` class attributes
+    (or, for older methods, as keyword arguments of `__init__` passed on to `super().__init__`)."""
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     input_space: ClassVar[bool] = True
     uses_gradients: ClassVar[bool] = True  # False for forward-only (perturbation) methods
+    differentiable: ClassVar[bool] = False  # supports create_graph=True
+    stochastic: ClassVar[bool] = False  # draws random numbers (keyed to the images: see core.randomness)
+    needs_data: ClassVar[bool] = False  # needs feature statistics or training data (`data=`)
 
     def __init__(self, model: nn.Module, **params):
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        declared = declared_params(type(self))
+        if declared:
+            from ..core.registry import check_known
+
+            check_known("method", self.name or type(self).__name__, params, declared)
+            missing = [n for n, p in declared.items() if p.required and n not in params]
+            if missing:
+                raise ConfigError(f"method '{self.name}' needs {', '.join(map(repr, missing))}")
         self.model = model
+        # The constructor's input, exactly as given (tensors, data sets): rebuilding with
+        # `type(m)(model, **m.params)` gives the same method. Explanation.spec is its JSON record.
         self.params = dict(params)
         for key, value in params.items():
             setattr(self, key, value)
-        self.last_cost: Cost | None = None
-        self.last_targets: torch.Tensor | None = None
-        self.last_outputs: torch.Tensor | None = None
+        self.check()
+
+    def check(self) -> None:
+        """Validate parameters at construction (fail now, not deep inside `explain`)."""
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items() if not isinstance(v, torch.Tensor))
         return f"{type(self).__name__}({args})"
 
-    def attribute(self, x: torch.Tensor, target: TargetSpec = None, *, channels: bool = False) -> torch.Tensor:
-        """Attribution maps for a batch of images; see the module docstring for the contract."""
+    # -- public entry points -------------------------------------------------------------------
+    def explain(self, x: torch.Tensor, target: TargetSpec = None, *, channels: bool = False,
+                create_graph: bool = False, image_ids=None) -> Explanation:
+        """Explain a batch of images; see the module docstring."""
         if channels and not self.input_space:
             raise ConfigError(f"method '{self.name}' works at a layer: channels=True is not available")
+        if create_graph and not self.differentiable:
+            raise ConfigError(
+                f"method '{self.name}' is not differentiable: create_graph=True is available for "
+                f"{', '.join(available(differentiable=True))}")
         x = check_images(x, model_device(self.model))
-        with ModelSession(self.model) as session:
-            self._target_spec = target
-            maps = self._attribute(session, x, target)
-        self.last_cost = session.cost
+        if image_ids is not None:
+            from ..core.randomness import image_keys
+
+            image_ids = image_keys(x.shape[0], image_ids)
+        with ModelSession(self.model, differentiable=create_graph, image_ids=image_ids) as session:
+            result = self.compute(session, x, target)
+        maps = result.maps
         if maps.dim() == 4 and not channels:
             maps = maps.sum(dim=1)
         elif maps.dim() == 3 and tuple(maps.shape[-2:]) != tuple(x.shape[-2:]):
+            if result.lowres is None:
+                result.lowres = maps.detach()
             maps = upsample(maps, x.shape[-2:])
-        return maps.detach()
+        result.maps = maps if create_graph else maps.detach()
+        result.method = self.name
+        result.params = dict(self.params)
+        result.cost = session.cost
+        result.image_ids = image_ids
+        if result.outputs is not None:
+            result.outputs = result.outputs.detach()
+        return result
 
-    # -- helpers for subclasses ----------------------------------------------------------------
+    def attribute(self, x: torch.Tensor, target: TargetSpec = None, *, channels: bool = False,
+                  create_graph: bool = False, image_ids=None) -> torch.Tensor:
+        """Attribution maps for a batch of images: `explain(...).maps`."""
+        return self.explain(x, target, channels=channels, create_graph=create_graph, image_ids=image_ids).maps
+
+    # -- what a subclass implements ------------------------------------------------------------
+    def compute(self, session: ModelSession, x: torch.Tensor, target: TargetSpec) -> Explanation:
+        """Return an Explanation with maps, targets, outputs (and lowres, extras where it has them)."""
+        if type(self)._attribute is Method._attribute:
+            raise NotImplementedError(f"{type(self).__name__} does not implement compute()")
+        # TRANSITION: methods not yet moved to `compute` keep their old `_attribute` + `last_*` path.
+        self._target_spec = target
+        maps = self._attribute(session, x, target)
+        extras = {k[len("last_"):]: v for k, v in vars(self).items()
+                  if k.startswith("last_") and k not in ("last_targets", "last_outputs", "last_cost", "last_lowres")}
+        return Explanation(maps=maps, targets=getattr(self, "last_targets", None),
+                           outputs=getattr(self, "last_outputs", None), lowres=getattr(self, "last_lowres", None),
+                           extras=extras)
+
+    # TRANSITION helpers for `_attribute` methods; removed once every method implements `compute`.
+    def _attribute(self, session, x, target):
+        raise NotImplementedError
+
     def resolve(self, session: ModelSession, x: torch.Tensor, outputs: torch.Tensor | None = None) -> Target:
-        """Resolve the target against the clean batch's outputs (one no-grad forward if not given)."""
         if outputs is None:
             with torch.no_grad():
                 outputs = session.forward(x)
@@ -128,12 +138,37 @@ class Method:
         return resolved
 
     def record(self, outputs: torch.Tensor, classes: torch.Tensor | None) -> None:
-        """Keep the clean outputs and explained classes for the Explanation record."""
         self.last_outputs = outputs.detach()
         self.last_targets = classes
 
-    def _attribute(self, session: ModelSession, x: torch.Tensor, target: TargetSpec) -> torch.Tensor:
-        raise NotImplementedError
+
+def clean_outputs(session: ModelSession, x: torch.Tensor, target: TargetSpec, **kwargs) -> tuple[Target, torch.Tensor]:
+    """Resolve the target against the clean batch: one no-grad forward. Returns (Target, outputs)."""
+    with torch.no_grad():
+        outputs = session.forward(x)
+    return resolve_target(target, outputs, **kwargs), outputs.detach()
+
+
+# -- the registry ------------------------------------------------------------------------------
+registry: Registry = Registry("method", base=Method, skip=2)
+register = registry.register
+get = registry.get
+describe = registry.describe
+
+
+def available(**filters) -> list[str]:
+    """Names of every registered method (filtered by class metadata, e.g. `differentiable=True`)."""
+    return registry.available(**filters)
+
+
+def parameters(name) -> dict[str, object]:
+    """A method's parameters and their defaults."""
+    return registry.parameters(name)
+
+
+def build(name, model: nn.Module, **params) -> "Method":
+    """Instantiate a method by name, with a clear error for unknown parameters."""
+    return registry.build(name, model, **params)
 
 
 def upsample(maps: torch.Tensor, size) -> torch.Tensor:

@@ -15,9 +15,9 @@ from typing import Callable
 
 import torch
 
-from ..errors import ConfigError
-from ..layers import find_default_layer, get_layer, to_grid
-from ..targets import resolve_target, slice_target
+from ..core.errors import ConfigError
+from ..core.layers import find_default_layer, get_layer, to_grid
+from ..core.targets import resolve_target, slice_target
 from .base import Method, check_batch_size, register
 
 

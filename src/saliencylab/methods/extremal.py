@@ -25,7 +25,7 @@ import math
 import torch
 
 from ..baselines import Blur
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from ..perturbation import Perturber
 from .base import Method, check_batch_size, register
 

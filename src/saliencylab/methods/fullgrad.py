@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..session import ModelSession
-from ..targets import Target, TargetSpec, resolve_target, slice_target
-from ..validation import check_images
+from ..core.session import ModelSession
+from ..core.targets import Target, TargetSpec, resolve_target, slice_target
+from ..core.validation import check_images
 from .base import Method, check_batch_size, register
 
 _LINEAR = (nn.modules.conv._ConvNd, nn.Linear)

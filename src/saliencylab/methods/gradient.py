@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..targets import resolve_target, slice_target
+from ..core.targets import resolve_target, slice_target
 from .base import Method, check_batch_size, register
 
 

@@ -52,10 +52,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import features as _features
-from .._progress import progress
-from ..errors import ConfigError, InputError
+from ..core.progress import progress
+from ..core.errors import ConfigError, InputError
 from ..features import FeatureStats
-from ..layers import get_layer, to_grid
+from ..core.layers import get_layer, to_grid
 from ..perturbation import auto_batch_size
 from .base import Method, check_batch_size, register
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..baselines import Blur
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from ..perturbation import Perturber
 from .base import Method, check_batch_size, register
 

@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import features as _features
-from .._progress import progress
-from ..errors import ConfigError
+from ..core.progress import progress
+from ..core.errors import ConfigError
 from .base import register
 from .iba import (Adam, IBAMethod, RMSprop, _check_int, _check_number, capacity_map, model_loss_fn,
                   optimize_bottleneck, smooth)

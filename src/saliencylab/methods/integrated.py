@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..baselines import make_baseline
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .base import Method, accumulate_input_gradients, register
 
 RULES = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle")

@@ -26,9 +26,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from ..perturbation import Perturber
-from ..targets import SCORES
+from ..core.targets import SCORES
 from .base import Method, register
 
 

@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import features as _features
-from .._progress import progress
-from ..errors import ConfigError
+from ..core.progress import progress
+from ..core.errors import ConfigError
 from ..features import OUTPUT
-from ..layers import to_grid
-from ..targets import resolve_target
+from ..core.layers import to_grid
+from ..core.targets import resolve_target
 from .base import register
 from .iba import (Adam, BottleneckHook, IBAMethod, _check_int, _check_number, capacity, capacity_map, is_nchw,
                   smooth)

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from ..perturbation import Perturber
 from .base import Method, register
 from .occlusion import check_score

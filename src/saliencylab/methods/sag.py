@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from ..perturbation import Perturber, fit_masks
 from .base import Method, check_batch_size, register
 from .igos import IGOS, igos_baseline

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .base import Method, accumulate_input_gradients, register
 
 AGGREGATES = ("mean", "square", "variance")

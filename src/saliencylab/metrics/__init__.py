@@ -5,11 +5,7 @@
 >>> scores = saliencylab.evaluate(model, x, maps, metric="deletion", steps=50)
 """
 
-from .base import CATEGORIES, Metric, available, build, describe, get, parameters, register  # noqa: F401
+from .base import CATEGORIES, Metric, available, build, describe, get, parameters, register, registry  # noqa: F401
 
-for _family in ("faithfulness", "road", "soundness", "sensitivity", "sanity", "localization", "complexity", "groundtruth"):
-    try:  # families register themselves once their module exists
-        __import__(f"{__name__}.{_family}")
-    except ModuleNotFoundError as _e:
-        if _e.name != f"{__name__}.{_family}":
-            raise
+# Importing the family modules registers their metrics.
+from . import faithfulness, road, soundness, sensitivity, sanity, localization, complexity, groundtruth  # noqa: F401,E402

@@ -10,110 +10,126 @@ as parameters; sanity metrics take `method=` (a method name or instance) to reco
 
 from __future__ import annotations
 
-import inspect
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError, InputError, unknown_name
-from ..explanation import Explanation
-from ..session import Cost, ModelSession, model_device
-from ..targets import Target, resolve_target
-from ..validation import check_images
+from ..core.errors import ConfigError, InputError
+from ..core.registry import Registry
+from ..core.explanation import Explanation
+from ..core.session import Cost, ModelSession, model_device
+from ..core.targets import Target, resolve_target
+from ..core.validation import check_images
 
 CATEGORIES = ("faithfulness", "sanity", "localization", "complexity", "groundtruth")
 DATA_KEYS = ("boxes", "masks", "truth")
 
-_REGISTRY: dict[str, type["Metric"]] = {}
+def _check_metric(cls) -> None:
+    if cls.category not in CATEGORIES:
+        raise TypeError(f"{cls.__name__} needs a category in {CATEGORIES}")
 
 
-def register(cls):
-    if not cls.name or cls.category not in CATEGORIES:
-        raise TypeError(f"{cls.__name__} needs a name and a category in {CATEGORIES}")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise TypeError(f"metric name '{cls.name}' is already registered")
-    _REGISTRY[cls.name] = cls
-    return cls
+registry: Registry = Registry("metric", skip=1, check=_check_metric)
+register = registry.register
+get = registry.get
 
 
 def available(category: str | None = None) -> list[str]:
-    return sorted(n for n, c in _REGISTRY.items() if category is None or c.category == category)
-
-
-def get(name) -> type["Metric"]:
-    if isinstance(name, type) and issubclass(name, Metric):
-        return name
-    if name not in _REGISTRY:
-        raise unknown_name("metric", name, _REGISTRY)
-    return _REGISTRY[name]
+    return registry.available() if category is None else registry.available(category=category)
 
 
 def describe() -> dict[str, dict]:
     return {n: {"description": c.description, "category": c.category, "higher_is_better": c.higher_is_better}
-            for n, c in sorted(_REGISTRY.items())}
+            for n, c in ((n, registry.get(n)) for n in registry.available())}
 
 
 def parameters(name) -> dict[str, object]:
-    sig = inspect.signature(get(name).__init__)
-    return {p.name: p.default for p in list(sig.parameters.values())[1:]
-            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return registry.parameters(name)
 
 
 def build(name, **params) -> "Metric":
-    cls = get(name)
-    known = parameters(cls.name)
-    unknown = [k for k in params if k not in known]
-    if unknown:
-        raise ConfigError(f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
-                          f"for metric '{cls.name}'; its parameters are: {', '.join(known) or '(none)'}")
-    return cls(**params)
+    return registry.build(name, **params)
+
+
+@dataclass
+class Measurement:
+    """What a metric returns: per-image scores (B,), its curves by name (or None), and its cost."""
+
+    scores: torch.Tensor
+    curves: dict | None = None
+    cost: Cost | None = None
 
 
 class Metric:
-    """Base class: subclasses set the metadata, declare keyword parameters in `__init__` (passed to
-    `super().__init__`) and implement `_score(session, x, maps, target, **data) -> (B,)`, optionally
-    storing curves in `self.last_curves`."""
+    """Base class; see the module docstring. Metadata on the class: `name`, `description`, `category`,
+    `higher_is_better`, `needs_model`, `requires` (data it cannot run without: "boxes_or_masks", "truth",
+    "method"), `stochastic`. Parameters are keyword arguments of `__init__` (passed to `super().__init__`)
+    or `Param` class attributes. A subclass implements
+    `compute(session, x, maps, target, **data) -> Measurement` (session None for metrics without a model)."""
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     category: ClassVar[str] = ""
     higher_is_better: ClassVar[bool] = True
     needs_model: ClassVar[bool] = True
+    requires: ClassVar[tuple] = ()
+    stochastic: ClassVar[bool] = False
 
     def __init__(self, **params):
         self.params = dict(params)
         for k, v in params.items():
             setattr(self, k, v)
-        self.last_curves: dict | None = None
-        self.last_cost: Cost | None = None
 
     def __repr__(self):
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params.items())})"
 
     def __call__(self, model: nn.Module | None, x: torch.Tensor, maps, target=None, *, return_curves: bool = False,
-                 **data):
+                 image_ids=None, **data):
+        """(B,) scores, or (scores, curves) with `return_curves=True`."""
+        m = self.measure(model, x, maps, target, image_ids=image_ids, **data)
+        return (m.scores, m.curves) if return_curves else m.scores
+
+    def measure(self, model: nn.Module | None, x: torch.Tensor, maps, target=None, *, image_ids=None,
+                **data) -> Measurement:
+        """Scores, curves and cost in one record (nothing is kept on the instance)."""
         unknown = [k for k in data if k not in DATA_KEYS]
         if unknown:
             raise ConfigError(f"unknown data {', '.join(map(repr, unknown))} for metric '{self.name}'")
         if isinstance(maps, Explanation):
             if target is None:
                 target = maps.targets
+            if image_ids is None:
+                image_ids = maps.image_ids
             maps = maps.maps
         device = model_device(model) if model is not None else None
         x = check_images(x, device)
         maps = check_maps(maps, x)
-        self.last_curves = None
+        if image_ids is not None:
+            from ..core.randomness import image_keys
+
+            image_ids = image_keys(x.shape[0], image_ids)
         if model is None:
             if self.needs_model:
                 raise InputError(f"metric '{self.name}' needs the model")
-            scores = self._score(None, x, maps, None, **data)
+            result = self.compute(None, x, maps, None, **data)
+            cost = None
         else:
-            with ModelSession(model) as session:
-                scores = self._score(session, x, maps, target, **data)
-            self.last_cost = session.cost
-        scores = scores.detach()
-        return (scores, self.last_curves) if return_curves else scores
+            with ModelSession(model, image_ids=image_ids) as session:
+                result = self.compute(session, x, maps, target, **data)
+            cost = session.cost
+        if not isinstance(result, Measurement):  # TRANSITION: `_score` metrics return bare scores
+            result = Measurement(result, getattr(self, "last_curves", None))
+        result.scores = result.scores.detach()
+        result.cost = cost
+        return result
+
+    def compute(self, session, x, maps, target, **data) -> Measurement:
+        # TRANSITION: metrics not yet moved to `compute` keep `_score` + `last_curves`.
+        self.last_curves = None
+        scores = self._score(session, x, maps, target, **data)
+        return Measurement(scores, self.last_curves)
 
     def resolve(self, session, x, target) -> Target:
         """Resolve the target against the clean images (one no-grad forward)."""

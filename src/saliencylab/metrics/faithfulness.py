@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..baselines import Blur
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from ..perturbation import Perturber, rank_positions, ranked_masks, step_counts, tile_sums
 from .base import Metric, register
 

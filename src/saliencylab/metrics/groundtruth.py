@@ -31,7 +31,7 @@ import warnings
 
 import torch
 
-from ..errors import ConfigError, InputError
+from ..core.errors import ConfigError, InputError
 from .base import Metric, register
 from .similarity import spearman
 

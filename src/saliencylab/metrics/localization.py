@@ -34,7 +34,7 @@ import warnings
 
 import torch
 
-from ..errors import ConfigError, InputError
+from ..core.errors import ConfigError, InputError
 from .base import Metric, register
 
 

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from ..perturbation import LinearImputer
-from ..targets import SCORES
+from ..core.targets import SCORES
 from .base import Metric, register
 from .faithfulness import AUC_RULES, area, ranked_curves
 

@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from .. import methods as _methods
-from ..errors import ConfigError, InputError
-from ..session import Cost
-from ..targets import resolve_target
+from ..core.errors import ConfigError, InputError
+from ..core.session import Cost
+from ..core.targets import resolve_target
 from .base import Metric, register
 from .similarity import SIMILARITIES, get_similarity
 
@@ -154,8 +154,9 @@ class ModelRandomization(Metric):
         for i, name in enumerate(names):
             reinitialize(modules[name], self.seed + i)
             method = make_method(self.method, self.method_params, model)
-            randomized = method.attribute(x, spec)
-            _charge(session, method.last_cost)
+            e = method.explain(x, spec, image_ids=session.image_ids)
+            randomized = e.maps
+            _charge(session, e.cost)
             curves.append(similarity(maps, randomized.to(maps.dtype)))
         curves = torch.stack(curves, 1)
         self.last_curves = {"layers": names, "similarity": curves}
@@ -189,7 +190,8 @@ class RandomLogit(Metric):
         shift = torch.randint(1, classes, (x.shape[0],), generator=generator)
         other = (target.classes.cpu() + shift) % classes
         method = make_method(self.method, self.method_params, session.model)
-        other_maps = method.attribute(x, other.to(x.device))
-        _charge(session, method.last_cost)
+        e = method.explain(x, other.to(x.device), image_ids=session.image_ids)
+        other_maps = e.maps
+        _charge(session, e.cost)
         self.last_curves = {"other_class": other}
         return get_similarity(self.similarity)(maps, other_maps.to(maps.dtype))

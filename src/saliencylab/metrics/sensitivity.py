@@ -31,9 +31,9 @@ from typing import Sequence
 
 import torch
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from ..perturbation import Perturber, random_subsets, row_normal, tile_sums
-from ..targets import SCORES
+from ..core.targets import SCORES
 from .base import Metric, register
 
 

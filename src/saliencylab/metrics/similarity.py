@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError, InputError
+from ..core.errors import ConfigError, InputError
 
 
 def _acc(t: torch.Tensor) -> torch.dtype:

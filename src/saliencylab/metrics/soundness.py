@@ -91,9 +91,9 @@ from typing import Sequence
 
 import torch
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from ..perturbation import LinearImputer, Perturber, rank_positions, ranked_masks
-from ..targets import SCORES, Target
+from ..core.targets import SCORES, Target
 from .base import Metric, register
 
 COMPLETENESS_RATIOS = tuple(round(0.1 * i, 5) for i in range(1, 10))  # np.arange(0.1, 1.0, 0.1).round(5)

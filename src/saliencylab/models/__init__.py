@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from saliencylab.errors import ConfigError, InputError
+from saliencylab.core.errors import ConfigError, InputError
 
 __all__ = ["LoadedModel", "load", "available", "from_spec", "imagenet_labels"]
 
