@@ -1,4 +1,8 @@
-"""The user's model is sacred: one generated test over every registered method, on success and failure."""
+"""The user's model is sacred: one generated test over every registered method, on success and failure.
+
+After any call the model has the same hooks, train/eval flags, requires_grad flags, the same parameter and
+buffer tensor objects with the same values, the same module tree and the same module attributes.
+"""
 
 import pytest
 import torch
@@ -9,12 +13,22 @@ from saliencylab import methods
 from conftest import make_small_cnn
 
 # Cheap settings so that every method runs in a fraction of a second on the small model.
-CHEAP = {"steps": 3, "samples": 3, "gan_epochs": 1}
+CHEAP = {"steps": 3, "samples": 3, "gan_epochs": 1, "iterations": 2, "masks": 16, "epochs": 1}
+# Attributes that the user's own code changes during a call (their hook counts calls).
+USER_COUNTERS = {"user_hook_calls", "calls"}
 
 
 def cheap_params(name, **extra):
     known = methods.parameters(name)
-    return {k: v for k, v in {**CHEAP, **extra}.items() if k in known}
+    params = {k: v for k, v in {**CHEAP, **extra}.items() if k in known}
+    if methods.get(name).needs_data and "data" in known:
+        params["data"] = feature_data()
+    return params
+
+
+def feature_data():
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(16, 3, 12, 12, generator=g)
 
 
 class Boom(RuntimeError):
@@ -46,25 +60,39 @@ class Failing(nn.Module):
         return _FailInBackward.apply(out) if self.mode == "backward" else out
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
+               "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+               "_load_state_dict_post_hooks")
+
+
 def state(model):
-    hooks = {
-        name: {d: len(getattr(m, d)) for d in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                                                "_backward_pre_hooks") if hasattr(m, d)}
-        for name, m in model.named_modules()
-    }
+    """Everything a call could change, by value and by identity."""
+    tensors = model.state_dict(keep_vars=True)  # the Parameter and buffer objects themselves
     return {
         "training": {n: m.training for n, m in model.named_modules()},
         "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "hooks": hooks,
-        "tensors": {n: t.detach().clone() for n, t in list(model.state_dict().items())},
+        "hooks": {n: {d: dict(getattr(m, d)) for d in _HOOK_DICTS if hasattr(m, d)}
+                  for n, m in model.named_modules()},
+        "tensor_ids": {n: id(t) for n, t in tensors.items()},
+        "tensor_ptrs": {n: t.data_ptr() for n, t in tensors.items()},
+        "tensors": {n: t.detach().clone() for n, t in tensors.items()},
         "grads": {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()},
+        "tree": [(n, type(m), id(m)) for n, m in model.named_modules()],
+        "attributes": {n: {k: (v if isinstance(v, (bool, int, float, str, type(None))) else id(v))
+                           for k, v in vars(m).items() if k not in USER_COUNTERS and k not in _HOOK_DICTS}
+                       for n, m in model.named_modules()},
+        "forward": {n: m.__dict__.get("forward") for n, m in model.named_modules()},
     }
 
 
 def assert_same_state(before, after):
+    assert before["tree"] == after["tree"], "the module tree changed"
     assert before["training"] == after["training"]
     assert before["requires_grad"] == after["requires_grad"]
     assert before["hooks"] == after["hooks"]
+    assert before["tensor_ids"] == after["tensor_ids"], "a parameter or buffer was replaced by another tensor"
+    assert before["tensor_ptrs"] == after["tensor_ptrs"], "a parameter or buffer was re-allocated"
     for n, t in before["tensors"].items():
         assert torch.equal(t, after["tensors"][n]), f"tensor {n} changed"
     for n, g in before["grads"].items():
@@ -72,6 +100,8 @@ def assert_same_state(before, after):
             assert after["grads"][n] is None, f".grad of {n} appeared"
         else:
             assert torch.equal(g, after["grads"][n]), f".grad of {n} changed"
+    assert before["attributes"] == after["attributes"], "a module attribute changed"
+    assert before["forward"] == after["forward"], "a module's forward was replaced"
 
 
 def user_model():
@@ -111,6 +141,15 @@ def test_model_untouched_after_failure(name, mode, after, images):
     assert_same_state(before, state(model))
 
 
+@pytest.mark.parametrize("name", methods.available(differentiable=True))
+def test_model_untouched_by_differentiable_call(name, images):
+    model = user_model()
+    before = state(model)
+    e = sl.explain(model, images, method=name, create_graph=True, **cheap_params(name))
+    assert e.maps.requires_grad
+    assert_same_state(before, state(model))  # train mode kept, flags kept, nothing left behind
+
+
 def test_session_restores_and_counts(images):
     model = user_model()
     before = state(model)
@@ -119,7 +158,7 @@ def test_session_restores_and_counts(images):
         assert all(not p.requires_grad for p in model.parameters())
         s.add_forward_hook(model.relu1, lambda m, a, o: None)
         model.relu2.register_forward_hook(lambda m, a, o: None)  # not via the session: removed anyway
-        out = s.forward(images)
+        s.forward(images)
         assert s.cost.forward_images == 3 and s.cost.forward_calls == 1
     assert_same_state(before, state(model))
     assert s.cost.seconds > 0
