@@ -1,0 +1,115 @@
+"""The shared zoo of known-answer test models: one definition of each, imported by every test.
+
+- SmallCNN / make_small_cnn: conv/BN/ReLU/pool/linear, every layer kind the methods meet;
+- ColourNet: four classes, one per corner of the RGB cube (model-knows-best patches in a second);
+- PatchModel: a linear model whose first logit is a given weight map against the image;
+- PatchMeanModel: logits [mean of one square patch, 0]: only the patch matters;
+- RegionModel: class 1's logit is scale * (mean of channel 0 over a region - offset): nothing else matters.
+"""
+
+import torch
+from torch import nn
+
+
+class SmallCNN(nn.Module):
+    """Conv/BN/ReLU/pool/linear: every layer kind the methods meet, small enough for fast tests."""
+
+    def __init__(self, classes: int = 5, channels: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(0.5)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu2(self.conv2(x))
+        return self.fc(self.dropout(self.pool(x).flatten(1)))
+
+
+def make_small_cnn(seed: int = 0, dtype=torch.float32) -> SmallCNN:
+    torch.manual_seed(seed)
+    model = SmallCNN().to(dtype)
+    with torch.no_grad():  # non-trivial BN statistics so eval and train modes differ
+        model.bn1.running_mean.uniform_(-0.5, 0.5)
+        model.bn1.running_var.uniform_(0.5, 2.0)
+        model.bn1.weight.uniform_(0.5, 1.5)
+        model.bn1.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+class ColourNet(nn.Module):
+    """Four classes, each firing on one corner of the RGB cube (1x1 colour detectors, BN, ReLU, 3x3 conv,
+    global average pool): model-knows-best patches for it are generated in about a second."""
+
+    def __init__(self, scale: float = 30.0):
+        super().__init__()
+        d = torch.tensor([[1.0, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]])  # tetrahedron corners
+        self.detect = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU()
+        self.smooth = nn.Conv2d(4, 4, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(0.5)
+        self.fc = nn.Linear(4, 4)
+        with torch.no_grad():
+            self.detect.weight.copy_(d[:, :, None, None])
+            self.detect.bias.copy_(-0.5 * d.sum(1))
+            self.bn.running_mean.zero_()
+            self.bn.running_var.fill_(1.0)
+            self.smooth.weight.zero_()
+            self.smooth.bias.zero_()
+            for k in range(4):
+                self.smooth.weight[k, k] = 1 / 9
+            self.fc.weight.copy_(torch.eye(4) * scale)
+            self.fc.bias.zero_()
+
+    def forward(self, x):
+        h = self.relu2(self.smooth(self.relu(self.bn(self.detect(x)))))
+        return self.fc(self.dropout(self.pool(h).flatten(1)))
+
+
+class PatchModel(nn.Module):
+    """A linear model with two logits, the second 0; the first is the given weight map (zero off the
+    relevant patch) summed against the image: the relevant pixels are known by construction."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.fc = nn.Linear(weight.numel(), 2, bias=False)
+        with torch.no_grad():
+            self.fc.weight.zero_()
+            self.fc.weight[0] = weight.flatten()
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+
+
+class PatchMeanModel(nn.Module):
+    """Logits [mean of a size x size patch at (top, left), 0]: only the patch matters, and more of it is better."""
+
+    def __init__(self, top=9, left=3, size=4):
+        super().__init__()
+        self.top, self.left, self.size = top, left, size
+
+    def forward(self, x):
+        patch = x[:, :, self.top:self.top + self.size, self.left:self.left + self.size].mean((1, 2, 3))
+        return torch.stack([patch, torch.zeros_like(patch)], 1)
+
+
+class RegionModel(nn.Module):
+    """Class 1's logit is scale * (mean of channel 0 over rows x cols - offset); class 0's is 0."""
+
+    def __init__(self, rows, cols, scale=20.0, offset=1.2):
+        super().__init__()
+        self.rows, self.cols, self.scale, self.offset = rows, cols, scale, offset
+
+    def forward(self, x):
+        r = x[:, 0, self.rows, self.cols].mean((1, 2))
+        return torch.stack([torch.zeros_like(r), self.scale * (r - self.offset)], 1)
