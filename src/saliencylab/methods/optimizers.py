@@ -14,7 +14,7 @@ does not depend on the batch it is in.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
