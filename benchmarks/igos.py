@@ -113,8 +113,8 @@ def run_method(model, x, name, params, units):
             "bound_seconds_per_image": bound / B, "ratio_to_bound": seconds / bound if bound else None,
             "cpu_seconds_per_image": cpu / B, "cpu_bound_seconds_per_image": cpu_bound / B,
             "cpu_ratio_to_bound": cpu / cpu_bound if cpu_bound else None}
-    hist = getattr(method, "last_history", None)
-    if hist and "candidates" in hist:
+    hist = e.extras.get("history")
+    if hist and hist["candidates"]:
         info["line_search_candidates_per_iteration"] = float(np.mean(hist["candidates"]))
         info["accepted_steps_image0"] = [a[0] for a in hist["alpha"]]
     return e.maps, e.targets, info
@@ -190,11 +190,13 @@ def main(argv=None):
         xs = torch.cat([xs, xs.flip(-1)])[:B]  # bundled photos and their mirror images
         params = {"iterations": args.batched_iterations, "batch_size": args.batch_size,
                   "line_search": args.batched_line_search}
+        # image ids key each image's noise: a single-image call draws what the batched call drew for it
+        ids = [f"image{j}" for j in range(B)]
         t0, p0 = time.perf_counter(), time.process_time()
-        e = sl.explain(model, xs, "igos", **params)
+        e = sl.explain(model, xs, "igos", image_ids=ids, **params)
         batched, batched_cpu = time.perf_counter() - t0, time.process_time() - p0
         t0, p0 = time.perf_counter(), time.process_time()
-        singles = [sl.explain(model, xs[j:j + 1], "igos", **params) for j in range(B)]
+        singles = [sl.explain(model, xs[j:j + 1], "igos", image_ids=ids[j:j + 1], **params) for j in range(B)]
         single, single_cpu = time.perf_counter() - t0, time.process_time() - p0
         same = float(max((e.maps[j] - s.maps[0]).abs().max() for j, s in enumerate(singles)))
         results["batched_vs_single"] = {

@@ -71,10 +71,12 @@ def test_mask_finds_the_relevant_region():
     relevant[rows, cols] = True
     # jitter off: this model is not flip invariant, the flipped image has its region elsewhere
     method = build("extremal_perturbation", model, areas=(0.1,), steps=100, step=4, sigma=6.0, jitter=False)
-    maps = method.attribute(x, target=1)
+    e = method.explain(x, target=1)
+    maps = e.maps
     share = (maps * relevant).sum((1, 2)) / maps.sum((1, 2))
     assert (share > 0.5).all(), share  # the region is 10% of the image
-    area = method.last_masks.mean((2, 3))
+    assert e.lowres.shape == (2, 8, 8) and e.extras["params"].shape == (2, 1, 8, 8)
+    area = e.extras["masks"].mean((2, 3))
     assert torch.allclose(area, torch.full_like(area, 0.1), atol=0.05)
 
 
@@ -84,13 +86,13 @@ def test_batched_over_images_and_areas_matches_separate_runs(variant):
     torch.manual_seed(1)
     x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
     kw = dict(steps=6, step=3, sigma=4.0, variant=variant)
-    both = build("extremal_perturbation", model, areas=(0.1, 0.3), batch_size=5, **kw)
-    both.attribute(x)
+    both = build("extremal_perturbation", model, areas=(0.1, 0.3), batch_size=5, **kw).explain(x)
     for j in range(2):
         for a, area in enumerate((0.1, 0.3)):
-            one = build("extremal_perturbation", model, areas=(area,), batch_size=1, **kw)
-            one.attribute(x[j:j + 1])
-            assert torch.allclose(both.last_masks[j, a], one.last_masks[0, 0], atol=1e-10)
+            one = build("extremal_perturbation", model, areas=(area,), batch_size=1, **kw).explain(x[j:j + 1])
+            assert torch.allclose(both.extras["masks"][j, a], one.extras["masks"][0, 0], atol=1e-10)
+    auto = build("extremal_perturbation", model, areas=(0.1, 0.3), batch_size=None, **kw).explain(x)
+    assert torch.allclose(auto.maps, both.maps, atol=1e-10)
 
 
 @pytest.mark.parametrize("variant,sides", [("preserve", 1), ("dual", 2)])
@@ -110,3 +112,11 @@ def test_bad_parameters():
         build("extremal_perturbation", model, areas=(0.0,))
     with pytest.raises(ConfigError, match="variant"):
         build("extremal_perturbation", model, variant="both")
+
+
+def test_params_keep_the_constructor_input():
+    model = tiny_cnn()
+    m = build("extremal_perturbation", model, areas=0.2, steps=3)
+    assert m.params == {"areas": 0.2, "steps": 3} and m.areas == (0.2,)
+    again = type(m)(model, **m.params)
+    assert again.areas == (0.2,) and again.steps == 3

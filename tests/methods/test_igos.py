@@ -10,6 +10,7 @@ import saliencylab as sl
 from saliencylab.baselines import Blur
 from saliencylab.core.errors import ConfigError
 from saliencylab.methods import build
+from saliencylab.core.randomness import KeyedRandom
 from saliencylab.methods.igos import igos_noise
 
 
@@ -43,7 +44,7 @@ SMALL = dict(size=6, steps=5, iterations=6, seed=7, l1=0.05)  # a weak model: a 
 
 
 # -- the reference: one image, one path point at a time, plain autograd, sequential line search -----
-def reference(model, x1, cls, *, plus, size, steps, iterations, seed, l1, noise=0.2, l2=20.0, alpha=1000.0,
+def reference(model, x1, cls, *, image, plus, size, steps, iterations, seed, l1, noise=0.2, l2=20.0, alpha=1000.0,
               armijo=1e-4, decay=0.2, alpha_min=1e-5, ls_growth=1.0, bil_sigma=0.01, line_search="reuse"):
     H, W = x1.shape[-2:]
     b1 = Blur(sigma=50.0, kernel_size=51)(x1)
@@ -84,7 +85,9 @@ def reference(model, x1, cls, *, plus, size, steps, iterations, seed, l1, noise=
     step = alpha
     for it in range(iterations):
         draw = 0 if line_search == "lookahead" else it  # lookahead: one noise draw for the whole run
-        eps = igos_noise(seed, draw, len(terms) * N, x1.shape[1:], noise, dtype=x1.dtype)
+        # the image's own noise, keyed by (its position in the call, draw * rows + row)
+        eps = igos_noise(KeyedRandom(seed, "igos"), [image], [draw], len(terms) * N, x1.shape[1:], noise,
+                         dtype=x1.dtype)[0]
         Pl = P.clone().requires_grad_(True)
         s = scores(Pl, eps)
         (gs,) = torch.autograd.grad(s, Pl)
@@ -110,26 +113,62 @@ def reference(model, x1, cls, *, plus, size, steps, iterations, seed, l1, noise=
 def test_batched_matches_one_image_reference(name, line_search, images):
     model = tiny_cnn()
     method = build(name, model, batch_size=7, line_search=line_search, **SMALL)  # 7: chunks cut across images and terms
-    maps = method.attribute(images)
-    targets = method.last_targets
+    e = method.explain(images)
+    mask = e.extras["mask"]
     for j in range(len(images)):
-        ref = reference(model, images[j:j + 1], int(targets[j]), plus=name == "igos_plus_plus",
+        ref = reference(model, images[j:j + 1], int(e.targets[j]), image=j, plus=name == "igos_plus_plus",
                         line_search=line_search, **SMALL)
-        assert torch.allclose(method.last_mask[j], ref, atol=1e-8), (j, (method.last_mask[j] - ref).abs().max())
+        assert torch.allclose(mask[j], ref, atol=1e-8), (j, (mask[j] - ref).abs().max())
     # public output: higher = more important, the mask upsampled with align_corners=True
-    up = F.interpolate(method.last_mask[:, None], size=(12, 12), mode="bilinear", align_corners=True)[:, 0]
-    assert torch.allclose(maps, 1 - up)
-    assert torch.allclose(method.last_lowres, 1 - method.last_mask)
-    assert not torch.equal(method.last_mask, torch.ones_like(method.last_mask))  # it moved
+    up = F.interpolate(mask[:, None], size=(12, 12), mode="bilinear", align_corners=True)[:, 0]
+    assert torch.allclose(e.maps, 1 - up)
+    assert torch.allclose(e.lowres, 1 - mask)
+    assert not torch.equal(mask, torch.ones_like(mask))  # it moved
+    if name == "igos_plus_plus":
+        assert torch.allclose(e.extras["masks"]["deletion"] * e.extras["masks"]["insertion"], mask)
 
 
+@pytest.mark.parametrize("line_search", ["reuse", "lookahead", "authors"])
 @pytest.mark.parametrize("name", ["igos", "igos_plus_plus"])
-def test_batch_composition_and_batch_size_do_not_change_masks(name, images):
+def test_batch_composition_and_batch_size_do_not_change_masks(name, line_search, images):
+    """With image ids, an image's noise, line search and mask do not depend on its batch or batch_size:
+    the whole batch equals the concatenation of its halves, for batch_size None, 1 and 7."""
     model = tiny_cnn()
-    full = build(name, model, batch_size=64, **SMALL).attribute(images)
-    for j in range(len(images)):
-        single = build(name, model, batch_size=3, **SMALL).attribute(images[j:j + 1])
-        assert torch.allclose(full[j], single[0], atol=1e-9)
+    ids = ["a.jpg", "b.jpg", "c.jpg"]
+    kw = {**SMALL, "iterations": 3, "line_search": line_search}
+    full = build(name, model, batch_size=64, **kw).explain(images, image_ids=ids)
+    for batch_size in (None, 1, 7):
+        m = build(name, model, batch_size=batch_size, **kw)
+        halves = [m.explain(images[:1], image_ids=ids[:1]), m.explain(images[1:], image_ids=ids[1:])]
+        assert torch.allclose(full.maps, torch.cat([h.maps for h in halves]), atol=1e-9), batch_size
+        assert full.extras["history"]["candidates"] == [a + b for a, b in zip(*(h.extras["history"]["candidates"]
+                                                                                for h in halves))]
+    assert not torch.equal(full.maps[0], full.maps[1])
+    # the noise follows the image's id, not its position: another id gives another mask
+    other = build(name, model, **kw).explain(images[:1], image_ids=["z.jpg"])
+    assert not torch.allclose(other.maps[0], full.maps[0])
+
+
+def test_images_never_share_noise():
+    """Two copies of one image under different ids get different noise (the authors' one-image loop
+    draws fresh noise per image too); with noise=0 they get identical masks."""
+    model = tiny_cnn()
+    torch.manual_seed(3)
+    x = torch.randn(1, 3, 12, 12, dtype=torch.float64).repeat(2, 1, 1, 1)
+    e = build("igos", model, **SMALL).explain(x)
+    assert not torch.allclose(e.maps[0], e.maps[1])
+    e = build("igos", model, **{**SMALL, "noise": 0.0}).explain(x)
+    assert torch.equal(e.maps[0], e.maps[1])
+
+
+def test_noise_cache_budget_does_not_change_results(images, monkeypatch):
+    from saliencylab.methods import igos
+
+    model = tiny_cnn()
+    cached = build("igos_plus_plus", model, line_search="lookahead", **SMALL).explain(images)
+    monkeypatch.setattr(igos._Objective, "noise_cache_bytes", 3 * 12 * 12 * 8 * 7)  # 7 rows fit, the rest redrawn
+    partly = build("igos_plus_plus", model, line_search="lookahead", **SMALL).explain(images)
+    assert torch.equal(cached.maps, partly.maps)
 
 
 def test_seeding(images):
@@ -148,7 +187,7 @@ def test_pass_counts(name, terms, line_search, images):
     method = build(name, model, line_search=line_search, batch_size=16, **SMALL)
     e = sl.explain(model, images, method)
     rows = terms * SMALL["steps"]  # rows per image per evaluation of the objective
-    tried = sum(sum(c) for c in method.last_history["candidates"])
+    tried = sum(sum(c) for c in e.extras["history"]["candidates"])
     B, T = len(images), SMALL["iterations"]
     assert e.cost.backward_images == B * T * rows
     extra_base = B * T * rows if line_search == "authors" else 0  # the authors evaluate the current mask again
@@ -164,7 +203,7 @@ def test_lookahead_pass_counts(name, terms, images):
     method = build(name, model, line_search="lookahead", batch_size=16, **SMALL)
     e = sl.explain(model, images, method)
     rows = terms * SMALL["steps"]
-    tried = torch.tensor(method.last_history["candidates"])  # (iterations, B)
+    tried = torch.tensor(e.extras["history"]["candidates"])  # (iterations, B)
     B = len(images)
     assert e.cost.backward_images == 2 * B * rows + int(tried[1:-1].sum()) * rows
     assert e.cost.forward_images == B + 2 * B * rows + int(tried.sum()) * rows
@@ -174,12 +213,10 @@ def test_lookahead_pass_counts(name, terms, images):
 
 def test_warm_start_spends_fewer_candidates_than_restarting(images):
     model = tiny_cnn()
-    reuse = build("igos", model, **SMALL)
-    reuse.attribute(images)
-    authors = build("igos", model, line_search="authors", **SMALL)
-    authors.attribute(images)
-    n_reuse = sum(map(sum, reuse.last_history["candidates"]))
-    n_authors = sum(map(sum, authors.last_history["candidates"]))
+    reuse = build("igos", model, **SMALL).explain(images)
+    authors = build("igos", model, line_search="authors", **SMALL).explain(images)
+    n_reuse = sum(map(sum, reuse.extras["history"]["candidates"]))
+    n_authors = sum(map(sum, authors.extras["history"]["candidates"]))
     assert n_reuse < n_authors
 
 
@@ -189,9 +226,8 @@ def test_nag_and_adaptive_l1_options(images):
     e = sl.explain(model, images, nag)
     assert e.cost.forward_images == 3 + 3 * SMALL["iterations"] * SMALL["steps"]  # no line search
     assert torch.isfinite(e.maps).all()
-    ada = build("igos", model, adaptive_l1=True, **{**SMALL, "iterations": 8})
-    ada.attribute(images)
-    l1 = torch.tensor(ada.last_history["l1"], dtype=torch.float64)  # (iterations, B): per image, only ever divided by 10 or 5
+    ada = build("igos", model, adaptive_l1=True, **{**SMALL, "iterations": 8}).explain(images)
+    l1 = torch.tensor(ada.extras["history"]["l1"], dtype=torch.float64)  # (iterations, B): per image, only ever divided by 10 or 5
     ratios = l1[-1] / l1[0]
     assert all(any(abs(float(r) - v) < 1e-9 for v in (1, 0.1, 0.2, 0.02)) for r in ratios)
     assert (ratios < 1).any()  # the weak model barely moves its score: L1 was lowered
@@ -200,8 +236,8 @@ def test_nag_and_adaptive_l1_options(images):
 def test_tiny_images_and_mask_size(images):
     model = tiny_cnn()
     m = build("igos_plus_plus", model, steps=2, iterations=2)  # default size 28 > 12: clipped to the input
-    maps = m.attribute(images)
-    assert maps.shape == (3, 12, 12) and m.last_lowres.shape == (3, 12, 12)
+    e = m.explain(images)
+    assert e.maps.shape == (3, 12, 12) and e.lowres.shape == (3, 12, 12)
     m = build("igos", model, size=1, steps=2, iterations=2)
     assert m.attribute(images).shape == (3, 12, 12)
 

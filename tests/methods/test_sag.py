@@ -56,9 +56,11 @@ def test_beam_search_finds_the_known_minimal_sets():
     x = patch_image()
     method = build("structured_attention_graph", model, size=4, steps=5, iterations=2, candidates=16,
                    max_patches=4, depth=1)
-    maps = method.attribute(x, target=1)
-    assert maps.shape == (2, 16, 16)
-    for g in method.last_graphs:
+    e = method.explain(x, target=1)
+    assert e.maps.shape == (2, 16, 16)
+    assert e.extras["igos"].shape == (2, 16, 16) and e.extras["igos_mask"].shape == (2, 4, 4)
+    assert [sorted(map(tuple, r)) for r in e.extras["roots"]] == [[(A, B_), (C,)]] * 2
+    for g in e.extras["graphs"]:
         assert sorted(map(tuple, g.sufficient_sets)) == [(A, B_), (C,)]
         assert sorted(tuple(r["patches"]) for r in g.roots) == [(A, B_), (C,)]  # disjoint: both kept
         # the graph: removing A or B from {A, B} breaks it; removing C leaves the empty set (not a node)
@@ -69,7 +71,7 @@ def test_beam_search_finds_the_known_minimal_sets():
         full = g.full_score
         assert all(r["score"] >= 0.9 * full for r in g.roots)
     # the map ranks root patches first
-    low = method.last_lowres.reshape(2, -1)
+    low = e.lowres.reshape(2, -1)
     top = set(torch.topk(low[0], 3).indices.tolist())
     assert top == {A, B_, C}
 
@@ -79,8 +81,7 @@ def test_diverse_roots_limit_overlap():
     x = patch_image(1)
     m = build("structured_attention_graph", model, size=4, steps=5, iterations=2, candidates=16, max_patches=4,
               roots=1, depth=0)
-    m.attribute(x, target=1)
-    (g,) = m.last_graphs
+    (g,) = m.explain(x, target=1).extras["graphs"]
     assert [r["patches"] for r in g.roots] == [[C]]  # the smallest first, one root only
     assert g.edges == []
 
@@ -89,8 +90,7 @@ def test_json_round_trip_and_drawing(tmp_path):
     model = PatchModel().double()
     x = patch_image(1)
     m = build("structured_attention_graph", model, size=4, steps=5, iterations=2, candidates=16, max_patches=3)
-    m.attribute(x, target=1)
-    g = m.last_graphs[0]
+    g = m.explain(x, target=1).extras["graphs"][0]
     text = g.to_json(tmp_path / "sag.json")
     data = json.loads((tmp_path / "sag.json").read_text())
     assert data == json.loads(text) and data["grid"] == [4, 4] and data["target"] == 1
@@ -111,3 +111,20 @@ def test_passes_are_counted_through_the_session():
                    candidates=16, max_patches=3, depth=1)
     assert e.cost.backward_images == 2 * 5  # the coarse I-GOS gradient passes
     assert e.cost.forward_images > 2 * 5 + 16  # plus its line search, the beam search and the graph
+
+
+def test_the_coarse_igos_is_the_public_one_with_the_same_image_ids():
+    """SAG's ordering comes from igos.explain with this call's ids: same importance as calling it directly."""
+    from saliencylab.methods.igos import IGOS
+
+    model = PatchModel().double()
+    x = patch_image(2)
+    ids = ["p.png", "q.png"]
+    e = build("structured_attention_graph", model, size=4, steps=5, iterations=2, max_patches=2,
+              depth=0).explain(x, target=1, image_ids=ids)
+    direct = IGOS(model, size=4, steps=5, iterations=2, score="softmax", batch_size=10).explain(x, target=1,
+                                                                                               image_ids=ids)
+    assert torch.equal(e.extras["igos"], direct.maps)
+    halves = [build("structured_attention_graph", model, size=4, steps=5, iterations=2, max_patches=2,
+                    depth=0).explain(x[j:j + 1], target=1, image_ids=ids[j:j + 1]) for j in range(2)]
+    assert torch.allclose(e.maps, torch.cat([h.maps for h in halves]), atol=1e-9)

@@ -15,7 +15,11 @@ with one blurred image (sigma 20, TorchRay's maximal blur) through the perturbat
 
 All (image, area[, preserve/delete]) rows of a step go through `Perturber.scores_and_grads` in
 chunks of `batch_size`; the gradients with respect to the masks are then pulled back through the
-mask generator. The map is the mean of the area levels' masks (higher = more important).
+mask generator. The map is the mean of the area levels' masks (higher = more important). Images and
+area levels are independent problems (per-row momentum and area weight), so a row's mask does not
+depend on its batch. `explain(...)` returns lowres = the generator's node values averaged over the
+area levels (B, h, w), and extras "masks" (B, A, H, W) per area level (1 = the region that matters),
+"params" (B, A, h, w) the node values, "history" ("reward", "area_loss" per step and row).
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ import torch
 
 from ..baselines import Blur
 from ..core.errors import ConfigError
+from ..core.explanation import Explanation
 from ..perturbation import Perturber
-from .base import Method, check_batch_size, register
+from .base import Method, Param, check_batch_size, clean_outputs, register
+from .optimizers import momentum_step
 
 VARIANTS = ("preserve", "delete", "dual")
 
@@ -77,31 +83,45 @@ def area_reference(areas, n_pixels: int, device=None, dtype=torch.float32) -> to
 class ExtremalPerturbation(Method):
     name = "extremal_perturbation"
     description = "Extremal perturbation: smooth masks of fixed areas that best preserve (or delete) the score."
+    stochastic = False  # no random draws: the jitter is a deterministic flip every other step
 
-    def __init__(self, model, *, areas=(0.1,), steps: int = 800, step: int = 7, sigma: float = 21.0,
-                 variant: str = "preserve", baseline=None, lr: float = 0.01, momentum: float = 0.9,
-                 area_weight: float = 300.0, area_growth: float = 1.0035, jitter: bool = True,
-                 score: str = "logit", batch_size: int = 10):
-        areas = (float(areas),) if isinstance(areas, (int, float)) else tuple(float(a) for a in areas)
-        super().__init__(model, areas=areas, steps=steps, step=step, sigma=sigma, variant=variant,
-                         baseline=Blur(sigma=20.0) if baseline is None else baseline, lr=lr, momentum=momentum,
-                         area_weight=area_weight, area_growth=area_growth, jitter=jitter, score=score,
-                         batch_size=batch_size)
-        if not areas or not all(0 < a <= 1 for a in areas):
+    areas = Param((0.1,), "mask areas (fractions of the image), one mask per area level")
+    steps = Param(800, "optimizer steps")
+    step = Param(7, "pixels between the mask generator's nodes")
+    sigma = Param(21.0, "radius of the generator's kernels (pixels)")
+    variant = Param("preserve", "'preserve', 'delete' or 'dual'")
+    baseline = Param(None, "what removed pixels become (None: blur, sigma 20)")
+    lr = Param(0.01, "learning rate")
+    momentum = Param(0.9, "SGD momentum (dampening equal to it, as TorchRay)")
+    area_weight = Param(300.0, "weight of the area penalty")
+    area_growth = Param(1.0035, "growth of the area weight per step")
+    jitter = Param(True, "flip the perturbed image horizontally every other step")
+    score = Param("logit", "score explained: 'logit', 'softmax' or 'log_softmax'")
+    batch_size = Param(10, "rows per pass (None: picked for the device)")
+
+    def check(self):
+        areas = self.params.get("areas", (0.1,))
+        try:
+            self.areas = (float(areas),) if isinstance(areas, (int, float)) else tuple(float(a) for a in areas)
+        except (TypeError, ValueError):
+            raise ConfigError(f"areas must be fractions in (0, 1], got {areas!r}") from None
+        if not self.areas or not all(0 < a <= 1 for a in self.areas):
             raise ConfigError(f"areas must be fractions in (0, 1], got {areas!r}")
         for key in ("steps", "step"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{key} must be a positive int, got {v!r}")
-        if variant not in VARIANTS:
-            raise ConfigError(f"unknown variant '{variant}'; choose one of {', '.join(VARIANTS)}")
-        if sigma <= 0:
-            raise ConfigError(f"sigma must be positive, got {sigma!r}")
-        check_batch_size(batch_size)
-        self._perturber = Perturber(self.baseline, score, batch_size)
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"unknown variant '{self.variant}'; choose one of {', '.join(VARIANTS)}")
+        if self.sigma <= 0:
+            raise ConfigError(f"sigma must be positive, got {self.sigma!r}")
+        if self.batch_size is not None:
+            check_batch_size(self.batch_size)
+        self._perturber = Perturber(Blur(sigma=20.0) if self.baseline is None else self.baseline, self.score,
+                                    self.batch_size)
 
-    def _attribute(self, session, x, target):
-        target = self.resolve(session, x)
+    def compute(self, session, x, target):
+        target, outputs = clean_outputs(session, x, target)
         B, _, H, W = x.shape
         A = len(self.areas)
         step = min(self.step, H, W)
@@ -114,7 +134,7 @@ class ExtremalPerturbation(Method):
         sign = torch.tensor(sides, device=x.device, dtype=x.dtype)
         buf = None
         weight = float(self.area_weight)
-        self.last_history = {"reward": [], "area_loss": []}
+        history = {"reward": [], "area_loss": []}
         for t in range(self.steps):
             with torch.enable_grad():
                 p = params.detach().requires_grad_(True)
@@ -141,14 +161,16 @@ class ExtremalPerturbation(Method):
                 area_loss = ((sorted_m - reference) ** 2).mean(1) * weight
                 # energy = reward - area_loss, maximized; the reward's gradient came from the engine
                 (grad,) = torch.autograd.grad((masks * g_masks).sum() - area_loss.sum(), p)
-            self.last_history["reward"].append(reward.tolist())
-            self.last_history["area_loss"].append(area_loss.detach().tolist())
-            descent = -grad  # SGD minimizes -energy
-            buf = descent.clone() if buf is None else self.momentum * buf + (1 - self.momentum) * descent
-            params = (params - self.lr * buf).clamp(0, 1)
+            history["reward"].append(reward.tolist())
+            history["area_loss"].append(area_loss.detach().tolist())
+            # SGD on -energy, momentum with dampening = momentum (TorchRay), parameters kept in [0, 1]
+            params, buf = momentum_step(params, -grad, buf, lr=self.lr, momentum=self.momentum,
+                                        dampening=self.momentum)
+            params = params.clamp(0, 1)
             weight *= self.area_growth
         with torch.no_grad():
             masks = gen(params).reshape(B, A, H, W)
-        self.last_masks = masks  # per area level, 1 = the region that matters
-        self.last_lowres = params.reshape(B, A, *gen.shape_in)
-        return masks.mean(1, keepdim=True)
+        nodes = params.reshape(B, A, *gen.shape_in)
+        return Explanation(maps=masks.mean(1, keepdim=True), targets=target.classes, outputs=outputs,
+                           lowres=nodes.mean(1),
+                           extras={"masks": masks, "params": nodes, "history": history})

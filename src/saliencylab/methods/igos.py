@@ -4,7 +4,8 @@ Both optimize low-resolution masks (1 = keep, low = important) by gradient desce
 gradient of the model's score is an *integrated* gradient: the mean of the gradients at N points
 s_i = i/N on the straight path from the baseline (s=0) to the perturbed image (s=1), each point with
 Gaussian noise added in the model's input space. Steps are chosen by a backtracking (Armijo) line
-search on the same integrated score plus the L1 and (bilateral) total-variation regularizers.
+search (`optimizers.armijo_search`) on the same integrated score plus the L1 and (bilateral)
+total-variation regularizers.
 
 - I-GOS: one deletion mask M; loss  D(M) + l1 mean|1-M| + l2 TV(M).
 - iGOS++: a deletion mask Md and an insertion mask Mi, M = Md * Mi; loss
@@ -13,13 +14,18 @@ search on the same integrated score plus the L1 and (bilateral) total-variation 
 
 Batched: B images are optimized together. All the path points of all images (and, for iGOS++, of
 all four score terms) are rows for the engine (`Perturber.scores_and_grads`), run in chunks of
-`batch_size` rows; every image keeps its own step size, acceptance and L1 weight.
+`batch_size` rows. The optimization is per image: every image keeps its own step size, Armijo
+acceptance, L1 weight and noise, so an image's mask does not depend on its batch or on `batch_size`.
+
+Noise: drawn through `session.random(seed, "igos")`, keyed by (image id, draw index), the draw
+index of path point k of noise draw d being d * rows + k. Deviation from the authors' code (one
+image at a time, torch's global generator): images never share noise, and with `image_ids` an
+image gets the same noise in any batch or shard.
 
 Where the passes go, and what we save (the authors' code spends 87% of its forward passes in the
 line search, each test with fresh noise):
-- Common random numbers: the noise of an iteration is drawn once (seeded by `seed` and the
-  iteration, the same for every image, so an image's mask does not depend on its batch) and used by
-  the gradient pass and by every acceptance test of that iteration. The Armijo test then compares
+- Common random numbers: the noise of an iteration (draw d = the iteration) is drawn once and used
+  by the gradient pass and by every acceptance test of that iteration. The Armijo test then compares
   one deterministic function at two points instead of two noisy estimates.
 - The current mask's loss, which the Armijo test needs, is the mean of the scores the gradient pass
   already computed with that same noise: no separate forward passes for it.
@@ -27,7 +33,13 @@ line search, each test with fresh noise):
   `ls_growth`) instead of from `alpha` every time; one candidate is usually enough.
 - Candidates of all images still searching go through the engine together, in full chunks.
 `line_search="authors"` restores the authors' schedule (fresh noise for every evaluation, a
-separate evaluation of the current mask, restart from `alpha`) to measure what the savings cost.
+separate evaluation of the current mask, restart from `alpha`) to measure what the savings cost;
+its fresh draws are counted per image (iteration, evaluation), so images stay independent.
+
+`explain(...)` returns maps = 1 - upsampled M (higher = more important), lowres = 1 - M, and extras:
+"mask" (B, h, w) M itself (1 = keep, the authors' convention), "masks" {"deletion", "insertion"}
+(the separate iGOS++ masks), "history" (per iteration and image: "loss", "alpha" accepted steps,
+"candidates" tried, "l1").
 """
 
 from __future__ import annotations
@@ -39,11 +51,18 @@ import torch.nn.functional as F
 
 from ..baselines import Blur
 from ..core.errors import ConfigError
+from ..core.explanation import Explanation
+from ..core.randomness import KeyedRandom
 from ..perturbation import Perturber
-from .base import Method, check_batch_size, register
+from .base import Method, Param, check_batch_size, clean_outputs, register
+from .optimizers import armijo_search, nesterov_step
 
 LINE_SEARCHES = ("lookahead", "reuse", "authors")
 OPTIMIZERS = ("ls", "nag")
+NOISE_PURPOSE = "igos"
+# line_search="authors": noise draw of evaluation e of iteration t is t * _AUTHORS_STRIDE + e
+# (e = 0 gradient pass, 1 current mask, 2 + i the i-th candidate).
+_AUTHORS_STRIDE = 1 << 20
 
 
 def igos_baseline() -> Blur:
@@ -51,16 +70,21 @@ def igos_baseline() -> Blur:
     return Blur(sigma=50.0, kernel_size=51)
 
 
-def igos_noise(seed: int, draw: int, rows: int, shape, sigma: float, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Noise for `rows` path points, (rows, C, H, W), N(0, sigma^2), from (seed, draw) only.
+def igos_noise(rng: KeyedRandom, images, draws, rows: int, shape, sigma: float, *, device=None,
+               dtype=torch.float32) -> torch.Tensor:
+    """Noise of every path point of noise draws `draws` (n,) of `images` (n,): (n, rows, *shape).
 
-    `draw` is the iteration (or, for the authors' schedule, a running evaluation counter). The same
-    noise is used for every image of a batch, so an image's result does not depend on its batch.
-    """
+    Row k of draw d of an image is keyed by (image, d * rows + k): what the optimizer adds to that
+    image's k-th path point (`_Objective` draws the same numbers a chunk at a time)."""
+    images = torch.as_tensor(images).flatten()
+    draws = torch.as_tensor(draws).flatten()
+    n = images.numel()
     if sigma == 0:
-        return torch.zeros((rows, *shape), device=device, dtype=dtype)
-    g = torch.Generator(device="cpu").manual_seed((int(seed) * 1_000_003 + int(draw) * 7919 + 17) % (2 ** 63))
-    return (torch.randn((rows, *shape), generator=g) * sigma).to(device=device, dtype=dtype)
+        return torch.zeros((n, rows, *shape), device=device, dtype=dtype)
+    k = torch.arange(rows)
+    noise = rng.normal(images.repeat_interleave(rows), (draws[:, None] * rows + k).flatten(), tuple(shape),
+                       device=device, dtype=dtype)
+    return (noise * sigma).view(n, rows, *shape)
 
 
 def upscale(masks: torch.Tensor, size) -> torch.Tensor:
@@ -121,14 +145,21 @@ class Term:
 class _Objective:
     """The masks' objective: integrated score terms on the engine plus the regularizer.
 
-    Mask parameters P are (B, K, h, w): K = 1 (I-GOS) or 2 (iGOS++: deletion, insertion).
+    Mask parameters P are (B, K, h, w): K = 1 (I-GOS) or 2 (iGOS++: deletion, insertion). Every
+    evaluation names its images (`images`, indices into the batch; None = all) and each image's
+    noise draw (`draws`, (n,) ints); rows of the same (image, draw) always get the same noise.
     """
+
+    # Noise rows kept between the evaluations of an iteration (they reuse its draw); beyond this the
+    # rows are drawn again per chunk (the same numbers, only slower).
+    noise_cache_bytes = 256 * 2 ** 20
 
     def __init__(self, session, x, target, perturber, terms, grad_scale, steps, noise, seed, l1, l2,
                  bilateral_sigma, size):
         self.session, self.x, self.target, self.perturber = session, x, target, perturber
         self.terms, self.grad_scale, self.steps = terms, grad_scale, steps
-        self.noise_sigma, self.seed = noise, seed
+        self.noise_sigma = float(noise)
+        self.rng = session.random(seed, NOISE_PURPOSE, x.shape[0])
         self.l1 = torch.full((x.shape[0],), float(l1), dtype=x.dtype, device=x.device)
         self.l2 = float(l2)
         self.size = tuple(x.shape[-2:])
@@ -142,13 +173,50 @@ class _Objective:
         self.term_ins = torch.tensor([t.kind == "ins" for t in terms], device=x.device)
         self.term_sign = torch.tensor([t.sign for t in terms], dtype=x.dtype, device=x.device)
         self.rows = T * N
-        self.noise = None
+        self._cache: dict = {}
+        self._cached = 0
+
+    # -- noise -------------------------------------------------------------------------------
+    def forget_noise(self) -> None:
+        """Drop the cached noise rows (a new iteration draws new ones)."""
+        self._cache.clear()
+        self._cached = 0
+
+    def _noise_rows(self, images: torch.Tensor, row_draws: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) noise for rows keyed by (image, row draw index), cached within the budget."""
+        keys = list(zip(images.tolist(), row_draws.tolist()))
+        out = torch.empty((len(keys), *self.x.shape[1:]), device=self.x.device, dtype=self.x.dtype)
+        missing = [j for j, key in enumerate(keys) if key not in self._cache]
+        if missing:
+            idx = torch.tensor(missing)
+            fresh = self.rng.normal(images.cpu()[idx], row_draws.cpu()[idx], self.x.shape[1:],
+                                    device=self.x.device, dtype=self.x.dtype) * self.noise_sigma
+            out[idx.to(self.x.device)] = fresh
+            for j, row in zip(missing, fresh):
+                size = row.numel() * row.element_size()
+                if self._cached + size <= self.noise_cache_bytes:
+                    self._cache[keys[j]] = row
+                    self._cached += size
+        fresh_rows = set(missing)
+        for j, key in enumerate(keys):
+            if j not in fresh_rows:
+                out[j] = self._cache[key]
+        return out
+
+    def _perturb(self, images: torch.Tensor, draws: torch.Tensor):
+        """The engine's `perturb` for a call on `images` with noise draws `draws` (None without noise)."""
+        if not self.noise_sigma:
+            return None
+
+        def perturb(inputs, image, k):
+            return inputs + self._noise_rows(images[image], draws[image] * self.rows + k)
+
+        return perturb
+
+    def _images(self, images):
+        return torch.arange(self.x.shape[0], device=self.x.device) if images is None else images
 
     # -- pieces ------------------------------------------------------------------------------
-    def draw_noise(self, draw: int) -> None:
-        self.noise = igos_noise(self.seed, draw, self.rows, self.x.shape[1:], self.noise_sigma,
-                                self.x.device, self.x.dtype)
-
     def up_masks(self, P: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W): upsampled deletion, insertion (ones for I-GOS) and product masks."""
         up = upscale(P, self.size)
@@ -164,9 +232,6 @@ class _Objective:
             return keep[:, None]
 
         return make
-
-    def _perturb(self, inputs, image, k):
-        return inputs + self.noise[k] if self.noise_sigma else inputs
 
     def combined(self, P: torch.Tensor) -> torch.Tensor:
         return P[:, 0] if P.shape[1] == 1 else P[:, 0] * P[:, 1]
@@ -196,13 +261,14 @@ class _Objective:
         return (per_term * self.term_sign).sum(1)
 
     # -- passes ------------------------------------------------------------------------------
-    def score_value_and_grad(self, P: torch.Tensor, images: torch.Tensor | None = None):
+    def score_value_and_grad(self, P: torch.Tensor, images: torch.Tensor | None, draws: torch.Tensor):
         """Signed integrated score (n,) and its gradient direction (n, K, h, w) at masks P of the given
-        images (all by default), in one engine pass with gradients; no regularizer."""
+        images (all for None) with noise draws `draws`, in one engine pass with gradients; no regularizer."""
         n, K = P.shape[:2]
         H, W = self.size
         T, N = len(self.terms), self.steps
-        x, target = (self.x, self.target) if images is None else (self.x[images], self.target.for_images(images))
+        images = self._images(images)
+        x, target = self.x[images], self.target.for_images(images)
         up = self.up_masks(P)
         acc = torch.zeros(n * T, H, W, dtype=self.x.dtype, device=self.x.device)
         dkeep = torch.where(self.term_ins, -1.0, 1.0).to(self.x.dtype)
@@ -213,7 +279,7 @@ class _Objective:
             acc.index_add_(0, image * T + t, grads[:, 0] * coeff.view(-1, 1, 1))
 
         scores = self.perturber.scores_and_grads(self.session, x, target, self.rows, self._make_masks(up),
-                                                 reduce=reduce, perturb=self._perturb, desc="igos")
+                                                 reduce=reduce, perturb=self._perturb(images, draws), desc="igos")
         acc = acc.view(n, T, H, W)
         g_up = torch.zeros(n, K, H, W, dtype=self.x.dtype, device=self.x.device)
         for t, term in enumerate(self.terms):
@@ -228,22 +294,13 @@ class _Objective:
                     g_up[:, 1] += a * up[:, 0]
         return self.score_loss(scores), upscale_adjoint(g_up, P.shape, self.size)
 
-    def value_and_grad(self, P: torch.Tensor):
-        """Loss (B,) and gradient direction (B, K, h, w) at P, in one engine pass with gradients."""
-        s, g = self.score_value_and_grad(P)
-        r, gr = self.regularizer_grad(P, self.l1)
-        return s + r, g + gr
-
-    def score_value(self, P: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    def score_value(self, P: torch.Tensor, images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
         """Signed integrated score (n,) of masks P (n, K, h, w) for the given images, forward passes only."""
         up = self.up_masks(P)
         scores = self.perturber.scores(self.session, self.x[images], self.target.for_images(images), self.rows,
-                                       self._make_masks(up), perturb=self._perturb, desc="igos line search")
+                                       self._make_masks(up), perturb=self._perturb(images, draws),
+                                       desc="igos line search")
         return self.score_loss(scores)
-
-    def value(self, P: torch.Tensor, images: torch.Tensor, l1: torch.Tensor) -> torch.Tensor:
-        """Loss (n,) of masks P (n, K, h, w) for the given images, forward passes only."""
-        return self.score_value(P, images) + self.regularizer(P, l1, images)
 
     def clean_scores(self, P: torch.Tensor) -> torch.Tensor:
         """Score of the deletion-perturbed images x*U(M) + b*(1-U(M)), no noise (adaptive L1)."""
@@ -255,59 +312,80 @@ class _Objective:
 def optimize_masks(obj: _Objective, B: int, K: int, *, iterations: int, alpha: float, armijo: float, decay: float,
                    alpha_min: float, line_search: str, ls_growth: float, opt: str, adaptive_l1: bool,
                    clean_score: torch.Tensor | None):
-    """The (batched) I-GOS optimizer; returns the masks P (B, K, h, w) and a history dict."""
+    """The (batched, per-image) I-GOS optimizer; returns the masks P (B, K, h, w) and a history dict.
+
+    One loop serves every schedule; they differ in the noise draws and in which pass evaluates a
+    line-search candidate:
+    - "reuse": draw d = the iteration for the gradient pass and every candidate; candidates forward only.
+    - "authors": a fresh draw for the gradient pass, the current mask's loss and every candidate.
+    - "lookahead": one draw for the whole run, so the objective is one deterministic function and a
+      candidate's evaluation is also the next iteration's gradient pass: the candidates of the middle
+      iterations run forward+backward and the accepted one's score and gradient are reused; the first
+      search (which usually backtracks) runs forward only and is followed by one gradient pass; the
+      last needs no gradient. Same result as "reuse" with the noise held fixed (tested).
+    """
     x = obj.x
-    P = torch.ones(B, K, *obj.low, dtype=x.dtype, device=x.device)
-    step = torch.full((B,), float(alpha), dtype=x.dtype, device=x.device)
+    dev = x.device
+    P = torch.ones(B, K, *obj.low, dtype=x.dtype, device=dev)
+    step = torch.full((B,), float(alpha), dtype=x.dtype, device=dev)
+    every = torch.arange(B, device=dev)
     theta_prev = None
     history = {"alpha": [], "loss": [], "candidates": [], "l1": []}
-    if line_search == "lookahead" and opt == "ls":
-        return _optimize_lookahead(obj, P, step, iterations=iterations, alpha=alpha, armijo=armijo, decay=decay,
-                                   alpha_min=alpha_min, ls_growth=ls_growth, adaptive_l1=adaptive_l1,
-                                   clean_score=clean_score, history=history)
-    draw = 0
+    lookahead = line_search == "lookahead" and opt == "ls"
+    authors = line_search == "authors" and opt == "ls"
+
+    def draw_of(it: int, evaluation=0):
+        """Each image's noise draw (n,) for an evaluation of iteration `it`."""
+        if lookahead:
+            d = 0
+        elif authors:
+            d = it * _AUTHORS_STRIDE
+        else:
+            d = it
+        return torch.as_tensor(evaluation, device=dev) + d
+
+    if lookahead:
+        s, gs = obj.score_value_and_grad(P, None, draw_of(0).expand(B))
     for it in range(iterations):
         _adapt_l1(obj, P, it, iterations, adaptive_l1, clean_score)
-        obj.draw_noise(draw)
-        draw += 1
-        loss, g = obj.value_and_grad(P)
+        if not lookahead:
+            obj.forget_noise()
+            s, gs = obj.score_value_and_grad(P, None, draw_of(it).expand(B))
+        r, gr = obj.regularizer_grad(P, obj.l1)
+        loss, g = s + r, gs + gr
         history["loss"].append(loss.tolist())
         history["l1"].append(obj.l1.tolist())
         if opt == "nag":
-            theta = P - alpha * g
-            e = it / (it + 3)
-            P = (theta + e * (theta - theta_prev) if theta_prev is not None else theta).clamp(0, 1)
-            theta_prev = theta
+            P, theta_prev = nesterov_step(P, g, theta_prev, lr=alpha, iteration=it)
+            P = P.clamp(0, 1)
             history["alpha"].append([float(alpha)] * B)
             continue
-        if line_search == "authors":
-            a = torch.full((B,), float(alpha), dtype=x.dtype, device=x.device)
-            obj.draw_noise(draw)
-            draw += 1
-            loss = obj.value(P, torch.arange(B, device=x.device), obj.l1)
+        if authors:  # the authors evaluate the current mask again, with fresh noise, and restart from alpha
+            a0 = torch.full((B,), float(alpha), dtype=x.dtype, device=dev)
+            loss = obj.score_value(P, every, draw_of(it, 1).expand(B)) + obj.regularizer(P, obj.l1)
         else:
-            a = step.clone() if it == 0 else torch.clamp(step * ls_growth, max=float(alpha))
+            a0 = step.clone() if it == 0 else torch.clamp(step * ls_growth, max=float(alpha))
         slope = armijo * g.pow(2).reshape(B, -1).sum(1)
-        pending = torch.ones(B, dtype=torch.bool, device=x.device)
-        tried = torch.zeros(B, dtype=torch.long)
-        while pending.any():
-            idx = pending.nonzero()[:, 0]
-            if line_search == "authors":
-                obj.draw_noise(draw)
-                draw += 1
-            cand = (P[idx] - a[idx].view(-1, 1, 1, 1) * g[idx]).clamp(0, 1)
-            new = obj.value(cand, idx, obj.l1[idx])
-            tried[idx.cpu()] += 1
-            fail = new > loss[idx] - a[idx] * slope[idx]
-            fail &= a[idx] >= alpha_min
-            still = idx[fail]
-            pending[:] = False
-            pending[still] = True
-            a[still] *= decay
+        with_grad = lookahead and 0 < it < iterations - 1  # the candidate's pass is the next gradient pass
+
+        def evaluate(rows, a, attempt, it=it, P=P, g=g, with_grad=with_grad):
+            cand = (P[rows] - a.view(-1, 1, 1, 1) * g[rows]).clamp(0, 1)
+            draws = draw_of(it, 2 + attempt.to(dev)) if authors else draw_of(it).expand(len(rows))
+            reg = obj.regularizer(cand, obj.l1[rows], rows)
+            if with_grad:
+                cs, cg = obj.score_value_and_grad(cand, rows, draws)
+                return cs + reg, (cs, cg)
+            return obj.score_value(cand, rows, draws) + reg, ()
+
+        a, tried, accepted = armijo_search(loss, slope, a0, evaluate, decay=decay, step_min=alpha_min)
         history["alpha"].append(a.tolist())
         history["candidates"].append(tried.tolist())
         step = a
         P = (P - a.view(-1, 1, 1, 1) * g).clamp(0, 1)
+        if with_grad:
+            s, gs = accepted
+        elif lookahead and it == 0 and iterations > 1:
+            s, gs = obj.score_value_and_grad(P, None, draw_of(0).expand(B))
     return P, history
 
 
@@ -319,70 +397,35 @@ def _adapt_l1(obj: _Objective, P: torch.Tensor, it: int, iterations: int, adapti
         obj.l1 = torch.where(moved <= threshold, obj.l1 / factor, obj.l1)
 
 
-def _optimize_lookahead(obj: _Objective, P, step, *, iterations, alpha, armijo, decay, alpha_min, ls_growth,
-                        adaptive_l1, clean_score, history):
-    """The line search where every candidate's evaluation is also the next iteration's gradient pass.
-
-    The noise is drawn once for the whole optimization, so the objective is one deterministic
-    function: the accepted candidate's scores and gradient (computed with that noise in the same
-    forward+backward pass as its acceptance test) are exactly what the next iteration needs. Each
-    iteration then costs one pass with gradients per candidate and nothing else; the first and the
-    last iterations' candidates run forward only. Same result as `"reuse"` with the noise held fixed
-    (tested).
-    """
-    B = P.shape[0]
-    obj.draw_noise(0)
-    s, gs = obj.score_value_and_grad(P)
-    for it in range(iterations):
-        # The first search starts at `alpha` and usually backtracks several times: its candidates run
-        # forward only, then one pass with gradients at the accepted masks. Later searches start from
-        # the last accepted step and mostly accept their first candidate: they run with gradients.
-        speculate = 0 < it < iterations - 1
-        _adapt_l1(obj, P, it, iterations, adaptive_l1, clean_score)
-        r, gr = obj.regularizer_grad(P, obj.l1)
-        loss, g = s + r, gs + gr
-        history["loss"].append(loss.tolist())
-        history["l1"].append(obj.l1.tolist())
-        a = step.clone() if it == 0 else torch.clamp(step * ls_growth, max=float(alpha))
-        slope = armijo * g.pow(2).reshape(B, -1).sum(1)
-        last = it == iterations - 1
-        new_s, new_gs = s.clone(), gs.clone()
-        pending = torch.ones(B, dtype=torch.bool, device=P.device)
-        tried = torch.zeros(B, dtype=torch.long)
-        while pending.any():
-            idx = pending.nonzero()[:, 0]
-            cand = (P[idx] - a[idx].view(-1, 1, 1, 1) * g[idx]).clamp(0, 1)
-            if speculate:
-                cs, cg = obj.score_value_and_grad(cand, idx)
-            else:
-                cs = obj.score_value(cand, idx)
-            new = cs + obj.regularizer(cand, obj.l1[idx], idx)
-            tried[idx.cpu()] += 1
-            fail = (new > loss[idx] - a[idx] * slope[idx]) & (a[idx] >= alpha_min)
-            ok = ~fail
-            new_s[idx[ok]] = cs[ok]
-            if speculate:
-                new_gs[idx[ok]] = cg[ok]
-            pending[:] = False
-            pending[idx[fail]] = True
-            a[idx[fail]] *= decay
-        history["alpha"].append(a.tolist())
-        history["candidates"].append(tried.tolist())
-        step = a
-        P = (P - a.view(-1, 1, 1, 1) * g).clamp(0, 1)
-        s, gs = new_s, new_gs
-        if it == 0 and not last:
-            s, gs = obj.score_value_and_grad(P)
-    return P, history
-
-
 class _IGOSBase(Method):
+    """Shared parameters of I-GOS and iGOS++ (declared once; iGOS++ adds `bilateral_sigma`)."""
+
+    stochastic = True  # path-point noise, keyed to the images (noise=0 makes it deterministic)
     terms: tuple = ()
     grad_scale = 1.0
     K = 1
     bilateral = False
 
-    def _check(self):
+    size = Param(28, "mask side (clipped to the image)")
+    steps = Param(20, "path points of the integrated gradient")
+    iterations = Param(15, "optimizer iterations")
+    baseline = Param(None, "what deleted pixels become (None: the I-GOS blur, kernel 51, sigma 50)")
+    noise = Param(0.2, "std of the Gaussian noise added to every path point (input space)")
+    l1 = Param(1.0, "L1 weight")
+    l2 = Param(20.0, "TV weight")
+    alpha = Param(1000.0, "largest step")
+    armijo = Param(1e-4, "Armijo constant")
+    decay = Param(0.2, "line-search step decay")
+    alpha_min = Param(1e-5, "smallest step tried")
+    line_search = Param("reuse", "'reuse', 'lookahead' or 'authors' (see the module docstring)")
+    ls_growth = Param(1.0, "factor on the last accepted step where the next search starts")
+    opt = Param("ls", "'ls' (line search) or 'nag' (the authors' accelerated gradient)")
+    adaptive_l1 = Param(False, "the I-GOS demo's L1 lowering at T/2 and T/1.25")
+    score = Param("softmax", "score explained: 'softmax', 'logit' or 'log_softmax'")
+    seed = Param(0, "noise seed")
+    batch_size = Param(10, "rows per pass (None: picked for the device)")
+
+    def check(self):
         for key in ("size", "steps", "iterations"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -395,31 +438,30 @@ class _IGOSBase(Method):
             raise ConfigError(f"decay must be in (0, 1), got {self.decay!r}")
         if self.noise < 0:
             raise ConfigError(f"noise must be >= 0, got {self.noise!r}")
-        check_batch_size(self.batch_size)
-        self._perturber = Perturber(self.baseline, self.score, self.batch_size)
+        if self.batch_size is not None:  # None: rows per pass picked for the device
+            check_batch_size(self.batch_size)
+        self._perturber = Perturber(igos_baseline() if self.baseline is None else self.baseline, self.score,
+                                    self.batch_size)
 
-    def _attribute(self, session, x, target):
+    def compute(self, session, x, target):
         H, W = x.shape[-2:]
         low = (min(self.size, H), min(self.size, W))
-        with torch.no_grad():
-            outputs = session.forward(x)
-        resolved = self.resolve(session, x, outputs)
+        resolved, outputs = clean_outputs(session, x, target)
         clean = resolved.with_score(self.score)(outputs).detach() if self.adaptive_l1 else None
         obj = _Objective(session, x, resolved, self._perturber, self.terms, self.grad_scale, self.steps,
                          float(self.noise), self.seed, self.l1, self.l2,
-                         getattr(self, "bilateral_sigma", None) if self.bilateral else None, low)
+                         self.bilateral_sigma if self.bilateral else None, low)
         P, history = optimize_masks(
             obj, x.shape[0], self.K, iterations=self.iterations, alpha=float(self.alpha), armijo=float(self.armijo),
             decay=float(self.decay), alpha_min=float(self.alpha_min), line_search=self.line_search,
             ls_growth=float(self.ls_growth), opt=self.opt, adaptive_l1=self.adaptive_l1, clean_score=clean)
-        self.last_history = history
-        self.last_masks = {"deletion": P[:, 0].detach()}
+        P = P.detach()
+        masks = {"deletion": P[:, 0]}
         if self.K == 2:
-            self.last_masks["insertion"] = P[:, 1].detach()
-        mask = obj.combined(P).detach()
-        self.last_mask = mask  # (B, h, w), 1 = keep, low = important (the authors' convention)
-        self.last_lowres = 1 - mask  # higher = more important
-        return 1 - upscale(mask[:, None], (H, W))
+            masks["insertion"] = P[:, 1]
+        mask = obj.combined(P)  # (B, h, w), 1 = keep, low = important (the authors' convention)
+        return Explanation(maps=1 - upscale(mask[:, None], (H, W))[:, 0], targets=resolved.classes, outputs=outputs,
+                           lowres=1 - mask, extras={"mask": mask, "masks": masks, "history": history})
 
 
 @register
@@ -427,18 +469,6 @@ class IGOS(_IGOSBase):
     name = "igos"
     description = "I-GOS: a smooth, small deletion mask optimized with integrated gradients and a line search."
     terms = (Term("del", 0, 1.0),)
-
-    def __init__(self, model, *, size: int = 28, steps: int = 20, iterations: int = 15, baseline=None,
-                 noise: float = 0.2, l1: float = 1.0, l2: float = 20.0, alpha: float = 1000.0,
-                 armijo: float = 1e-4, decay: float = 0.2, alpha_min: float = 1e-5, line_search: str = "reuse",
-                 ls_growth: float = 1.0, opt: str = "ls", adaptive_l1: bool = False, score: str = "softmax",
-                 seed: int = 0, batch_size: int = 10):
-        super().__init__(model, size=size, steps=steps, iterations=iterations,
-                         baseline=igos_baseline() if baseline is None else baseline, noise=noise, l1=l1, l2=l2,
-                         alpha=alpha, armijo=armijo, decay=decay, alpha_min=alpha_min, line_search=line_search,
-                         ls_growth=ls_growth, opt=opt, adaptive_l1=adaptive_l1, score=score, seed=seed,
-                         batch_size=batch_size)
-        self._check()
 
 
 @register
@@ -450,16 +480,9 @@ class IGOSPlusPlus(_IGOSBase):
     K = 2
     bilateral = True
 
-    def __init__(self, model, *, size: int = 28, steps: int = 20, iterations: int = 15, baseline=None,
-                 noise: float = 0.2, l1: float = 1.0, l2: float = 20.0, bilateral_sigma: float = 0.01,
-                 alpha: float = 1000.0, armijo: float = 1e-4, decay: float = 0.2, alpha_min: float = 1e-5,
-                 line_search: str = "reuse", ls_growth: float = 1.0, opt: str = "ls", adaptive_l1: bool = False,
-                 score: str = "softmax", seed: int = 0, batch_size: int = 10):
-        super().__init__(model, size=size, steps=steps, iterations=iterations,
-                         baseline=igos_baseline() if baseline is None else baseline, noise=noise, l1=l1, l2=l2,
-                         bilateral_sigma=bilateral_sigma, alpha=alpha, armijo=armijo, decay=decay,
-                         alpha_min=alpha_min, line_search=line_search, ls_growth=ls_growth, opt=opt,
-                         adaptive_l1=adaptive_l1, score=score, seed=seed, batch_size=batch_size)
-        if bilateral_sigma <= 0:
-            raise ConfigError(f"bilateral_sigma must be positive, got {bilateral_sigma!r}")
-        self._check()
+    bilateral_sigma = Param(0.01, "bilateral TV's colour scale")
+
+    def check(self):
+        super().check()
+        if self.bilateral_sigma <= 0:
+            raise ConfigError(f"bilateral_sigma must be positive, got {self.bilateral_sigma!r}")

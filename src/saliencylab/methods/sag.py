@@ -15,8 +15,12 @@
 
 Every set is scored by one forward pass through the perturbation engine (all sets of a step in
 chunks of `batch_size`). The map returned for the method contract is, per patch, the fraction of
-roots that contain it plus a small tie-break from the coarse I-GOS importance; the graphs are on
-`last_graphs` (one `AttentionGraph` per image), exportable with `to_json` and drawable with `draw`.
+roots that contain it plus a small tie-break from the coarse I-GOS importance (lowres: the same at the
+patch grid). `explain(...)` returns extras "graphs" (one `AttentionGraph` per image, exportable with
+`to_json` and drawable with `draw`), "roots" (each image's root patch sets), "igos" (B, H, W) the coarse
+I-GOS importance that ordered the patches and "igos_mask" its keep-mask at the patch grid. The coarse
+I-GOS runs through its public `explain` with this call's image ids, so its noise is keyed to the
+images as everywhere else.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.errors import ConfigError
+from ..core.explanation import Explanation
 from ..perturbation import Perturber, fit_masks
-from .base import Method, check_batch_size, register
+from .base import Method, Param, check_batch_size, clean_outputs, register
 from .igos import IGOS, igos_baseline
 
 
@@ -143,26 +148,36 @@ def _key(patches) -> tuple[int, ...]:
 class StructuredAttentionGraph(Method):
     name = "structured_attention_graph"
     description = "SAG: diverse minimal patch sets that keep the score (beam search on coarse I-GOS), as a graph."
+    stochastic = True  # the coarse I-GOS's path-point noise (keyed to the images)
 
-    def __init__(self, model, *, size: int = 7, iterations: int = 2, steps: int = 20, threshold: float = 0.9,
-                 beam_width: int = 3, candidates: int = 15, max_patches: int = 15, roots: int = 3,
-                 max_overlap: float = 0.5, depth: int = 2, baseline=None, score: str = "softmax", seed: int = 0,
-                 batch_size: int = 10):
-        super().__init__(model, size=size, iterations=iterations, steps=steps, threshold=threshold,
-                         beam_width=beam_width, candidates=candidates, max_patches=max_patches, roots=roots,
-                         max_overlap=max_overlap, depth=depth,
-                         baseline=igos_baseline() if baseline is None else baseline, score=score, seed=seed,
-                         batch_size=batch_size)
+    size = Param(7, "patch grid side (and the coarse I-GOS mask's)")
+    iterations = Param(2, "coarse I-GOS iterations")
+    steps = Param(20, "coarse I-GOS path points")
+    threshold = Param(0.9, "a set is sufficient at this fraction of the full image's score")
+    beam_width = Param(3, "beam width")
+    candidates = Param(15, "most important patches a state may grow by")
+    max_patches = Param(15, "largest set searched")
+    roots = Param(3, "roots (diverse minimal sufficient sets) kept")
+    max_overlap = Param(0.5, "largest shared fraction between two roots")
+    depth = Param(2, "levels of patch removal below the roots")
+    baseline = Param(None, "what hidden patches become (None: the I-GOS blur)")
+    score = Param("softmax", "score explained: 'softmax', 'logit' or 'log_softmax'")
+    seed = Param(0, "coarse I-GOS noise seed")
+    batch_size = Param(10, "rows per pass (None: picked for the device)")
+
+    def check(self):
         for key in ("size", "iterations", "steps", "beam_width", "candidates", "max_patches", "roots"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{key} must be a positive int, got {v!r}")
-        if not 0 < threshold <= 1:
-            raise ConfigError(f"threshold must be in (0, 1], got {threshold!r}")
-        if not isinstance(depth, int) or depth < 0:
-            raise ConfigError(f"depth must be a non-negative int, got {depth!r}")
-        check_batch_size(batch_size)
-        self._perturber = Perturber(self.baseline, score, batch_size)
+        if not 0 < self.threshold <= 1:
+            raise ConfigError(f"threshold must be in (0, 1], got {self.threshold!r}")
+        if not isinstance(self.depth, int) or self.depth < 0:
+            raise ConfigError(f"depth must be a non-negative int, got {self.depth!r}")
+        if self.batch_size is not None:
+            check_batch_size(self.batch_size)
+        self._perturber = Perturber(igos_baseline() if self.baseline is None else self.baseline, self.score,
+                                    self.batch_size)
 
     # -- scoring sets of patches -------------------------------------------------------------
     def _score_sets(self, session, x, target, sets_per_image: list[list[tuple[int, ...]]], grid):
@@ -180,21 +195,20 @@ class StructuredAttentionGraph(Method):
         scores = self._perturber.scores(session, x, target, n, lambda image, k: low[image, k], desc=self.name)
         return [scores[b, : len(sets)].tolist() for b, sets in enumerate(sets_per_image)]
 
-    def _attribute(self, session, x, target):
-        with torch.no_grad():
-            outputs = session.forward(x)
-        resolved = self.resolve(session, x, outputs)
+    def compute(self, session, x, target):
+        resolved, outputs = clean_outputs(session, x, target)
         full = resolved.with_score(self.score)(outputs).detach()
         B, _, H, W = x.shape
         grid = (min(self.size, H), min(self.size, W))
         U = grid[0] * grid[1]
-        # 1. coarse I-GOS ordering (its passes are counted in this session)
+        # 1. coarse I-GOS ordering, through its public path (same images, same ids: same noise keys);
+        # its passes are added to this call's cost
         igos = IGOS(self.model, size=self.size, steps=self.steps, iterations=self.iterations,
                     baseline=self.baseline, score=self.score, seed=self.seed, batch_size=self.batch_size)
-        igos._target_spec = self._target_spec
-        importance = igos._attribute(session, x, self._target_spec)
-        low_imp = igos.last_lowres.reshape(B, -1)  # (B, U) at the patch grid
-        # tile the patch grid exactly like fit_masks does, for the importance of each patch
+        coarse = igos.explain(x, target if resolved.classes is None else resolved.classes,
+                              image_ids=session.image_ids)
+        session.charge(coarse.cost)
+        low_imp = coarse.lowres.reshape(B, -1)  # (B, U): 1 - mask at the patch grid, higher = more important
         order = torch.argsort(-low_imp, dim=1, stable=True)
         need = [self.threshold * float(f) for f in full]
         cand = [order[b, : min(self.candidates, U)].tolist() for b in range(B)]
@@ -276,15 +290,15 @@ class StructuredAttentionGraph(Method):
                         if k in ids and ids[k] != ids[parent]:
                             g.edges.append({"parent": ids[parent], "child": ids[k], "removed": int(p)})
                 level_sets[b] = todo[b]
-        self.last_graphs = [g for g, _ in graphs]
+        graphs = [g for g, _ in graphs]
 
         # the map: share of roots containing each patch, tie-broken by the coarse I-GOS importance
         share = torch.zeros(B, U, dtype=x.dtype, device=x.device)
-        for b, g in enumerate(self.last_graphs):
+        for b, g in enumerate(graphs):
             for r in g.roots:
                 share[b, r["patches"]] += 1.0 / max(len(g.roots), 1)
         tie = low_imp / low_imp.abs().amax(1, keepdim=True).clamp_min(1e-12)
         low = (share + 1e-3 * tie).view(B, 1, *grid)
-        self.last_lowres = low[:, 0]
-        self.last_igos = importance.detach()
-        return fit_masks(low, (H, W))
+        return Explanation(maps=fit_masks(low, (H, W)), targets=resolved.classes, outputs=outputs, lowres=low[:, 0],
+                           extras={"graphs": graphs, "roots": [[r["patches"] for r in g.roots] for g in graphs],
+                                   "igos": coarse.maps, "igos_mask": coarse.extras["mask"]})
