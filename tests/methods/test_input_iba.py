@@ -78,8 +78,9 @@ def test_batched_equals_one_image_runs(x, data):
     for key in ("gan_mask", "mask"):
         assert torch.allclose(whole.extras[key], torch.cat([e.extras[key] for e in single]), rtol=1e-4, atol=1e-5)
     assert torch.allclose(whole.maps, torch.cat([e.maps for e in single]), rtol=1e-4, atol=1e-5)
-    one = build("input_iba", model, batch_size=1, **kw).explain(x, image_ids=ids)
-    assert torch.allclose(whole.maps, one.maps, rtol=1e-4, atol=1e-5)
+    for batch_size in (1, None):
+        other = build("input_iba", model, batch_size=batch_size, **kw).explain(x, image_ids=ids)
+        assert torch.allclose(whole.maps, other.maps, rtol=1e-4, atol=1e-5), batch_size
     # another id gives other draws (the positions alone do not decide the noise)
     other = build("input_iba", model, batch_size=7, **kw).explain(x, image_ids=["d", "b", "c"])
     assert (other.extras["mask"][0] - whole.extras["mask"][0]).abs().max() > 1e-4

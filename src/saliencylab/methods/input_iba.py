@@ -54,6 +54,7 @@ from .. import features as _features
 from ..core.progress import progress
 from ..core.errors import ConfigError
 from ..core.explanation import Explanation
+from ..perturbation import auto_batch_size
 from .base import Param, clean_outputs, register
 from .iba import (Adam, PerSampleIBA, RMSprop, _check_int, _check_number, capacity_map, model_loss_fn,
                   optimize_bottleneck, smooth)
@@ -240,11 +241,9 @@ class InputIBA(PerSampleIBA):
 
     name = "input_iba"
     description = "InputIBA: feature bottleneck, a GAN-fitted input mask as prior, then a bottleneck at the input."
-    auto_batch = False
-
     beta = Param(20.0, "weight of the capacity term (feature and input bottlenecks)")
     steps = Param(60, "steps of the input bottleneck")
-    batch_size = Param(32, "rows per forward/backward pass")
+    batch_size = Param(32, "rows per forward/backward pass (None: chosen for the device); results do not depend on it")
     feature_steps = Param(10, "steps of the feature bottleneck (stage 1)")
     feature_sigma = Param(None, "smoothing of the feature bottleneck's lambda (None: none, as the authors)")
     feature_mask = Param("capacity", "what masks the real features of the GAN: 'capacity' (authors) or 'lambda'")
@@ -271,6 +270,9 @@ class InputIBA(PerSampleIBA):
             raise ConfigError("input_iba takes one feature layer")
 
     def compute(self, session, x, target) -> Explanation:
+        batch_size = self.batch_size
+        if batch_size is None:  # a pass size only: every stage sums its chunks' gradients
+            batch_size = auto_batch_size(session.device, backward=True, pixels=x.shape[-2] * x.shape[-1])
         (layer,), _ = self._layers(session, x)
         stats = self._stats(session, x, [layer])[layer]
         resolved, outputs = clean_outputs(session, x, target)
@@ -282,17 +284,17 @@ class InputIBA(PerSampleIBA):
         if len(stats.shape) != 3:
             raise ConfigError(f"input_iba needs a feature layer with a (C, h, w) output; '{layer}' gives {stats.shape}")
         with torch.no_grad():
-            R = torch.cat([_features.capture(session, x[s:s + self.batch_size], [layer])[layer]
-                           for s in range(0, len(x), self.batch_size)])
+            R = torch.cat([_features.capture(session, x[s:s + batch_size], [layer])[layer]
+                           for s in range(0, len(x), batch_size)])
         fmask = feat.capacity if self.feature_mask == "capacity" else feat.lam
         feature_map = capacity_map(feat.capacity, hw)
         init = F.interpolate(feature_map[:, None], size=tuple(hw), mode="bilinear", align_corners=False)[:, 0]
         gen_mask = train_gan(session, x, layer, R, fmask, init, epochs=self.gan_epochs, size=self.gan_size,
                              subset=self.gan_subset, batch=self.gan_batch, lr=self.gan_lr, clip=self.gan_clip,
-                             critic_iter=self.critic_iter, seed=self.seed, batch_size=self.batch_size)
+                             critic_iter=self.critic_iter, seed=self.seed, batch_size=batch_size)
         mask = input_bottleneck(session, x, gen_mask, loss, steps=self.steps, samples=self.samples, lr=self.lr,
                                 beta=self.beta, sigma=self.sigma, initial_alpha=self.initial_alpha,
-                                batch_size=self.batch_size, seed=self.seed)
+                                batch_size=batch_size, seed=self.seed)
         lowres = mask.mean(1)
         return Explanation(maps=lowres, targets=resolved.classes, outputs=outputs, lowres=lowres,
                            extras={"layer": layer, "result": feat, "feature_map": feature_map, "gan_mask": gen_mask,
