@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 
 import torch
@@ -30,6 +31,15 @@ NO_DATA = (
 
 class StatisticsWarning(UserWarning):
     """Feature statistics were estimated from the explained batch instead of a data set."""
+
+
+def _caller_level() -> int:
+    """The stacklevel of the first frame outside saliencylab: a warning points at the user's call."""
+    package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _check_int(name, value, minimum=1):
@@ -129,7 +139,7 @@ class IBAMethod(Method):
             warnings.warn(
                 f"{self.name}: no data= given, so feature statistics are estimated from the {x.shape[0]} images "
                 "being explained; this is a rough stand-in. " + NO_DATA.split(". ", 1)[1], StatisticsWarning,
-                stacklevel=5)
+                stacklevel=_caller_level())
             return _features.estimate(session, names, x, batch_size=self.batch_size or 32, desc="feature statistics")
         size = tuple(x.shape[-2:])  # folder images are cropped to the explained images' size
         memo = self._stats_memo
