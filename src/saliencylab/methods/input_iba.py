@@ -56,8 +56,8 @@ from ..core.errors import ConfigError
 from ..core.explanation import Explanation
 from ..perturbation import auto_batch_size
 from .base import Param, clean_outputs, register
-from .iba import (Adam, PerSampleIBA, RMSprop, _check_int, _check_number, capacity_map, model_loss_fn,
-                  optimize_bottleneck, smooth)
+from .iba import Adam, PerSampleIBA, RMSprop, capacity_map, model_loss_fn, optimize_bottleneck, smooth
+from .iba.methods import _check_int, _check_number
 
 FEATURE_MASKS = ("capacity", "lambda")
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +46,8 @@ from ..core.layers import to_grid
 from ..core.explanation import Explanation
 from ..core.targets import resolve_target
 from .base import Param, register
-from .iba import (Adam, BottleneckHook, IBAMethod, _check_int, _check_number, capacity, capacity_map, is_nchw,
-                  smooth)
+from .iba import Adam, BottleneckHook, IBAMethod, capacity, capacity_map, is_nchw, smooth
+from .iba.methods import _check_int, _check_number
 
 
 class ReadoutNet(nn.Module):
@@ -165,7 +166,7 @@ class ReadoutIBA(IBAMethod):
                 self._train(session, x, net, layer, readout, stats, (h, w))
                 if path is not None:
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_suffix(".tmp")
+                    tmp = path.with_suffix(f".tmp{os.getpid()}")  # concurrent trainers never share a file
                     torch.save(net.state_dict(), tmp)
                     tmp.replace(path)
             if self.data is not None:

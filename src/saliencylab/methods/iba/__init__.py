@@ -55,7 +55,7 @@ from .bottleneck import (LN2, BottleneckHook, capacity, capacity_map, gaussian_k
                          restrict, smooth)
 from .layers import LayerInfo, default_layers, layer_list, module_name, probe_layers  # noqa: F401
 from .methods import (COMBINERS, IBA, NO_DATA, IBAMethod, InverseIBA, MultiLayerIBA, PerSampleIBA,  # noqa: F401
-                      StatisticsWarning, _check_int, _check_number, combine_maps)
+                      StatisticsWarning, combine_maps)
 from .optimisation import REUSE, Adam, BottleneckResult, RMSprop, optimize_bottleneck  # noqa: F401
 from .regression import MinimalDeviation, minimal_deviation, model_loss_fn, mse_target  # noqa: F401
 

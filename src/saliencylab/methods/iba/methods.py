@@ -11,9 +11,9 @@ import torch
 
 from ... import features as _features
 from ...core.errors import ConfigError
+from ...core.explanation import Explanation
 from ...core.layers import get_layer
 from ...features import FeatureStats
-from ...core.explanation import Explanation
 from ..base import Method, Param, check_batch_size, clean_outputs, register, upsample
 from .bottleneck import capacity_map
 from .layers import default_layers, layer_list, module_name, probe_layers
