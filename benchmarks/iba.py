@@ -121,9 +121,11 @@ def bench_estimation(model, layer, n_crops, batch_size):
 
 
 # -- IBA timing --------------------------------------------------------------------------------------------
-def authors_iba(model, layer_module, x1, target, stats, steps=10, batch=10, beta=10.0, lr=1.0):
+def authors_iba(session, layer_module, x1, target, stats, steps=10, batch=10, beta=10.0, lr=1.0):
     """The authors' IBA.analyze loop for one image, re-implemented minimally (torch.optim.Adam,
-    loss.backward, a batch of `batch` copies, the bottleneck as a forward hook)."""
+    loss.backward, a batch of `batch` copies, the bottleneck as a forward hook; the hook is a session
+    edit, gone at the end of the scope)."""
+    model = session.model
     mean, std = stats.mean, stats.floored_std(0.01)
     active = stats.active(0.01).float()
     alpha = torch.nn.Parameter(torch.full(stats.shape, 5.0))
@@ -136,16 +138,14 @@ def authors_iba(model, layer_module, x1, target, stats, steps=10, batch=10, beta
         state["cap"] = cap
         return z
 
-    handle = layer_module.register_forward_hook(hook)
-    try:
+    with session.scope():
+        session.hook(layer_module, hook, "forward")
         batch_x = x1.expand(batch, -1, -1, -1)
         for _ in range(steps):
             opt.zero_grad()
             loss = -torch.log_softmax(model(batch_x), 1)[:, target].mean() + beta * state["cap"].mean(0).mean()
             loss.backward()
             opt.step()
-    finally:
-        handle.remove()
     return state["cap"].mean(0).detach()
 
 
@@ -160,15 +160,17 @@ def bench_iba(model, x, layer, stats, args, t_f, t_fb):
     machine hits all of them alike. Returns the batched default run's Explanation and the rows."""
     common = dict(layer=layer, data=stats, steps=args.steps, samples=args.samples)
     n = len(x)
+    ids = list(range(n))  # the noise is keyed to these ids: one-at-a-time runs draw what the batch draws
     runs = {}
 
     def batched(reuse, batch_size=args.batch_size):
         def run():
-            return [sl.explain(model, x, "iba", batch_size=batch_size, reuse_features=reuse, **common)]
+            return [sl.explain(model, x, "iba", batch_size=batch_size, reuse_features=reuse, image_ids=ids, **common)]
         return run
 
     def one_at_a_time():
-        return [sl.explain(model, x[i:i + 1], "iba", batch_size=args.samples, **common) for i in range(n)]
+        return [sl.explain(model, x[i:i + 1], "iba", batch_size=args.samples, image_ids=ids[i:i + 1], **common)
+                for i in range(n)]
 
     rows_auto = max(auto_batch_size(x.device, backward=True) // args.samples, 1) * args.samples
     variants = {f"ours, default: batched ({n} images), batch_size=None ({rows_auto} rows/pass here), "
@@ -189,9 +191,9 @@ def bench_iba(model, x, layer, stats, args, t_f, t_fb):
             name = f"authors' analyze loop, re-implemented (torch.optim.Adam, loss.backward, {args.samples} rows/pass)"
             torch.manual_seed(0)
             t0 = time.perf_counter()
-            with ModelSession(model):
+            with ModelSession(model) as session:
                 for i in range(n):
-                    authors_iba(model, model.get_submodule(layer), x[i:i + 1], int(targets[i]), stats,
+                    authors_iba(session, model.get_submodule(layer), x[i:i + 1], int(targets[i]), stats,
                                 steps=args.steps, batch=args.samples)
             runs.setdefault(name, {"seconds": [], "explanations": None})["seconds"].append(time.perf_counter() - t0)
         print(f"  round {r + 1}: " + ", ".join(f"{v['seconds'][-1] / n:.2f}" for v in runs.values()) + " s/image",
@@ -334,8 +336,8 @@ def bench_known_region():
         if name not in ("gradient", "integrated_gradients"):
             kw = {"layer": "relu1", "data": data, "cache": False, **kw}
         t0 = time.perf_counter()
-        method = build(name, model, **kw)
-        maps = sl.explain(model, x, method).maps
+        e = build(name, model, **kw).explain(x)
+        maps = e.maps
         pos = maps.clamp(min=0)
         total = pos.flatten(1).sum(1)
         frac = torch.where(total > 0, (pos * region).flatten(1).sum(1) / total.clamp_min(1e-30),
@@ -344,7 +346,7 @@ def bench_known_region():
                      "mean": float(frac.nanmean()),
                      "min": float(frac[~frac.isnan()].min()) if (~frac.isnan()).any() else float("nan"),
                      "zero_maps": int((total == 0).sum()), "seconds": time.perf_counter() - t0})
-        result = getattr(method, "last_result", None)
+        result = e.extras.get("result")
         if name == "iba" and result is not None:  # how far the optimisation got: lambda on / off the evidence
             lam = result.lam.amax(1)
             rows[-1]["lambda_evidence"] = float(lam[:, evidence].mean())

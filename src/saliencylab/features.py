@@ -27,6 +27,7 @@ your domain whenever you have one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -164,7 +165,6 @@ def capture(session: ModelSession, x: torch.Tensor, names: Sequence[str], *, gra
     """
     names = list(dict.fromkeys(names))
     store: dict[str, torch.Tensor] = {}
-    handles = []
 
     def make(name):
         def hook(module, args, output):
@@ -180,17 +180,14 @@ def capture(session: ModelSession, x: torch.Tensor, names: Sequence[str], *, gra
 
         return hook
 
-    try:
+    with session.scope():  # the capturing hooks are session edits, gone when this returns or raises
         for name in names:
-            handles.append(session.add_forward_hook(module_for(session.model, name), make(name)))
+            session.hook(module_for(session.model, name), make(name), "forward")
         with torch.set_grad_enabled(grad):
             try:
                 session.forward(x)
             except _StopForward:
                 pass
-    finally:
-        for h in handles:
-            h.remove()
     missing = [n for n in names if n not in store]
     if missing:
         raise ConfigError(f"layer {', '.join(map(repr, missing))} did not run during the forward pass; "
@@ -255,10 +252,7 @@ def feature_stats(model: nn.Module, layers: str | Sequence[str], data, *, sessio
                               f"not {', '.join(missing)}")
         return found[names[0]] if single else {n: found[n] for n in names}
 
-    own = session is None
-    if own:
-        session = ModelSession(model).__enter__()
-    try:
+    with (ModelSession(model) if session is None else contextlib.nullcontext(session)) as session:
         key = data_key(data, size=size, model=model) if cache else None
         result: dict[str, FeatureStats] = {}
         paths = {}
@@ -284,9 +278,6 @@ def feature_stats(model: nn.Module, layers: str | Sequence[str], data, *, sessio
                 result[n] = st
         device = model_device(model)
         result = {n: result[n].to(device) for n in names}
-    finally:
-        if own:
-            session.__exit__(None, None, None)
     return result[names[0]] if single else result
 
 

@@ -1,6 +1,5 @@
 """IBA family: the capacity formula, the bottleneck hook, batching, known-relevant pixels, variants, readout."""
 
-import math
 import warnings
 
 import pytest
@@ -185,10 +184,14 @@ def test_bottleneck_through_the_method_at_lambda_one(x, data):
     the loss equals CE(clean) + beta * capacity."""
     model = small_cnn()
     m = build("iba", model, layer="2", data=data, initial_alpha=100.0, lr=1e-9, steps=1, samples=2)
-    m.attribute(x)
-    clean_ce = torch.nn.functional.cross_entropy(model(x), model(x).argmax(1), reduction="sum")
-    info = m.last_result.capacity.flatten(1).mean(1).sum()
-    assert m.last_result.losses[0] == pytest.approx(float(clean_ce + 10.0 * info), rel=1e-4)
+    e = m.explain(x)
+    clean_ce = torch.nn.functional.cross_entropy(model(x), model(x).argmax(1), reduction="none")
+    result = e.extras["result"]
+    info = result.capacity.flatten(1).mean(1)
+    assert result.losses.shape == (3, 1)  # per image and step
+    assert torch.allclose(result.losses[:, 0].float(), clean_ce + 10.0 * info, rtol=1e-4)
+    assert e.extras["layer"] == "2" and torch.equal(e.extras["capacity"], result.capacity)
+    assert torch.allclose(e.lowres, capacity_map(result.capacity, x.shape[-2:]))
 
 
 # -- batching and seeds -------------------------------------------------------------------------------------
@@ -196,8 +199,10 @@ def test_bottleneck_through_the_method_at_lambda_one(x, data):
 def test_batched_equals_one_image_runs(name, x, data):
     model = small_cnn()
     kw = dict(layer="2", data=data, steps=4, samples=5, seed=3)
-    batched = build(name, model, batch_size=7, **kw).attribute(x)  # chunks straddle images
-    single = torch.cat([build(name, model, batch_size=16, **kw).attribute(x[i:i + 1]) for i in range(len(x))])
+    ids = ["a.jpg", "b.jpg", "c.jpg"]
+    batched = build(name, model, batch_size=7, **kw).attribute(x, image_ids=ids)  # chunks straddle images
+    single = torch.cat([build(name, model, batch_size=16, **kw).attribute(x[i:i + 1], image_ids=ids[i:i + 1])
+                        for i in range(len(x))])
     assert torch.allclose(batched, single, rtol=1e-4, atol=1e-6)
     shared = build(name, model, batch_size=7, reuse_features=True, **kw).attribute(x)
     assert torch.allclose(batched, shared, rtol=1e-4, atol=1e-6)
@@ -219,7 +224,7 @@ def test_cost_counts_every_noisy_copy(x, data):
 
 
 def test_automatic_batch_size_cuts_chunks_at_whole_images(x, data, monkeypatch):
-    from saliencylab.methods import iba as iba_module
+    from saliencylab.methods.iba import optimisation as iba_module
 
     model = small_cnn()
     stats = features.estimate(model, "2", data)
@@ -254,9 +259,9 @@ def test_auto_sharing_checks_itself(x):
     data = torch.randn(32, 3, 12, 12)
     for model, layer, expect in ((small_cnn(), "2", True), (SkipAcross().eval(), "relu", False)):
         kw = dict(layer=layer, data=data, steps=3, samples=4, batch_size=6)
-        auto = build("iba", model, **kw)
-        maps = auto.attribute(x)
-        assert auto.last_result.reused is expect
+        e = build("iba", model, **kw).explain(x)
+        maps = e.maps
+        assert e.extras["result"].reused is expect
         exact = build("iba", model, reuse_features=False, **kw).attribute(x)
         assert torch.allclose(maps, exact, rtol=1e-4, atol=1e-6)
     with pytest.raises(RuntimeError):  # forced sharing on a model where it cannot work
@@ -296,12 +301,17 @@ def test_combine_maps():
 
 def test_multilayer_orders_layers_and_combines(x, data):
     model = small_cnn()
-    m = build("multilayer_iba", model, layer=["4", "2"], data=data, steps=2, samples=2)
-    maps = m.attribute(x)
-    assert m.last_layer == ["2", "4"]  # shallow to deep, whatever order they were given in
+    e = build("multilayer_iba", model, layer=["4", "2"], data=data, steps=2, samples=2).explain(x)
+    maps = e.maps
+    assert e.extras["layer"] == ["2", "4"]  # shallow to deep, whatever order they were given in
+    assert list(e.extras["maps"]) == ["2", "4"] and set(e.extras["result"]) == {"2", "4"}
     assert maps.shape == (3, 12, 12) and torch.isfinite(maps).all()
     filt = build("multilayer_iba", model, layer="2,4", data=data, steps=2, samples=2, combine="filter").attribute(x)
-    assert torch.allclose(filt[filt != 0], m.last_maps["2"][filt != 0])  # the shallow map, where kept
+    assert torch.allclose(filt[filt != 0], e.extras["maps"]["2"][filt != 0])  # the shallow map, where kept
+    # each layer's map is IBA's at that layer: the same bottleneck fit, the same keyed noise
+    for layer in ("2", "4"):
+        single = build("iba", model, layer=layer, data=data, steps=2, samples=2).attribute(x)
+        assert torch.allclose(e.extras["maps"][layer], single, rtol=1e-4, atol=1e-6)
 
 
 def test_regression_closures(data):
@@ -363,7 +373,7 @@ def test_same_arguments_for_every_variant(x, data):
         e = sl.explain(model, x, method=name, layer="2", data=data, target=[0, 1, 2], **params)
         assert e.maps.shape == (3, 12, 12) and torch.isfinite(e.maps).all(), name
         assert e.targets.tolist() == [0, 1, 2]
-        assert e.params["data"] == "tensor(48, 3, 12, 12)"
+        assert e.spec["params"]["data"] == "tensor(48, 3, 12, 12)"  # records get a summary, not the pixels
 
 
 # -- statistics reuse and readout -------------------------------------------------------------------------
@@ -386,9 +396,9 @@ def test_readout_trains_once_then_one_pass_per_image(x, data, tmp_path):
     assert again.cost.backward_images == 0 and again.cost.forward_images == len(x) + 1  # + a one-image probe
     assert torch.allclose(first.maps, again.maps)
     assert first.maps.shape == (3, 12, 12) and torch.isfinite(first.maps).all()
-    m = build("readout_iba", model, layer="2", data=data, epochs=2, batch_size=16)
-    m.attribute(x)
-    assert m.last_readout_layers == ["2", "3", "4", features.OUTPUT]  # the layer, later ones, the output
+    assert first.extras["readout_layers"] == ["2", "3", "4", features.OUTPUT]  # the layer, later ones, the output
+    assert first.extras["layer"] == "2" and first.extras["capacity"].shape == (3, 6, 12, 12)
+    assert torch.allclose(first.lowres, capacity_map(first.extras["capacity"], x.shape[-2:]))
     with pytest.raises(ConfigError, match="generator"):
         build("readout_iba", model, data=(b for b in [data]))
 
@@ -405,7 +415,91 @@ def test_generic_iterable_data_is_estimated_each_time_and_warns_nothing(x, data)
 
 
 def test_losses_decrease(x, data):
-    m = build("iba", small_cnn(), layer="2", data=data, steps=8, samples=4)
-    m.attribute(x)
-    losses = m.last_result.losses
-    assert losses[-1] < losses[0] and all(math.isfinite(v) for v in losses)
+    e = build("iba", small_cnn(), layer="2", data=data, steps=8, samples=4).explain(x)
+    losses = e.extras["losses"]
+    assert losses.shape == (3, 8) and torch.isfinite(losses).all()
+    assert (losses[:, -1] < losses[:, 0]).all()
+
+
+# -- the method contract: parameters, rebuilding, keyed randomness, nothing kept -------------------------
+def test_parameters_declared_once_with_each_variants_defaults():
+    iba, inverse = sl.methods.parameters("iba"), sl.methods.parameters("inverse_iba")
+    assert set(iba) == set(inverse) and len(iba) == 15
+    assert inverse["beta"] == 30.0 and iba["beta"] == 10.0
+    assert {k: v for k, v in inverse.items() if k != "beta"} == {k: v for k, v in iba.items() if k != "beta"}
+    assert iba["steps"] == 10 and iba["samples"] == 10 and iba["batch_size"] is None
+    assert iba["reuse_features"] == "auto" and iba["sigma"] == 1.0
+    multi = sl.methods.parameters("multilayer_iba")
+    assert set(multi) == set(iba) | {"combine", "threshold", "inverse"}
+    readout = sl.methods.parameters("readout_iba")
+    assert readout["lr"] == 1e-3 and readout["batch_size"] == 32 and "steps" not in readout
+    inp = sl.methods.parameters("input_iba")
+    assert (inp["beta"], inp["steps"], inp["feature_steps"], inp["batch_size"]) == (20.0, 60, 10, 32)
+    with pytest.raises(ConfigError, match="unknown parameter"):
+        build("inverse_iba", small_cnn(), gan_epochs=1)
+
+
+@pytest.mark.parametrize("name,params", [("iba", dict(steps=2, samples=2)), ("inverse_iba", dict(steps=2, samples=2)),
+                                         ("multilayer_iba", dict(layer=["2", "4"], steps=2, samples=2)),
+                                         ("readout_iba", dict(epochs=1)),
+                                         ("input_iba", dict(steps=2, samples=2, feature_steps=2, gan_epochs=1,
+                                                            gan_size=8, gan_batch=8))])
+def test_rebuilding_from_params(name, params, x, data):
+    model = small_cnn()
+    m = build(name, model, **{"layer": "2", "data": data, **params})
+    assert m.params["data"] is data  # the constructor's input, as given
+    before = set(vars(m))
+    e = m.explain(x)
+    assert set(vars(m)) == before  # nothing stored on the instance during a call
+    again = type(m)(model, **m.params).explain(x)
+    assert torch.allclose(e.maps, again.maps, rtol=1e-5, atol=1e-7)
+    assert e.spec == again.spec
+
+
+@pytest.mark.parametrize("name", ["iba", "inverse_iba"])
+def test_noise_is_keyed_to_the_image(name, x, data):
+    model = small_cnn()
+    ids = ["cat", "dog", 17]
+    kw = dict(layer="2", data=data, steps=3, samples=3, seed=5, initial_alpha=0.0)  # lambda 1/2: noise matters
+    whole = build(name, model, **kw).explain(x, image_ids=ids)
+    assert whole.image_ids == ids
+    halves = [build(name, model, **kw).explain(x[a:b], image_ids=ids[a:b]) for a, b in ((0, 1), (1, 3))]
+    # the per-image losses see the noise directly (the capacity map only through alpha's updates)
+    losses = whole.extras["losses"]
+    assert torch.allclose(whole.maps, torch.cat([h.maps for h in halves]), rtol=1e-4, atol=1e-6)
+    assert torch.allclose(losses, torch.cat([h.extras["losses"] for h in halves]), rtol=1e-5)
+    for batch_size in (None, 1, 7):
+        other = build(name, model, batch_size=batch_size, **kw).explain(x, image_ids=ids)
+        assert torch.allclose(whole.maps, other.maps, rtol=1e-4, atol=1e-6), batch_size
+        assert torch.allclose(losses, other.extras["losses"], rtol=1e-5), batch_size
+    # the key is the image id, not the position: swapping two ids changes those images' noise
+    swapped = build(name, model, **kw).explain(x, image_ids=["dog", "cat", 17]).extras["losses"]
+    # (a small model averages the noise away: differences of 1e-4..1e-3, far above float32 rounding ~1e-6)
+    assert ((swapped[:2] - losses[:2]).abs().amax(1) > 1e-4).all()
+    assert torch.allclose(swapped[2], losses[2], rtol=1e-5)
+    # the same image under the same id gets the same map wherever it sits in the batch
+    moved = build(name, model, **kw).explain(x.flip(0), image_ids=ids[::-1])
+    assert torch.allclose(whole.maps, moved.maps.flip(0), rtol=1e-4, atol=1e-6)
+    assert torch.allclose(losses, moved.extras["losses"].flip(0), rtol=1e-5)
+
+
+def test_metadata():
+    for name in ("iba", "inverse_iba", "multilayer_iba", "input_iba"):
+        cls = sl.methods.get(name)
+        assert cls.stochastic and cls.needs_data and not cls.input_space and not cls.differentiable, name
+    readout = sl.methods.get("readout_iba")
+    assert readout.needs_data and not readout.stochastic  # inference draws nothing
+
+
+def test_bottleneck_is_removed_when_the_model_raises(x, data):
+    model = small_cnn()
+
+    def target(outputs):
+        if outputs.shape[0] != len(x):  # the noisy passes: fail inside the bottleneck's fit
+            raise RuntimeError("boom")
+        return outputs[:, 0]
+
+    with pytest.raises(RuntimeError, match="boom"):
+        build("iba", model, layer="2", data=data, steps=1, samples=2).explain(x, target=target)
+    assert all(len(m._forward_hooks) == 0 for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())

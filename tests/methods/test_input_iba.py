@@ -68,19 +68,33 @@ def test_grouped_critics_equal_separate_critics():
 
 
 def test_batched_equals_one_image_runs(x, data):
+    """Every stage's draws are keyed to the image id: one-image calls, halves and any batch_size agree."""
     model = small_cnn()
     kw = dict(layer="2", data=data, seed=1, **CHEAP)
-    batched = build("input_iba", model, batch_size=7, **kw).attribute(x)
-    single = torch.cat([build("input_iba", model, batch_size=16, **kw).attribute(x[i:i + 1]) for i in range(3)])
-    assert torch.allclose(batched, single, rtol=1e-4, atol=1e-5)
+    ids = ["a", "b", "c"]
+    whole = build("input_iba", model, batch_size=7, **kw).explain(x, image_ids=ids)
+    single = [build("input_iba", model, batch_size=16, **kw).explain(x[i:i + 1], image_ids=ids[i:i + 1])
+              for i in range(3)]
+    for key in ("gan_mask", "mask"):
+        assert torch.allclose(whole.extras[key], torch.cat([e.extras[key] for e in single]), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(whole.maps, torch.cat([e.maps for e in single]), rtol=1e-4, atol=1e-5)
+    for batch_size in (1, None):
+        other = build("input_iba", model, batch_size=batch_size, **kw).explain(x, image_ids=ids)
+        assert torch.allclose(whole.maps, other.maps, rtol=1e-4, atol=1e-5), batch_size
+    # another id gives other draws (the positions alone do not decide the noise)
+    other = build("input_iba", model, batch_size=7, **kw).explain(x, image_ids=["d", "b", "c"])
+    assert (other.extras["mask"][0] - whole.extras["mask"][0]).abs().max() > 1e-4
+    assert torch.allclose(other.extras["mask"][1:], whole.extras["mask"][1:], rtol=1e-4, atol=1e-5)
 
 
 def test_output_is_a_mask_and_stages_are_kept(x, data):
     model = small_cnn()
-    m = build("input_iba", model, layer="2", data=data, **CHEAP)
-    maps = m.attribute(x)
+    e = build("input_iba", model, layer="2", data=data, **CHEAP).explain(x)
+    maps = e.maps
     assert maps.shape == (3, 12, 12) and ((maps > 0) & (maps < 1)).all()
-    assert m.last_feature_map.shape == (3, 12, 12) and m.last_gan_mask.shape == (3, 3, 12, 12)
+    assert e.extras["feature_map"].shape == (3, 12, 12) and e.extras["gan_mask"].shape == (3, 3, 12, 12)
+    assert e.extras["layer"] == "2" and torch.allclose(e.lowres, e.extras["mask"].mean(1))
+    assert e.extras["result"].losses.shape == (3, CHEAP["feature_steps"])
     lam = build("input_iba", model, layer="2", data=data, feature_mask="lambda", **CHEAP).attribute(x)
     assert torch.isfinite(lam).all()
     no_gan = build("input_iba", model, layer="2", data=data, **{**CHEAP, "gan_epochs": 0}).attribute(x)

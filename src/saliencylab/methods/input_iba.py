@@ -30,7 +30,16 @@ rows. The generator only needs the features at `layer`, so its passes stop there
 whole classifier). Critic gradients for the generator step are taken with respect to the generated
 features first, then pushed through the classifier chunk by chunk, which bounds memory by
 `batch_size`. Each image has its own critic (batch norm sees only that image's batch), initialised
-from `seed`, so results do not depend on the other images in the batch.
+from `seed`. Every random draw (the sub-datasets' noise parameters, the shuffles, the real features'
+noise, the generator's z, the input bottleneck's noise) is keyed by (seed, purpose, image key, draw
+index) through `session.random`, so results do not depend on the other images in the call, on
+`batch_size` or on sharding. Where we differ from the authors: they draw from the global torch
+generator for their single image.
+
+`explain` returns extras "layer" (the feature layer), "result" (stage 1's BottleneckResult),
+"feature_map" ((B, h, w) stage-1 capacity map in bits), "gan_mask" ((B, C, H, W) the generator's input
+mask) and "mask" ((B, C, H, W) sigmoid(alpha) of stage 3); the map (and lowres) is "mask" averaged over
+channels.
 """
 
 from __future__ import annotations
@@ -44,9 +53,11 @@ from torch import nn
 from .. import features as _features
 from ..core.progress import progress
 from ..core.errors import ConfigError
-from .base import register
-from .iba import (Adam, IBAMethod, RMSprop, _check_int, _check_number, capacity_map, model_loss_fn,
-                  optimize_bottleneck, smooth)
+from ..core.explanation import Explanation
+from ..perturbation import auto_batch_size
+from .base import Param, clean_outputs, register
+from .iba import Adam, PerSampleIBA, RMSprop, capacity_map, model_loss_fn, optimize_bottleneck, smooth
+from .iba.methods import _check_int, _check_number
 
 FEATURE_MASKS = ("capacity", "lambda")
 
@@ -150,23 +161,28 @@ def train_gan(session, x, layer, R, feature_mask, init_map, *, epochs, size, sub
         reference = Critic(C, (h, w)).to(dev, dt)
     critics = GroupedCritics(reference, B)
     c_opt = RMSprop(critics.params, lr)
-    gens = [torch.Generator(device=dev).manual_seed(int(seed) + 1) for _ in range(B)]
+    images = torch.arange(B)
     n_sub = max(1, size // subset)
-    sub_std = torch.stack([torch.rand(n_sub, generator=g, device=dev, dtype=dt) * 5 for g in gens])
-    sub_mean = torch.stack([torch.rand(n_sub, generator=g, device=dev, dtype=dt) * 4 - 2 for g in gens])
+    # each image's sub-datasets: std ~ U(0, 5), mean ~ U(-2, 2), fixed for the whole training
+    subsets = session.random(seed, "input_iba gan subsets").uniform(images, torch.zeros(B, dtype=torch.long),
+                                                                   (2, n_sub), device=dev, dtype=dt)
+    sub_std, sub_mean = subsets[:, 0] * 5, subsets[:, 1] * 4 - 2
+    shuffle = session.random(seed, "input_iba gan shuffle")
+    real_noise = session.random(seed, "input_iba gan real noise")
+    fake_z = session.random(seed, "input_iba gan z")
     n_batches = math.ceil(size / batch)
-    for _ in progress(range(epochs), desc=desc, total=epochs):
-        perms = [torch.randperm(size, generator=g, device=dev) for g in gens]
+    for epoch in progress(range(epochs), desc=desc, total=epochs):
+        perms = [shuffle.permutation(b, epoch, size, device=dev) for b in range(B)]
         for i in range(n_batches):
             idx = torch.stack([p[i * batch:(i + 1) * batch] for p in perms])  # (B, nb)
             nb = idx.shape[1]
+            draw = torch.full((B,), epoch * n_batches + i, dtype=torch.long)
             sub = (idx // subset).clamp_max(n_sub - 1)
-            noise = torch.stack([torch.randn((nb, C, h, w), generator=g, device=dev, dtype=dt) for g in gens])
+            noise = real_noise.normal(images, draw, (nb, C, h, w), device=dev, dtype=dt)
             noise = (noise * sub_std.gather(1, sub)[..., None, None, None]
                      + sub_mean.gather(1, sub)[..., None, None, None])
             real = feature_mask[:, None] * R[:, None] + (1 - feature_mask[:, None]) * noise  # (B, nb, C, h, w)
-            z = torch.stack([torch.randn((nb, Cin, H, W), generator=g, device=dev, dtype=dt) for g in gens])
-            z = z.flatten(0, 1)
+            z = fake_z.normal(images, draw, (nb, Cin, H, W), device=dev, dtype=dt).flatten(0, 1)
             image = torch.arange(B, device=dev).repeat_interleave(nb)
             with torch.no_grad():
                 fake = torch.cat(_generated_features(session, x, image, z, gparams, layer, batch_size, False))
@@ -198,10 +214,9 @@ def input_bottleneck(session, x, gen_mask, model_loss, *, steps, samples, lr, be
     dev, dt = x.device, x.dtype
     alpha = torch.full(x.shape, float(initial_alpha), device=dev, dtype=dt, requires_grad=True)
     optimizer = Adam([alpha], lr=lr)
-    gens = [torch.Generator(device=dev).manual_seed(int(seed) + 2) for _ in range(B)]
+    rng = session.random(seed, "input_iba input")
     total = B * samples
-    for _ in progress(range(steps), desc=desc, total=steps):
-        noise = torch.stack([torch.randn((samples, *x.shape[1:]), generator=g, device=dev, dtype=dt) for g in gens])
+    for step in progress(range(steps), desc=desc, total=steps):
         grad = torch.zeros_like(alpha)
         for start in range(0, total, batch_size):
             rows = torch.arange(start, min(start + batch_size, total), device=dev)
@@ -209,7 +224,8 @@ def input_bottleneck(session, x, gen_mask, model_loss, *, steps, samples, lr, be
             uimg, local = torch.unique_consecutive(image, return_inverse=True)
             lam = smooth(torch.sigmoid(alpha[uimg]), sigma)[local]
             xr = x[image]
-            z = lam * xr + (1 - lam) * noise[image, sample]
+            noise = rng.normal(image, step * samples + sample, x.shape[1:], device=dev, dtype=dt)
+            z = lam * xr + (1 - lam) * noise
             cap = input_capacity(xr, gen_mask[image], lam)
             out = session.forward(z)
             per_row = (model_loss(out, image) + beta * cap.flatten(1).mean(1)) / samples
@@ -219,58 +235,67 @@ def input_bottleneck(session, x, gen_mask, model_loss, *, steps, samples, lr, be
 
 
 @register
-class InputIBA(IBAMethod):
+class InputIBA(PerSampleIBA):
+    """InputIBA; see the module docstring. Shares iba's parameters; beta (20), steps (60, the input
+    bottleneck's) and batch_size (32) differ, the rest is its own."""
+
     name = "input_iba"
     description = "InputIBA: feature bottleneck, a GAN-fitted input mask as prior, then a bottleneck at the input."
+    beta = Param(20.0, "weight of the capacity term (feature and input bottlenecks)")
+    steps = Param(60, "steps of the input bottleneck")
+    batch_size = Param(32, "rows per forward/backward pass (None: chosen for the device); results do not depend on it")
+    feature_steps = Param(10, "steps of the feature bottleneck (stage 1)")
+    feature_sigma = Param(None, "smoothing of the feature bottleneck's lambda (None: none, as the authors)")
+    feature_mask = Param("capacity", "what masks the real features of the GAN: 'capacity' (authors) or 'lambda'")
+    gan_epochs = Param(20, "GAN training epochs (0: the input mask is stage 1's map)")
+    gan_size = Param(200, "items per GAN epoch")
+    gan_subset = Param(20, "items per sub-dataset (one noise distribution each)")
+    gan_batch = Param(32, "GAN batch size")
+    gan_lr = Param(5e-5, "critic learning rate (RMSprop)")
+    gan_clip = Param(0.01, "critic weight clipping")
+    critic_iter = Param(5, "critic batches per generator step")
 
-    def __init__(self, model, *, layer=None, data=None, beta: float = 20.0, feature_steps: int = 10, steps: int = 60,
-                 samples: int = 10, lr: float = 1.0, sigma: float | None = 1.0, feature_sigma: float | None = None,
-                 initial_alpha: float = 5.0, min_std: float = 0.01, active_threshold: float = 0.01,
-                 relu: bool = False, feature_mask: str = "capacity", gan_epochs: int = 20, gan_size: int = 200,
-                 gan_subset: int = 20, gan_batch: int = 32, gan_lr: float = 5e-5, gan_clip: float = 0.01,
-                 critic_iter: int = 5, reuse_features="auto", cache: bool = True, seed: int = 0,
-                 batch_size: int = 32):
-        super().__init__(model, layer=layer, data=data, beta=beta, feature_steps=feature_steps, steps=steps,
-                         samples=samples, lr=lr, sigma=sigma, feature_sigma=feature_sigma,
-                         initial_alpha=initial_alpha, min_std=min_std, active_threshold=active_threshold, relu=relu,
-                         feature_mask=feature_mask, gan_epochs=gan_epochs, gan_size=gan_size, gan_subset=gan_subset,
-                         gan_batch=gan_batch, gan_lr=gan_lr, gan_clip=gan_clip, critic_iter=critic_iter,
-                         reuse_features=reuse_features, cache=cache, seed=seed, batch_size=batch_size)
+    def check(self) -> None:
+        super().check()
         for name in ("feature_steps", "gan_size", "gan_subset", "gan_batch", "critic_iter"):
             _check_int(name, getattr(self, name))
-        _check_int("gan_epochs", gan_epochs, 0)
-        _check_number("gan_lr", gan_lr, 0.0, strict=True)
-        _check_number("gan_clip", gan_clip, 0.0, strict=True)
-        if feature_sigma is not None:
-            _check_number("feature_sigma", feature_sigma, 0.0)
-        if feature_mask not in FEATURE_MASKS:
-            raise ConfigError(f"unknown feature_mask '{feature_mask}'; choose one of {', '.join(FEATURE_MASKS)}")
+        _check_int("gan_epochs", self.gan_epochs, 0)
+        _check_number("gan_lr", self.gan_lr, 0.0, strict=True)
+        _check_number("gan_clip", self.gan_clip, 0.0, strict=True)
+        if self.feature_sigma is not None:
+            _check_number("feature_sigma", self.feature_sigma, 0.0)
+        if self.feature_mask not in FEATURE_MASKS:
+            raise ConfigError(f"unknown feature_mask '{self.feature_mask}'; choose one of {', '.join(FEATURE_MASKS)}")
         if isinstance(self.layer, (list, tuple)) or (isinstance(self.layer, str) and "," in self.layer):
             raise ConfigError("input_iba takes one feature layer")
 
-    def _attribute(self, session, x, target):
+    def compute(self, session, x, target) -> Explanation:
+        batch_size = self.batch_size
+        if batch_size is None:  # a pass size only: every stage sums its chunks' gradients
+            batch_size = auto_batch_size(session.device, backward=True, pixels=x.shape[-2] * x.shape[-1])
         (layer,), _ = self._layers(session, x)
         stats = self._stats(session, x, [layer])[layer]
-        target = self.resolve(session, x)
-        loss = model_loss_fn(self, target, self.last_outputs)
+        resolved, outputs = clean_outputs(session, x, target)
+        loss = model_loss_fn(target, resolved, outputs)
         hw = x.shape[-2:]
         feat = optimize_bottleneck(session, x, layer, stats, loss, **self._bottleneck_params(
-            steps=self.feature_steps, sigma=self.feature_sigma), desc=f"{self.name} feature")
+            steps=self.feature_steps, sigma=self.feature_sigma), purpose="input_iba feature",
+            desc=f"{self.name} feature")
         if len(stats.shape) != 3:
             raise ConfigError(f"input_iba needs a feature layer with a (C, h, w) output; '{layer}' gives {stats.shape}")
         with torch.no_grad():
-            R = torch.cat([_features.capture(session, x[s:s + self.batch_size], [layer])[layer]
-                           for s in range(0, len(x), self.batch_size)])
+            R = torch.cat([_features.capture(session, x[s:s + batch_size], [layer])[layer]
+                           for s in range(0, len(x), batch_size)])
         fmask = feat.capacity if self.feature_mask == "capacity" else feat.lam
         feature_map = capacity_map(feat.capacity, hw)
         init = F.interpolate(feature_map[:, None], size=tuple(hw), mode="bilinear", align_corners=False)[:, 0]
         gen_mask = train_gan(session, x, layer, R, fmask, init, epochs=self.gan_epochs, size=self.gan_size,
                              subset=self.gan_subset, batch=self.gan_batch, lr=self.gan_lr, clip=self.gan_clip,
-                             critic_iter=self.critic_iter, seed=self.seed, batch_size=self.batch_size)
+                             critic_iter=self.critic_iter, seed=self.seed, batch_size=batch_size)
         mask = input_bottleneck(session, x, gen_mask, loss, steps=self.steps, samples=self.samples, lr=self.lr,
                                 beta=self.beta, sigma=self.sigma, initial_alpha=self.initial_alpha,
-                                batch_size=self.batch_size, seed=self.seed)
-        self.last_layer, self.last_result = layer, feat
-        self.last_feature_map, self.last_gan_mask = feature_map, gen_mask
-        self.last_lowres = mask.mean(1)
-        return self.last_lowres
+                                batch_size=batch_size, seed=self.seed)
+        lowres = mask.mean(1)
+        return Explanation(maps=lowres, targets=resolved.classes, outputs=outputs, lowres=lowres,
+                           extras={"layer": layer, "result": feat, "feature_map": feature_map, "gan_mask": gen_mask,
+                                   "mask": mask})

@@ -20,12 +20,19 @@ ImageNet epochs, and for the small data sources this library is used with the de
 Inference is one clean forward pass per image: the capacity depends only on R and lambda, not on the
 noise, so no noisy pass is needed. The readout map does not depend on `target` (the network sees
 features, not a class); the target is still resolved and recorded.
+
+`explain` returns extras "layer" (the bottleneck layer), "readout_layers" and "capacity" ((B, C, h, w)
+nats); lowres is the (B, h, w) capacity map in bits. The trained network is kept in the cache folder
+and, for a method built with `data=`, in an in-memory cache made at construction (keyed by layers and
+image size); nothing else is stored on the instance during a call. With `data=None` the network is
+trained on the explained batch (a rough stand-in, with a warning) and never reused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +43,11 @@ from ..core.progress import progress
 from ..core.errors import ConfigError
 from ..features import OUTPUT
 from ..core.layers import to_grid
+from ..core.explanation import Explanation
 from ..core.targets import resolve_target
-from .base import register
-from .iba import (Adam, BottleneckHook, IBAMethod, _check_int, _check_number, capacity, capacity_map, is_nchw,
-                  smooth)
+from .base import Param, register
+from .iba import Adam, BottleneckHook, IBAMethod, capacity, capacity_map, is_nchw, smooth
+from .iba.methods import _check_int, _check_number
 
 
 class ReadoutNet(nn.Module):
@@ -92,14 +100,17 @@ class ReadoutIBA(IBAMethod):
     name = "readout_iba"
     description = "Readout bottleneck (IBA): a network trained on data predicts the mask; one pass per image."
 
-    def __init__(self, model, *, layer=None, data=None, readout_layers=None, beta: float = 10.0, epochs: int = 10,
-                 lr: float = 1e-3, sigma: float | None = 1.0, min_std: float = 0.01, active_threshold: float = 0.01,
-                 relu: bool = False, cache: bool = True, seed: int = 0, batch_size: int = 32):
-        super().__init__(model, layer=layer, data=data, readout_layers=readout_layers, beta=beta, epochs=epochs,
-                         lr=lr, sigma=sigma, min_std=min_std, active_threshold=active_threshold, relu=relu,
-                         cache=cache, seed=seed, batch_size=batch_size)
-        _check_int("epochs", epochs)
-        _check_number("lr", lr, 0.0, strict=True)
+    readout_layers = Param(None, f"layers the readout network reads (None: the bottleneck layer, later ones, "
+                                 f"'{OUTPUT}')")
+    epochs = Param(10, "training epochs over data")
+    lr = Param(1e-3, "learning rate of the readout network")
+    batch_size = Param(32, "rows per pass, in training and at inference")
+
+    def check(self) -> None:
+        super().check()
+        _check_int("epochs", self.epochs)
+        _check_number("lr", self.lr, 0.0, strict=True)
+        data, readout_layers = self.data, self.readout_layers
         if isinstance(data, _features.FeatureStats) or isinstance(data, dict):
             raise ConfigError("readout_iba trains its readout network on images: pass data= a folder, a tensor or "
                               "batches of images, not feature statistics")
@@ -109,9 +120,7 @@ class ReadoutIBA(IBAMethod):
         if readout_layers is not None and (isinstance(readout_layers, str) or
                                            not all(isinstance(n, str) for n in readout_layers)):
             raise ConfigError(f"readout_layers must be a list of layer names (or '{OUTPUT}'), got {readout_layers!r}")
-        self._net: ReadoutNet | None = None
-        self._net_key = None
-        self.last_readout_layers = None
+        self._net_memo: dict = {}  # trained networks for this method's data, by (layer, readout, size)
 
     def _train_source(self, x):
         if self.data is None:
@@ -129,7 +138,7 @@ class ReadoutIBA(IBAMethod):
         digest = hashlib.sha1(repr(settings).encode()).hexdigest()[:24]
         return _features.cache_dir() / "readout" / f"{digest}.pt"
 
-    def _attribute(self, session, x, target):
+    def compute(self, session, x, target) -> Explanation:
         names, infos = self._layers(session, x, probe=self.readout_layers is None)
         layer = names[0]
         readout = list(self.readout_layers) if self.readout_layers is not None else default_readout_layers(infos, layer)
@@ -145,8 +154,9 @@ class ReadoutIBA(IBAMethod):
         in_channels = sum(stats[n].shape[0] for n in readout)
 
         path = self._net_path(session, x, layer, readout)
-        key = (layer, tuple(readout), path)
-        if self._net is None or self._net_key != key:
+        key = (layer, tuple(readout), tuple(x.shape[-2:]), x.dtype)
+        net = self._net_memo.get(key) if self.data is not None else None
+        if net is None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int(self.seed))
                 net = ReadoutNet(in_channels, C).to(session.device, x.dtype)
@@ -156,11 +166,11 @@ class ReadoutIBA(IBAMethod):
                 self._train(session, x, net, layer, readout, stats, (h, w))
                 if path is not None:
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_suffix(".tmp")
+                    tmp = path.with_suffix(f".tmp{os.getpid()}")  # concurrent trainers never share a file
                     torch.save(net.state_dict(), tmp)
                     tmp.replace(path)
-            self._net, self._net_key = net, key
-        net = self._net
+            if self.data is not None:
+                self._net_memo[key] = net
 
         mean = stats[layer].mean.to(x)
         std = stats[layer].floored_std(self.min_std).to(x)
@@ -175,23 +185,22 @@ class ReadoutIBA(IBAMethod):
                 caps.append(capacity((feats[layer] - mean) / std, lam) * active)
                 outputs.append(feats[OUTPUT])
         out = torch.cat(outputs)
-        resolved = resolve_target(self._target_spec, out)
-        self.record(out, resolved.classes)
-        self.last_layer, self.last_readout_layers = layer, readout
-        self.last_capacity = torch.cat(caps)
-        self.last_lowres = capacity_map(self.last_capacity, x.shape[-2:])
-        return self.last_lowres
+        resolved = resolve_target(target, out)
+        cap = torch.cat(caps)
+        lowres = capacity_map(cap, x.shape[-2:])
+        return Explanation(maps=lowres, targets=resolved.classes, outputs=out, lowres=lowres,
+                           extras={"layer": layer, "readout_layers": readout, "capacity": cap})
 
     def _train(self, session, x, net, layer, readout, stats, size):
         st = stats[layer]
         hook = BottleneckHook(st.mean.to(x), st.floored_std(self.min_std).to(x),
                               st.active(self.active_threshold).to(x), relu=self.relu)
-        handle = session.add_forward_hook(_features.module_for(session.model, layer), hook)
         params = list(net.parameters())
         optimizer = Adam(params, lr=self.lr)
         gen = torch.Generator(device=session.device).manual_seed(int(self.seed))
         capture_names = list(dict.fromkeys([layer, *readout, OUTPUT]))
-        try:
+        with session.scope():
+            session.hook(_features.module_for(session.model, layer), hook, "forward")
             for _ in progress(range(self.epochs), desc=f"{self.name} training", total=self.epochs):
                 seen = 0
                 for batch in self._train_source(x):
@@ -221,6 +230,3 @@ class ReadoutIBA(IBAMethod):
                         seen += len(chunk)
                 if seen == 0:
                     raise ConfigError("the data source yielded no images to train the readout network on")
-        finally:
-            hook.disarm()
-            handle.remove()
