@@ -165,6 +165,14 @@ def test_layer_errors(images):
         build("layercam", model, layer=LAYER).attribute(images, channels=True)
     with pytest.raises(ConfigError, match="spatial"):
         build("gradcam", model, layer="10").attribute(images)  # the Linear head: (B, 5)
+    with pytest.raises(ConfigError, match="one layer"):
+        build("gradcam", model, layer=["6", "7"])
+    with pytest.raises(ConfigError, match="not a submodule"):
+        build("gradcam", model, layer=nn.Conv2d(8, 8, 3))
+    # a module of the model is named by its dotted path
+    by_module = build("gradcam", model, layer=model[6]).explain(images)
+    assert by_module.extras["layer"] == LAYER
+    assert torch.equal(by_module.maps, build("gradcam", model, layer=LAYER).attribute(images))
 
 
 class ResidualInplace(nn.Module):
