@@ -61,6 +61,9 @@ def integrated_path_gradients(session, x, baseline, target, alphas, weights, bat
 
 @register
 class IntegratedGradients(Method):
+    """extras["baseline"]: the baseline images (B, C, H, W) the paths started from (completeness:
+    maps.sum() = f(x) - f(baseline) up to quadrature error)."""
+
     name = "integrated_gradients"
     description = "Integrated gradients along the straight path from a baseline (zero, blur, noise, tensor)."
     differentiable = True
