@@ -83,8 +83,7 @@ def engine_overhead(x, batch_size, window, stride, steps, rise_masks):
     for metric in ("deletion", "insertion"):
         def run(metric=metric):
             instance = sl.metrics.build(metric, steps=steps, batch_size=batch_size)
-            sl.evaluate(null, x, torch.rand(x.shape[0], *x.shape[-2:]), instance)
-            return instance.last_cost
+            return instance.measure(null, x, torch.rand(x.shape[0], *x.shape[-2:])).cost
         calls[metric] = run
     out = {}
     for name, fn in calls.items():
@@ -115,8 +114,8 @@ def quantus_runs(runs, model, x, maps, targets, args) -> None:
             y = net(xx).argmax(1)
         instance = sl.metrics.build("deletion", per_step=ps, baseline="zero", score="softmax",
                                     batch_size=args.batch_size)
-        wall, cpu, _ = once(lambda: sl.evaluate(net, xx, mm, instance, target=y))
-        fwd = instance.last_cost.forward_images
+        wall, cpu, measured = once(lambda: instance.measure(net, xx, mm, y))
+        fwd = measured.cost.forward_images
         runs.append((f"deletion {label} (ours)", wall, cpu, fwd if label == "embedded" else 0,
                      {"library": "saliencylab", "per_step": ps}))
         metric = quantus.PixelFlipping(features_in_step=ps, perturb_baseline=0.0, normalise=False, abs=False,
@@ -215,8 +214,9 @@ def main(argv=None) -> int:
     # -- deletion / insertion of the occlusion maps ---------------------------------------------
     for metric in ("deletion", "insertion"):
         instance = sl.metrics.build(metric, steps=args.steps, batch_size=args.batch_size)
-        wall, cpu, scores = once(lambda: sl.evaluate(model, x, ours_maps, instance, target=targets))
-        runs.append((f"{metric} (ours)", wall, cpu, instance.last_cost.forward_images,
+        wall, cpu, measured = once(lambda: instance.measure(model, x, ours_maps, targets))
+        scores = measured.scores
+        runs.append((f"{metric} (ours)", wall, cpu, measured.cost.forward_images,
                      {"library": "saliencylab", "params": {"steps": args.steps, "batch_size": args.batch_size,
                                                            "baseline": repr(instance.baseline)},
                       "scores": [round(float(s), 4) for s in scores]}))

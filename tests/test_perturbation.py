@@ -46,3 +46,32 @@ def test_gradient_methods_default_batch_is_automatic_too():
     torch.testing.assert_close(auto.maps, fixed.maps)
     sg = sl.explain(model, x, "smoothgrad", samples=6)
     assert sg.cost.backward_calls == 2  # 18 rows in passes of 16
+
+
+def test_random_baselines_are_keyed_by_image():
+    """The engine draws a uniform baseline per image, keyed by the call's image ids: occlusion with it is
+    the same for a whole batch and for its shards; a subset names its images with `images=`."""
+    from saliencylab.core.session import ModelSession
+    from saliencylab.core.targets import resolve_target
+
+    model, ids = make_small_cnn(), ["a", "b", "c"]
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 16, 16)
+    params = dict(window=8, stride=4, baseline="uniform", batch_size=5)
+    whole = sl.explain(model, x, "occlusion", image_ids=ids, **params).maps
+    shards = torch.cat([sl.explain(model, x[i:i + 1], "occlusion", image_ids=ids[i:i + 1], **params).maps
+                        for i in range(3)])
+    torch.testing.assert_close(shards, whole, atol=1e-5, rtol=1e-5)
+    renamed = sl.explain(model, x, "occlusion", image_ids=["x", "y", "z"], **params).maps
+    assert not torch.allclose(renamed, whole)
+
+    perturber = Perturber("uniform", "logit", 4)
+    everything = lambda image, k: torch.zeros(len(image), 1, 16, 16)  # noqa: E731 - all baseline
+    with ModelSession(model, image_ids=ids) as session:
+        target = resolve_target(0, torch.zeros(3, 5))
+        all_three = perturber.scores(session, x, target, 1, everything)
+        last_two = perturber.scores(session, x[1:], target.for_images(torch.tensor([1, 2])), 1, everything,
+                                    images=torch.tensor([1, 2]))
+        with pytest.raises(sl.InputError, match="images="):
+            perturber.scores(session, x[1:], target, 1, everything)
+    torch.testing.assert_close(last_two, all_three[1:])

@@ -3,6 +3,12 @@
 Used by integrated gradients, perturbation metrics and perturbation methods. All live in the
 model's normalized input space. A baseline is given as a name ("zero", "blur", "uniform", "mean"),
 a number (a constant image), a tensor broadcastable to the images, or one of the classes below.
+Named baselines live in `registry` (a core Registry: `registry.register` adds one, unknown names get a
+did-you-mean error).
+
+A random baseline ("uniform") draws per image, keyed by the image (`core.randomness`): call it as
+`baseline(x, rng)` with `rng = session.random(baseline.seed, "baseline")` (what `baseline_images`
+does), so an image's baseline does not depend on the other images of its batch.
 """
 
 from __future__ import annotations
@@ -13,12 +19,17 @@ import torch
 import torch.nn.functional as F
 
 from .core.errors import ConfigError, InputError
-
+from .core.randomness import KeyedRandom
+from .core.registry import Registry
 
 class Baseline:
-    name = "baseline"
+    """`baseline(x, rng=None) -> (B, C, H, W)`. Deterministic baselines ignore `rng`; random ones have a
+    `seed` and draw from `rng` (a KeyedRandom over x's images; default: keyed by position)."""
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    name = "baseline"
+    stochastic = False
+
+    def __call__(self, x: torch.Tensor, rng: KeyedRandom | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -26,6 +37,10 @@ class Baseline:
         return f"{type(self).__name__}({args})"
 
 
+registry: Registry = Registry("baseline", base=Baseline)
+
+
+@registry.register
 class Constant(Baseline):
     """A constant image (0 = zero in normalized space, i.e. the dataset mean colour)."""
 
@@ -34,19 +49,21 @@ class Constant(Baseline):
     def __init__(self, value: float = 0.0):
         self.value = float(value)
 
-    def __call__(self, x):
+    def __call__(self, x, rng=None):
         return torch.full_like(x, self.value)
 
 
+@registry.register
 class MeanColour(Baseline):
     """Each image's own mean colour, per channel."""
 
     name = "mean"
 
-    def __call__(self, x):
+    def __call__(self, x, rng=None):
         return x.mean(dim=(2, 3), keepdim=True).expand_as(x).clone()
 
 
+@registry.register
 class Blur(Baseline):
     """Gaussian blur of each image (separable, reflect padding)."""
 
@@ -56,23 +73,31 @@ class Blur(Baseline):
         self.sigma = float(sigma)
         self.kernel_size = kernel_size
 
-    def __call__(self, x):
+    def __call__(self, x, rng=None):
         return gaussian_blur(x, self.sigma, self.kernel_size)
 
 
+@registry.register
 class UniformNoise(Baseline):
-    """Uniform noise over each image's own value range per channel; seeded."""
+    """Uniform noise over each image's own value range per channel.
+
+    Drawn per image from `rng` (keyed by the image: see the module docstring); without one, keyed by
+    the image's position in `x`, with this baseline's seed."""
 
     name = "uniform"
+    stochastic = True
 
     def __init__(self, seed: int = 0):
         self.seed = int(seed)
 
-    def __call__(self, x):
-        g = torch.Generator(device=x.device).manual_seed(self.seed)
+    def __call__(self, x, rng=None):
+        if rng is None:
+            rng = KeyedRandom(self.seed, "baseline")
+        images = torch.arange(x.shape[0])
+        noise = rng.uniform(images, torch.zeros_like(images), x.shape[1:], device=x.device, dtype=x.dtype)
         lo = x.amin(dim=(2, 3), keepdim=True)
         hi = x.amax(dim=(2, 3), keepdim=True)
-        return lo + (hi - lo) * torch.rand(x.shape, generator=g, device=x.device, dtype=x.dtype)
+        return lo + (hi - lo) * noise
 
 
 class Tensor(Baseline):
@@ -83,7 +108,7 @@ class Tensor(Baseline):
     def __init__(self, value: torch.Tensor):
         self.value = value
 
-    def __call__(self, x):
+    def __call__(self, x, rng=None):
         try:
             return torch.broadcast_to(self.value.to(device=x.device, dtype=x.dtype), x.shape).clone()
         except RuntimeError as e:
@@ -95,11 +120,8 @@ class Tensor(Baseline):
         return f"Tensor(shape={tuple(self.value.shape)})"
 
 
-_NAMED = {"zero": Constant, "mean": MeanColour, "blur": Blur, "uniform": UniformNoise}
-
-
 def make_baseline(spec) -> Baseline:
-    """Turn a user's baseline spec into a Baseline object."""
+    """Turn a user's baseline spec (a registered name, a number, a tensor, a Baseline) into a Baseline."""
     if isinstance(spec, Baseline):
         return spec
     if isinstance(spec, torch.Tensor):
@@ -108,12 +130,29 @@ def make_baseline(spec) -> Baseline:
         return Tensor(spec)
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
         return Constant(spec)
-    if isinstance(spec, str) and _NAMED.get(spec) is not None:
-        return _NAMED[spec]()
+    if isinstance(spec, str):
+        return registry.get(spec)()  # unknown names: did-you-mean
     raise ConfigError(
-        f"unknown baseline {spec!r}; use 'zero', 'mean', 'blur', 'uniform', a number, a tensor, "
+        f"unknown baseline {spec!r}; use a name ({', '.join(registry.available())}), a number, a tensor, "
         "or a saliencylab.baselines.Baseline"
     )
+
+
+def baseline_images(baseline: Baseline, x: torch.Tensor, session=None, images=None) -> torch.Tensor:
+    """`baseline(x)`, with a random baseline's draws keyed to the session's images.
+
+    `images`: the indices, among the call's images, of the rows of `x` (default: x holds all of them,
+    in order). Deterministic baselines (and user baselines without a `seed`) are called as `baseline(x)`."""
+    seed = getattr(baseline, "seed", None)
+    if seed is None or session is None or not getattr(baseline, "stochastic", True):
+        return baseline(x)
+    rng = session.random(seed, "baseline")
+    if images is not None:
+        rng = rng.for_images(images)
+    elif rng.keys is not None and len(rng.keys) != x.shape[0]:
+        raise InputError(f"{len(rng.keys)} image ids for a baseline of {x.shape[0]} images: pass the images' "
+                         "indices (images=) when drawing for a subset")
+    return baseline(x, rng=rng)
 
 
 def gaussian_kernel1d(sigma: float, kernel_size: int | None, device=None, dtype=torch.float32) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .core.progress import progress
-from .baselines import Baseline, make_baseline
+from .baselines import Baseline, baseline_images, make_baseline
 from .core.errors import ConfigError
 from .core.targets import Target
 
@@ -73,7 +73,8 @@ class Perturber:
         self.batch_size = batch_size
 
     def scores(self, session, x: torch.Tensor, target: Target, n: int, make_masks: MaskFn, *,
-               reduce: Callable | None = None, perturb: Callable | None = None, desc: str = "") -> torch.Tensor:
+               reduce: Callable | None = None, perturb: Callable | None = None, desc: str = "",
+               images: torch.Tensor | None = None) -> torch.Tensor:
         """Score n perturbations of each image: returns (B, n).
 
         `make_masks(image_index, k)` returns keep-masks (N, 1 or C, H', W') for a chunk of rows;
@@ -81,12 +82,15 @@ class Perturber:
         given, is called on every chunk (RISE accumulates mask-weighted scores this way).
         `perturb(inputs, image, k)`, if given, transforms a chunk's perturbed inputs before the
         forward pass (the I-GOS family adds noise there; extremal perturbation flips).
+        `images`: when `x` is a subset of the call's images, their indices among them, so that a
+        random baseline draws each image's own numbers (see `baselines.baseline_images`).
         """
         with torch.no_grad():
-            return self._run(session, x, target, n, make_masks, reduce, perturb, False, desc)
+            return self._run(session, x, target, n, make_masks, reduce, perturb, False, desc, images)
 
     def scores_and_grads(self, session, x: torch.Tensor, target: Target, n: int, make_masks: MaskFn, *,
-                         reduce: Callable, perturb: Callable | None = None, desc: str = "") -> torch.Tensor:
+                         reduce: Callable, perturb: Callable | None = None, desc: str = "",
+                         images: torch.Tensor | None = None) -> torch.Tensor:
         """Like `scores`, with one forward+backward pass per chunk: for differentiable masks.
 
         `reduce(scores, grads, image, k, masks)` receives each chunk's gradients of the row scores
@@ -97,14 +101,14 @@ class Perturber:
         """
         if isinstance(self.baseline, Imputer):
             raise ConfigError("mask gradients need a fixed baseline, not a mask-dependent imputer")
-        return self._run(session, x, target, n, make_masks, reduce, perturb, True, desc)
+        return self._run(session, x, target, n, make_masks, reduce, perturb, True, desc, images)
 
-    def _run(self, session, x, target, n, make_masks, reduce, perturb, grads, desc):
+    def _run(self, session, x, target, n, make_masks, reduce, perturb, grads, desc, images=None):
         """The chunk loop shared by `scores` and `scores_and_grads`."""
         B = x.shape[0]
         target = target.with_score(self.score)
         imputing = isinstance(self.baseline, Imputer)
-        base = None if imputing else self.baseline(x)
+        base = None if imputing else baseline_images(self.baseline, x, session, images)
         out = torch.empty(B, n, device=x.device, dtype=x.dtype)
         total = B * n
         size = self.batch_size or auto_batch_size(x.device, pixels=x.shape[-2] * x.shape[-1])

@@ -89,16 +89,16 @@ def test_gradcam_matches_captum(images, relu):
 
     model = small_cnn()
     targets = [1, 0, 4, 2]
-    method = build("gradcam", model, layer=LAYER, relu=relu)
-    ours = method.attribute(images, targets)
+    e = build("gradcam", model, layer=LAYER, relu=relu).explain(images, targets)
+    ours = e.maps
     captum = LayerGradCam(model, dict(model.named_modules())[LAYER])
     low = captum.attribute(images, target=targets, relu_attributions=relu).detach()
     up = LayerAttribution.interpolate(low, tuple(images.shape[-2:]), interpolate_mode="bilinear")
-    assert ours.shape == (4, 12, 12) and method.last_lowres.shape == (4, 6, 6)
-    assert torch.allclose(method.last_lowres, low[:, 0], atol=1e-5, rtol=0)
+    assert ours.shape == (4, 12, 12) and e.lowres.shape == (4, 6, 6)
+    assert torch.allclose(e.lowres, low[:, 0], atol=1e-5, rtol=0)
     assert torch.allclose(ours, up[:, 0], atol=1e-5, rtol=0)
     assert (ours < 0).any() != relu  # the signed map keeps negative evidence
-    assert method.last_layer == LAYER
+    assert e.extras["layer"] == LAYER and e.to_dict()["layer"] == LAYER
 
 
 def test_gradcam_plus_plus_and_layercam_match_loop_references(images):
@@ -106,23 +106,20 @@ def test_gradcam_plus_plus_and_layercam_match_loop_references(images):
     targets = [3, 3, 0, 1]
     A, G = acts_and_grads(model, LAYER, images, targets)
     for name, reference in (("gradcam_plus_plus", gradcam_pp_loops), ("layercam", layercam_loops)):
-        method = build(name, model, layer=LAYER)
-        ours = method.attribute(images, targets)
+        e = build(name, model, layer=LAYER).explain(images, targets)
         expected = reference(A, G)
         assert expected.abs().max() > 0
-        assert torch.allclose(method.last_lowres, expected, atol=1e-10), name
-        assert torch.allclose(ours, F.interpolate(expected[:, None], size=(12, 12), mode="bilinear")[:, 0])
+        assert torch.allclose(e.lowres, expected, atol=1e-10), name
+        assert torch.allclose(e.maps, F.interpolate(expected[:, None], size=(12, 12), mode="bilinear")[:, 0])
 
 
 def test_positive_gradients_variant(images):
     model = small_cnn()
     A, G = acts_and_grads(model, LAYER, images, [2] * 4)
-    method = build("gradcam", model, layer=LAYER, positive_gradients=True)
-    method.attribute(images, 2)
-    assert torch.allclose(method.last_lowres, positive_gradcam_loops(A, G), atol=1e-10)
-    plain = build("gradcam", model, layer=LAYER)
-    plain.attribute(images, 2)
-    assert not torch.allclose(plain.last_lowres, method.last_lowres)
+    positive = build("gradcam", model, layer=LAYER, positive_gradients=True).explain(images, 2)
+    assert torch.allclose(positive.lowres, positive_gradcam_loops(A, G), atol=1e-10)
+    plain = build("gradcam", model, layer=LAYER).explain(images, 2)
+    assert not torch.allclose(plain.lowres, positive.lowres)
 
 
 @pytest.mark.parametrize("name", ["gradcam", "gradcam_plus_plus", "layercam"])
@@ -142,20 +139,22 @@ def test_batch_size_and_targets(images, name):
 def test_callable_target(images):
     model = small_cnn()
     by_class = build("gradcam", model, layer=LAYER).attribute(images, 3)
-    method = build("gradcam", model, layer=LAYER, batch_size=3)
-    by_callable = method.attribute(images, lambda out: out[:, 3])
-    assert torch.allclose(by_class, by_callable, atol=1e-12)
-    assert method.last_targets is None and method.last_outputs.shape == (4, 5)
+    e = build("gradcam", model, layer=LAYER, batch_size=3).explain(images, lambda out: out[:, 3])
+    assert torch.allclose(by_class, e.maps, atol=1e-12)
+    assert e.targets is None and e.outputs.shape == (4, 5)
 
 
 def test_default_layer_on_a_cnn(images):
     model = small_cnn()
     method = build("gradcam", model)
-    maps = method.attribute(images)
-    assert method.last_layer == "7"  # the ReLU after the last convolution
+    e = method.explain(images)
+    assert e.extras["layer"] == "7"  # the ReLU after the last convolution
     explicit = build("gradcam", model, layer="7").attribute(images)
-    assert torch.allclose(maps, explicit)
-    assert torch.equal(method.last_targets, model(images).argmax(1))
+    assert torch.allclose(e.maps, explicit)
+    assert torch.equal(e.targets, model(images).argmax(1))
+    # found per call: one probe (1 forward + 1 backward image) on top of one pass per image, every call
+    assert e.cost.forward_images == 4 + 1 and e.cost.backward_images == 4 + 1
+    assert method.explain(images).cost.forward_images == 5
 
 
 def test_layer_errors(images):
@@ -166,6 +165,14 @@ def test_layer_errors(images):
         build("layercam", model, layer=LAYER).attribute(images, channels=True)
     with pytest.raises(ConfigError, match="spatial"):
         build("gradcam", model, layer="10").attribute(images)  # the Linear head: (B, 5)
+    with pytest.raises(ConfigError, match="one layer"):
+        build("gradcam", model, layer=["6", "7"])
+    with pytest.raises(ConfigError, match="not a submodule"):
+        build("gradcam", model, layer=nn.Conv2d(8, 8, 3))
+    # a module of the model is named by its dotted path
+    by_module = build("gradcam", model, layer=model[6]).explain(images)
+    assert by_module.extras["layer"] == LAYER
+    assert torch.equal(by_module.maps, build("gradcam", model, layer=LAYER).attribute(images))
 
 
 class ResidualInplace(nn.Module):
@@ -196,9 +203,8 @@ def test_layer_followed_by_inplace_ops(images):
     score = model.fc(torch.relu(A + images).mean((2, 3)))[:, 1].sum()
     (G,) = torch.autograd.grad(score, A)
     expected = (G.mean((2, 3), keepdim=True) * A).sum(1).clamp(min=0).detach()
-    method = build("gradcam", model, layer="bn")
-    method.attribute(images, 1)
-    assert torch.allclose(method.last_lowres, expected, atol=1e-12)
+    e = build("gradcam", model, layer="bn").explain(images, 1)
+    assert torch.allclose(e.lowres, expected, atol=1e-12)
 
 
 class ChannelsLast(nn.Module):
@@ -224,16 +230,14 @@ class Permute(nn.Module):
 
 def test_channels_last_layer(images):
     model = ChannelsLast().double()
-    nhwc = build("gradcam", model, layer="to_nhwc")
-    nchw = build("gradcam", model, layer="stem")
-    a, b = nhwc.attribute(images, 2), nchw.attribute(images, 2)
-    assert nhwc.last_lowres.shape == (4, 4, 4)
-    assert torch.allclose(a, b, atol=1e-12) and a.abs().max() > 0
+    nhwc = build("gradcam", model, layer="to_nhwc").explain(images, 2)
+    b = build("gradcam", model, layer="stem").attribute(images, 2)
+    assert nhwc.lowres.shape == (4, 4, 4)
+    assert torch.allclose(nhwc.maps, b, atol=1e-12) and b.abs().max() > 0
     A, G = acts_and_grads(model, "mix", images, [2] * 4)
     A, G = A.permute(0, 3, 1, 2), G.permute(0, 3, 1, 2)
-    method = build("layercam", model, layer="mix")
-    method.attribute(images, 2)
-    assert torch.allclose(method.last_lowres, layercam_loops(A, G), atol=1e-12)
+    e = build("layercam", model, layer="mix").explain(images, 2)
+    assert torch.allclose(e.lowres, layercam_loops(A, G), atol=1e-12)
 
 
 class Block(nn.Module):
@@ -278,22 +282,19 @@ def test_vit_tokens():
         probe = resolve_target(None, model(x[:1]))
         default = find_default_layer(session, x[:1], probe)
     assert default not in ("norm", "blocks.1", "blocks")  # their patch tokens get no gradient
-    method = build("gradcam", model)
-    maps = method.attribute(x)
-    assert method.last_layer == default == "blocks.1.norm1"
-    assert maps.shape == (3, 16, 16) and method.last_lowres.shape == (3, 4, 4)
-    assert (method.last_lowres.flatten(1).abs().amax(1) > 0).all()
+    e = build("gradcam", model).explain(x)
+    assert e.extras["layer"] == default == "blocks.1.norm1"
+    assert e.maps.shape == (3, 16, 16) and e.lowres.shape == (3, 4, 4)
+    assert (e.lowres.flatten(1).abs().amax(1) > 0).all()
     # An explicit token layer, checked against the formula on the patch tokens (class token dropped).
-    method = build("gradcam", model, layer="blocks.0", relu=False)
-    method.attribute(x, [0, 1, 2])
+    e = build("gradcam", model, layer="blocks.0", relu=False).explain(x, [0, 1, 2])
     A, G = acts_and_grads(model, "blocks.0", x, [0, 1, 2])
     A, G = [t[:, 1:].transpose(1, 2).reshape(3, 16, 4, 4) for t in (A, G)]
     expected = (G.mean((2, 3), keepdim=True) * A).sum(1)
-    assert torch.allclose(method.last_lowres, expected, atol=1e-12)
+    assert torch.allclose(e.lowres, expected, atol=1e-12)
     # The final norm's map is all zeros: the reason it must not be the default.
-    final = build("gradcam", model, layer="norm", relu=False)
-    final.attribute(x)
-    assert final.last_lowres.abs().max() == 0
+    final = build("gradcam", model, layer="norm", relu=False).explain(x)
+    assert final.lowres.abs().max() == 0
 
 
 def test_default_layer_with_inplace_relu_after_the_first_conv(images):
@@ -304,6 +305,5 @@ def test_default_layer_with_inplace_relu_after_the_first_conv(images):
         nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(inplace=True),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3),
     ).double()
-    method = build("gradcam", model)
-    maps = method.attribute(images)
-    assert method.last_layer in ("2", "3") and maps.shape == (4, 12, 12)
+    e = build("gradcam", model).explain(images)
+    assert e.extras["layer"] in ("2", "3") and e.maps.shape == (4, 12, 12)

@@ -102,13 +102,13 @@ def reference_saliency(model, x, targets):
 def test_saliency_matches_reference(images):
     model = bias_net()
     targets = torch.tensor([2, 2, 0])
-    method = build("fullgrad", model)
-    maps = method.attribute(images, targets)
+    e = build("fullgrad", model).explain(images, targets)
+    maps = e.maps
     expected = reference_saliency(model, images, targets)
     assert maps.shape == (3, 8, 8)
     assert torch.allclose(maps, expected, atol=1e-10)
     assert (maps >= 0).all()
-    assert torch.equal(method.last_targets, targets)
+    assert torch.equal(e.targets, targets)
 
 
 def test_batch_size_and_targets(images):
@@ -118,10 +118,9 @@ def test_batch_size_and_targets(images):
     assert torch.allclose(full, one, atol=1e-12)
     single = build("fullgrad", model).attribute(images[1:2], 0)
     assert torch.allclose(full[1], single[0], atol=1e-12)
-    method = build("fullgrad", model, batch_size=2)
-    by_callable = method.attribute(images, lambda out: out[:, 3])
-    assert torch.allclose(by_callable, build("fullgrad", model).attribute(images, 3), atol=1e-12)
-    assert method.last_targets is None
+    e = build("fullgrad", model, batch_size=2).explain(images, lambda out: out[:, 3])
+    assert torch.allclose(e.maps, build("fullgrad", model).attribute(images, 3), atol=1e-12)
+    assert e.targets is None and e.outputs.shape == (3, 4)
 
 
 def test_full_gradients_in_an_open_session(images):

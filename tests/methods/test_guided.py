@@ -70,11 +70,13 @@ def test_matches_captum_guided_backprop(images):
 def test_summed_channels_and_batches(images):
     model = small_cnn()
     method = build("guided_backprop", model)
-    full = method.attribute(images, channels=True)
+    e = method.explain(images, channels=True)
+    full = e.maps
     assert torch.allclose(method.attribute(images), full.sum(1))
     one = build("guided_backprop", model, batch_size=1).attribute(images)
     assert torch.allclose(one, full.sum(1), atol=1e-12)
-    assert torch.equal(method.last_targets, model(images).argmax(1))
+    assert torch.equal(e.targets, model(images).argmax(1))
+    assert not any(m._forward_hooks for m in model.modules())  # the scope removed the guided hooks
 
 
 def test_relu6_clamps_gradients_by_hand():

@@ -1,26 +1,81 @@
-"""Layers by dotted name, feature maps as spatial grids, and the default layer for CAM methods."""
+"""Layers in one place: resolving names, probing a forward pass, feature maps as grids, default layers.
+
+- `resolve_layers(model, spec)`: a dotted name ("blocks.15"), a module, or a list of either ->
+  [(name, module)], with did-you-mean on misspelt names; `get_layer` is its one-layer form.
+- `probe_layers(session, x, target)`: one forward (and, with a target, one backward) pass that lists
+  every named module's outputs in call order with their shape and spatial layout, and whether the
+  target's gradient reaches their spatial grid.
+- `to_grid(t, input_hw, layout)`: a layer output as a (B, C, h, w) map. A *declared* layout wins over
+  the shape heuristic: the caller's `layout=`, else the module's `saliency_layout` attribute
+  ("nchw", "nhwc" or "tokens"); the heuristic is the fallback for undeclared modules.
+- `find_default_layer(session, x, target, policy)`: the layer CAM methods use when none is given,
+  chosen by a named policy from `DEFAULT_LAYER_POLICIES`.
+"""
 
 from __future__ import annotations
 
 import difflib
 import math
+from dataclasses import dataclass
+from typing import Callable, Sequence, Union
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
 
+LAYOUTS = ("nchw", "nhwc", "tokens")
+LayerSpec = Union[str, nn.Module, Sequence[Union[str, nn.Module]]]
+
+
+# -- names -------------------------------------------------------------------------------------
+def resolve_layers(model: nn.Module, spec: LayerSpec) -> list[tuple[str, nn.Module]]:
+    """[(dotted name, module)] for a dotted name, a module of `model`, or a list of either."""
+    items = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    if not items:
+        raise ConfigError("no layer given; pass a dotted module name such as 'blocks.15', a module, or a list")
+    modules = dict(model.named_modules())
+    names = {m: n for n, m in modules.items()}
+    out = []
+    for item in items:
+        if isinstance(item, nn.Module):
+            if item not in names or names[item] == "":
+                raise ConfigError(f"the layer module given ({type(item).__name__}) is not a submodule of this model")
+            out.append((names[item], item))
+        elif isinstance(item, str):
+            if item == "" or item not in modules:
+                close = difflib.get_close_matches(item, [n for n in modules if n], n=3, cutoff=0.5)
+                hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+                raise ConfigError(f"model has no layer named '{item}'{hint}")
+            out.append((item, modules[item]))
+        else:
+            raise ConfigError(f"a layer must be a dotted module name such as 'blocks.15' or a module, got {item!r}")
+    return out
+
 
 def get_layer(model: nn.Module, name: str | nn.Module) -> nn.Module:
-    """The submodule at a dotted path such as "blocks.15" (or the module itself if given one)."""
-    if isinstance(name, nn.Module):
-        return name
-    modules = dict(model.named_modules())
-    if name in modules and name != "":
-        return modules[name]
-    close = difflib.get_close_matches(name, [n for n in modules if n], n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise ConfigError(f"model has no layer named '{name}'{hint}")
+    """The submodule at a dotted path such as "blocks.15" (a module of `model` is returned as is)."""
+    if isinstance(name, (list, tuple)):
+        raise ConfigError(f"expected one layer, got {len(name)}")
+    return resolve_layers(model, name)[0][1]
+
+
+def layer_name(model: nn.Module, layer: str | nn.Module) -> str:
+    return resolve_layers(model, layer)[0][0]
+
+
+# -- layouts -----------------------------------------------------------------------------------
+def check_layout(layout) -> str | None:
+    if layout is not None and layout not in LAYOUTS:
+        raise ConfigError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)} (or None to infer it)")
+    return layout
+
+
+def declared_layout(module: nn.Module | None, layout: str | None = None) -> str | None:
+    """The caller's `layout`, else the module's `saliency_layout` attribute, else None (infer)."""
+    if layout is not None:
+        return check_layout(layout)
+    return check_layout(getattr(module, "saliency_layout", None)) if module is not None else None
 
 
 def _grid_for(n: int, aspect: float, tolerance: float) -> tuple[int, int] | None:
@@ -35,22 +90,34 @@ def _grid_for(n: int, aspect: float, tolerance: float) -> tuple[int, int] | None
     return None
 
 
-def to_grid(t: torch.Tensor, input_hw: tuple[int, int], layout: str = "auto") -> torch.Tensor:
-    """Return a layer output as a (B, C, h, w) feature map.
+def guess_layout(t: torch.Tensor, input_hw) -> str | None:
+    """The shape heuristic: "nchw", "nhwc", "tokens", or None when `t` is not a spatial map."""
+    if not isinstance(t, torch.Tensor) or t.dim() not in (3, 4):
+        return None
+    if t.dim() == 4:
+        return "nhwc" if _looks_nhwc(t, input_hw[0] / input_hw[1]) else "nchw"
+    return "tokens"
+
+
+def to_grid(t: torch.Tensor, input_hw: tuple[int, int], layout: str | None = "auto",
+            module: nn.Module | None = None) -> torch.Tensor:
+    """Return a layer output as a (B, C, h, w) feature map (`t` itself when it already is one).
 
     Handles convolutional maps (B, C, h, w), channels-last maps (B, h, w, C) such as Swin stages,
     and token sequences (B, N, D) from vision transformers, where leading class/register tokens
-    are dropped so that the remaining tokens form a grid with the input's aspect ratio.
+    are dropped so that the remaining tokens form a grid with the input's aspect ratio. The layout
+    is `layout` if given, else `module.saliency_layout` if declared, else guessed from the shape.
     """
+    layout = declared_layout(module, None if layout == "auto" else layout)
+    if layout is None:
+        layout = guess_layout(t, input_hw)
     H, W = input_hw
     aspect = H / W
-    if layout == "nchw" or (layout == "auto" and t.dim() == 4 and not _looks_nhwc(t, aspect)):
-        if t.dim() != 4:
-            raise ConfigError(f"layer output of shape {tuple(t.shape)} is not a (B, C, h, w) feature map")
+    if layout == "nchw" and t.dim() == 4:
         return t
-    if layout == "nhwc" or (layout == "auto" and t.dim() == 4):
+    if layout == "nhwc" and t.dim() == 4:
         return t.permute(0, 3, 1, 2)
-    if t.dim() == 3 and layout in ("auto", "tokens"):
+    if layout == "tokens" and t.dim() == 3:
         B, N, D = t.shape
         # Prefer an exact aspect match (patches tile the input), then allow rounding at the borders.
         for tolerance in (1e-6, 0.25):
@@ -60,8 +127,11 @@ def to_grid(t: torch.Tensor, input_hw: tuple[int, int], layout: str = "auto") ->
                     h, w = grid
                     return t[:, prefix:, :].transpose(1, 2).reshape(B, D, h, w)
         raise ConfigError(f"cannot arrange {N} tokens of layer output {tuple(t.shape)} into a spatial grid")
+    if layout is not None and isinstance(t, torch.Tensor) and t.dim() in (3, 4):
+        raise ConfigError(f"layer output of shape {tuple(t.shape)} does not have the declared layout '{layout}'")
+    shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
     raise ConfigError(
-        f"layer output of shape {tuple(t.shape)} is not a spatial feature map; choose a convolutional or token layer"
+        f"layer output of shape {shape} is not a spatial feature map; choose a convolutional or token layer"
     )
 
 
@@ -72,52 +142,121 @@ def _looks_nhwc(t: torch.Tensor, aspect: float) -> bool:
     return spatial_nhwc and not (spatial_nchw and a > b)
 
 
-def is_spatial(t, input_hw) -> bool:
+def spatial_layout(t, input_hw, module: nn.Module | None = None, layout: str | None = None) -> str | None:
+    """The layout `to_grid` would use for `t`, or None if `t` is not a spatial map of more than one cell."""
     if not isinstance(t, torch.Tensor) or t.dim() not in (3, 4):
-        return False
+        return None
+    chosen = declared_layout(module, layout) or guess_layout(t, input_hw)
     try:
-        g = to_grid(t, input_hw)
+        g = to_grid(t, input_hw, chosen)
     except ConfigError:
-        return False
-    return g.shape[-1] * g.shape[-2] > 1
+        return None
+    return chosen if g.shape[-1] * g.shape[-2] > 1 else None
 
 
-def find_default_layer(session, x: torch.Tensor, target) -> str:
-    # `target` is a resolved Target for the batch `x`; only the first image is probed.
-    """The last layer, in execution order, whose output is a spatial map the target depends on.
+def is_spatial(t, input_hw, module: nn.Module | None = None) -> bool:
+    return spatial_layout(t, input_hw, module) is not None
 
-    One probing forward/backward pass: a transformer's last block output, for instance, is spatial
-    but only its class token reaches the head, so its patch tokens carry no gradient; the previous
-    layer is the right choice there, and this finds it without a per-architecture table.
+
+# -- the probe ---------------------------------------------------------------------------------
+@dataclass
+class LayerInfo:
+    """One module call seen by `probe_layers`.
+
+    shape: the output's shape; layout: "nchw" / "nhwc" / "tokens", or None when it is not a spatial map;
+    has_gradient: whether the target's gradient reaches the output's spatial grid (None without a target)."""
+
+    name: str
+    module: nn.Module
+    shape: tuple
+    layout: str | None
+    has_gradient: bool | None = None
+
+
+def probe_layers(session, x: torch.Tensor, target=None, *, gradient: bool | None = None) -> list[LayerInfo]:
+    """Every named module's tensor outputs on `x`, in call order (a module called twice appears twice).
+
+    Without a target: one no-grad forward pass. With a target (a TargetSpec for the images of `x`, or
+    a resolved `core.targets.Target`), or with `gradient=True` (then target None is the predicted
+    class): one forward and one backward pass, and `has_gradient` tells whether the target depends on
+    each spatial output's grid. The hooks live in a session scope.
     """
+    from .targets import Target, resolve_target
+
     model = session.model
-    order: list[tuple[str, torch.Tensor]] = []
     names = {m: n for n, m in model.named_modules() if n}
     hw = tuple(x.shape[-2:])
+    seen: list[tuple[LayerInfo, torch.Tensor | None]] = []
+    want_grad = target is not None if gradient is None else bool(gradient)
 
     def hook(module, args, output):
-        if module in names and is_spatial(output, hw):
-            if not output.requires_grad:
-                leaf = output.detach().requires_grad_(True)
-                order.append((names[module], leaf))
-                # A copy goes on: an in-place op downstream (VGG's ReLU(inplace=True)) may not modify a leaf.
-                return leaf.clone()
-            order.append((names[module], output))
-        return None
+        if not isinstance(output, torch.Tensor):
+            return None
+        info = LayerInfo(names[module], module, tuple(output.shape), spatial_layout(output, hw, module))
+        if not (want_grad and info.layout is not None):
+            seen.append((info, None))
+            return None
+        # The first spatial output becomes a graph leaf (frozen parameters and an input without
+        # gradient put it in no graph); later ones descend from it. The model continues with a copy,
+        # so an in-place op downstream (VGG's ReLU(inplace=True)) cannot change the tensor we keep.
+        kept = output if output.requires_grad else output.detach().requires_grad_(True)
+        seen.append((info, kept))
+        return kept.clone()
 
-    handles = [session.add_forward_hook(m, hook) for m in names]
-    try:
-        out = session.forward(x[:1])
-        score = target.for_images(torch.tensor([0]))(out)
-        tensors = [o for _, o in order]
-        grads = torch.autograd.grad(score.sum(), tensors, allow_unused=True) if tensors else []
-        session.cost.backward_images += 1
-        session.cost.backward_calls += 1
-    finally:
-        for h in handles:
-            h.remove()
-    for (name, _), g in reversed(list(zip(order, grads))):
-        # Only the grid counts: after a transformer's last block the class token alone has gradient.
-        if g is not None and bool(to_grid(g, hw).abs().sum() > 0):
-            return name
-    raise ConfigError("found no spatial layer the target depends on; pass layer='dotted.name'")
+    with session.scope(), torch.enable_grad() if want_grad else torch.no_grad():
+        for module in names:
+            session.hook(module, hook)
+        out = session.forward(x)
+    if want_grad:
+        resolved = target if isinstance(target, Target) else resolve_target(target, out.detach())
+        tensors = [t for _, t in seen if t is not None]
+        grads = session.grad(resolved(out), tensors, create_graph=False) if tensors else []
+        grads = iter(grads)
+        for info, t in seen:
+            if t is not None:
+                g = next(grads)
+                info.has_gradient = bool(to_grid(g, hw, info.layout).abs().sum() > 0)
+    return [info for info, _ in seen]
+
+
+# -- default layers ----------------------------------------------------------------------------
+def last_spatial_with_gradient(layers: list[LayerInfo]) -> LayerInfo | None:
+    """The last layer, in call order, whose output is a spatial map the target depends on.
+
+    A transformer's last block output, for instance, is spatial but only its class token reaches
+    the head, so its patch tokens carry no gradient; the layer before it is the right choice there,
+    and this finds it without a per-architecture table."""
+    for info in reversed(layers):
+        if info.layout is not None and info.has_gradient:
+            return info
+    return None
+
+
+def last_spatial(layers: list[LayerInfo]) -> LayerInfo | None:
+    """The last spatial output in call order, gradient or not (no backward pass needed)."""
+    for info in reversed(layers):
+        if info.layout is not None:
+            return info
+    return None
+
+
+# name -> (policy, whether it needs the target's gradient)
+DEFAULT_LAYER_POLICIES: dict[str, tuple[Callable[[list[LayerInfo]], LayerInfo | None], bool]] = {
+    "last_spatial_with_gradient": (last_spatial_with_gradient, True),
+    "last_spatial": (last_spatial, False),
+}
+
+
+def find_default_layer(session, x: torch.Tensor, target=None, policy: str = "last_spatial_with_gradient") -> str:
+    """The default layer's dotted name, chosen by `policy` from a probe of `x` (pass one image: x[:1]).
+
+    `target` is a TargetSpec for the images of `x` or a resolved Target."""
+    if policy not in DEFAULT_LAYER_POLICIES:
+        from .errors import unknown_name
+
+        raise unknown_name("default-layer policy", policy, DEFAULT_LAYER_POLICIES)
+    choose, needs_gradient = DEFAULT_LAYER_POLICIES[policy]
+    info = choose(probe_layers(session, x, target if needs_gradient else None, gradient=needs_gradient))
+    if info is None:
+        raise ConfigError("found no spatial layer the target depends on; pass layer='dotted.name'")
+    return info.name

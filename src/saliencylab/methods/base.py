@@ -191,21 +191,23 @@ def accumulate_input_gradients(
     reduce: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None],
     batch_size: int | None,
     desc: str = "",
+    *,
+    pixels: int | None = None,
 ) -> None:
     """Forward and backward `n_images * n_samples` derived inputs in chunks of `batch_size` rows.
 
     Rows are ordered image-major (row = image * n_samples + sample), so a chunk mixes images and
     samples freely and every pass is full. `make_inputs(image_index, sample_index)` builds a chunk's
     inputs; `reduce(grads, image_index, sample_index, inputs)` folds its input gradients into the
-    caller's accumulators. `batch_size=None` picks the rows per pass for the device
-    (`perturbation.auto_batch_size(device, backward=True)`).
+    caller's accumulators. `batch_size=None` picks the rows per pass for the device and the image size
+    `pixels` (H * W) (`perturbation.auto_batch_size(device, backward=True)`); `make_inputs` is only
+    called for the rows that are explained, so a random draw in it is never spent on sizing.
+    In a differentiable session the gradients keep their graph (`session.grad`).
     """
     if batch_size is None:
         from ..perturbation import auto_batch_size
 
-        zero = torch.zeros(1, dtype=torch.long, device=session.device)
-        probe = make_inputs(zero, zero)  # one row, to size the passes by the image
-        batch_size = auto_batch_size(session.device, backward=True, pixels=probe.shape[-2] * probe.shape[-1])
+        batch_size = auto_batch_size(session.device, backward=True, pixels=pixels)
     batch_size = check_batch_size(batch_size)
     total = n_images * n_samples
     starts = range(0, total, batch_size)

@@ -5,8 +5,14 @@ graph leaf, so the backward pass stops there instead of running down to the inpu
 be (B, C, h, w), channels-last (B, h, w, C) or transformer tokens (B, N, D); `layers.to_grid` turns
 them into a (B, C, h, w) grid (dropping class/register tokens), so no reshape function is needed.
 
-Maps are returned at the layer's resolution (also kept as `last_lowres`) and upsampled bilinearly
-to the input's size by the base class.
+The layer is a dotted name or a module (`layer=`); without one, the default layer is found per call
+by a probe of the call's first image (`core.layers.find_default_layer`, policy `default_layer`). A
+layer's layout is declared by `layout=` or the module's `saliency_layout` attribute, else inferred.
+The explanation's `extras["layer"]` is the layer's name (also when chosen automatically) and
+`lowres` the map at the layer's resolution; `maps` are upsampled bilinearly to the input's size.
+
+Differentiable: with `create_graph=True` the activations are not detached and the layer gradient
+keeps its graph, so maps at any layer carry gradient to the parameters (through the upsampling).
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ from typing import Callable
 import torch
 
 from ..core.errors import ConfigError
-from ..core.layers import find_default_layer, get_layer, to_grid
+from ..core.explanation import Explanation
+from ..core.layers import DEFAULT_LAYER_POLICIES, check_layout, declared_layout, find_default_layer, \
+    resolve_layers, to_grid
 from ..core.targets import resolve_target, slice_target
-from .base import Method, check_batch_size, register
+from .base import Method, Param, check_batch_size, register
 
 
 def gradcam_combine(acts: torch.Tensor, grads: torch.Tensor, positive_gradients: bool = False) -> torch.Tensor:
@@ -56,76 +64,75 @@ class _CAM(Method):
     """Shared loop: capture the layer, one forward and backward per image, combine per chunk."""
 
     input_space = False
+    differentiable = True
 
-    def __init__(self, model, **params):
-        super().__init__(model, **params)
+    layer = Param(None, "dotted module name or module; None: found per call (default_layer policy)")
+    relu = Param(True, "clamp the map at zero")
+    layout = Param(None, "the layer output's layout: 'nchw', 'nhwc', 'tokens'; None: declared or inferred")
+    default_layer = Param("last_spatial_with_gradient", "policy choosing the layer when none is given")
+    batch_size = Param(32, "images per forward+backward pass")
+
+    def check(self):
         check_batch_size(self.batch_size)
-        if self.layer is not None and not isinstance(self.layer, (str, torch.nn.Module)):
-            raise ConfigError(f"layer must be a dotted module name such as 'blocks.15', got {self.layer!r}")
+        check_layout(self.layout)
         if self.layer is not None:
-            get_layer(model, self.layer)  # fail now on a misspelt name, with suggestions
-        self._default_layer: str | None = None
-        self.last_lowres: torch.Tensor | None = None
-        self.last_layer: str | None = None
+            if isinstance(self.layer, (list, tuple)):
+                raise ConfigError(f"{self.name} explains one layer; got {len(self.layer)}")
+            resolve_layers(self.model, self.layer)  # fail now on a misspelt name, with suggestions
+        if self.default_layer not in DEFAULT_LAYER_POLICIES:
+            from ..core.errors import unknown_name
+
+            raise unknown_name("default-layer policy", self.default_layer, DEFAULT_LAYER_POLICIES)
 
     def combine(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def layer_name(self, session, x: torch.Tensor) -> str:
-        """The user's layer, or the default layer found once (on the first image) and cached."""
+    def compute(self, session, x, target):
         if self.layer is not None:
-            if isinstance(self.layer, torch.nn.Module):
-                names = {m: n for n, m in session.model.named_modules()}
-                if self.layer not in names:
-                    raise ConfigError("the layer module given is not part of this model")
-                return names[self.layer]
-            return self.layer
-        if self._default_layer is None:
-            with torch.no_grad():
-                out = session.forward(x[:1])
-            probe = resolve_target(slice_target(self._target_spec, 0, 1, len(x)), out)
-            self._default_layer = find_default_layer(session, x[:1], probe)
-        return self._default_layer
-
-    def _attribute(self, session, x, target):
-        return cam_maps(self, session, x, self.combine, self.relu, self.batch_size)
+            spec = self.layer
+        else:  # per call, on the call's first image and target: nothing is cached across calls
+            spec = find_default_layer(session, x[:1], slice_target(target, 0, 1, len(x)), self.default_layer)
+        ((name, module),) = resolve_layers(session.model, spec)
+        maps, outputs, classes = cam_maps(session, x, target, name, module, self.combine, self.relu,
+                                          self.batch_size, declared_layout(module, self.layout))
+        lowres = maps if session.differentiable else maps.detach()
+        return Explanation(maps=maps, targets=classes, outputs=outputs, lowres=lowres, extras={"layer": name})
 
 
-def cam_maps(method: _CAM, session, x: torch.Tensor, combine: Callable, relu: bool, batch_size: int) -> torch.Tensor:
-    """(B, h, w) maps at the layer's resolution; records targets and outputs on `method`."""
+def cam_maps(session, x: torch.Tensor, target, name: str, module, combine: Callable, relu: bool,
+             batch_size: int, layout: str | None = None):
+    """(B, h, w) maps at the layer's resolution, the outputs and the target classes.
+
+    `target` is the user's TargetSpec for the B images, resolved chunk by chunk in the same pass."""
     check_batch_size(batch_size)
-    name = method.layer_name(session, x)
-    store = session.capture({name: get_layer(session.model, name)})
     hw = tuple(x.shape[-2:])
     maps, outputs, classes = [], [], []
-    for start in range(0, x.shape[0], batch_size):
-        inputs = x[start : start + batch_size]
-        store.clear()
-        out = session.forward(inputs)
-        if name not in store:
-            raise ConfigError(f"layer '{name}' did not produce a tensor during the forward pass; choose another layer")
-        target = resolve_target(slice_target(method._target_spec, start, start + len(inputs), len(x)), out)
-        acts = store[name]
-        grads = session.grad(target(out), acts, rows=len(inputs))
-        cam = combine(to_grid(acts.detach(), hw), to_grid(grads, hw))
-        maps.append(cam.clamp(min=0) if relu else cam)
-        outputs.append(out.detach())
-        classes.append(target.classes)
-    method.record(torch.cat(outputs), None if classes[0] is None else torch.cat(classes))
-    method.last_layer = name
-    method.last_lowres = torch.cat(maps).detach()
-    return method.last_lowres
+    with session.scope():
+        store = session.capture({name: module})
+        for start in range(0, x.shape[0], batch_size):
+            inputs = x[start : start + batch_size]
+            store.clear()
+            out = session.forward(inputs)
+            if name not in store:
+                raise ConfigError(f"layer '{name}' did not produce a tensor during the forward pass; "
+                                  "choose another layer")
+            resolved = resolve_target(slice_target(target, start, start + len(inputs), len(x)), out)
+            acts = store[name]
+            grads = session.grad(resolved(out), acts, rows=len(inputs))
+            # In a differentiable session the activations stay in the graph (maps depend on them twice).
+            acts = acts if session.differentiable else acts.detach()
+            cam = combine(to_grid(acts, hw, layout), to_grid(grads, hw, layout))
+            maps.append(cam.clamp(min=0) if relu else cam)
+            outputs.append(out.detach())
+            classes.append(resolved.classes)
+    return torch.cat(maps), torch.cat(outputs), None if classes[0] is None else torch.cat(classes)
 
 
 @register
 class GradCAM(_CAM):
     name = "gradcam"
     description = "Grad-CAM: layer activations weighted by spatially averaged gradients, then ReLU."
-
-    def __init__(self, model, *, layer=None, relu: bool = True, positive_gradients: bool = False,
-                 batch_size: int = 32):
-        super().__init__(model, layer=layer, relu=relu, positive_gradients=positive_gradients,
-                         batch_size=batch_size)
+    positive_gradients = Param(False, "average relu(gradient) instead (Khakzar et al.'s positive aggregation)")
 
     def combine(self, acts, grads):
         return gradcam_combine(acts, grads, self.positive_gradients)
@@ -136,9 +143,6 @@ class GradCAMPlusPlus(_CAM):
     name = "gradcam_plus_plus"
     description = "Grad-CAM++: channel weights from higher-order gradient terms (pytorch-grad-cam form)."
 
-    def __init__(self, model, *, layer=None, relu: bool = True, batch_size: int = 32):
-        super().__init__(model, layer=layer, relu=relu, batch_size=batch_size)
-
     def combine(self, acts, grads):
         return gradcam_plus_plus_combine(acts, grads)
 
@@ -147,9 +151,6 @@ class GradCAMPlusPlus(_CAM):
 class LayerCAM(_CAM):
     name = "layercam"
     description = "LayerCAM: activations weighted element-wise by their positive gradients, then ReLU."
-
-    def __init__(self, model, *, layer=None, relu: bool = True, batch_size: int = 32):
-        super().__init__(model, layer=layer, relu=relu, batch_size=batch_size)
 
     def combine(self, acts, grads):
         return layercam_combine(acts, grads)

@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.explanation import Explanation
 from ..core.session import ModelSession
 from ..core.targets import Target, TargetSpec, resolve_target, slice_target
 from ..core.validation import check_images
-from .base import Method, check_batch_size, register
+from .base import Method, Param, check_batch_size, register
 
 _LINEAR = (nn.modules.conv._ConvNd, nn.Linear)
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
@@ -90,15 +91,14 @@ def full_gradients(model_or_session, x: torch.Tensor, target: TargetSpec | Targe
         # cannot change the tensor whose gradient we take.
         return output.clone()
 
-    handles = [session.add_forward_hook(m, hook) for m in names if layer_bias(m) is not None]
-    try:
+    with session.scope():  # the hooks go at the end of the block, also on an error
+        for m in names:
+            if layer_bias(m) is not None:
+                session.hook(m, hook)
         inputs = x.detach().requires_grad_(True)
         out = session.forward(inputs)
-        resolved = target if isinstance(target, Target) else resolve_target(target, out)
-        grads = session.grad(resolved(out), [inputs] + [z for _, z in calls], rows=len(inputs))
-    finally:
-        for h in handles:
-            h.remove()
+    resolved = target if isinstance(target, Target) else resolve_target(target, out)
+    grads = session.grad(resolved(out), [inputs] + [z for _, z in calls], rows=len(inputs))
     bias_grads = [g * _broadcast_bias(m, layer_bias(m), g) for (m, _), g in zip(calls, grads[1:])]
     return FullGradients(grads[0], bias_grads, [names[m] for m, _ in calls], out.detach(), resolved)
 
@@ -129,12 +129,12 @@ class FullGrad(Method):
     name = "fullgrad"
     description = "FullGrad: input-gradient plus every layer's bias-gradient, each rescaled to [0, 1]."
     input_space = False
+    batch_size = Param(32, "images per forward+backward pass")
 
-    def __init__(self, model, *, batch_size: int = 32):
-        super().__init__(model, batch_size=batch_size)
-        check_batch_size(batch_size)
+    def check(self):
+        check_batch_size(self.batch_size)
 
-    def _attribute(self, session, x, target):
+    def compute(self, session, x, target):
         maps, outputs, classes = [], [], []
         for start in range(0, x.shape[0], self.batch_size):
             chunk = x[start : start + self.batch_size]
@@ -142,5 +142,5 @@ class FullGrad(Method):
             maps.append(fullgrad_map(terms, chunk))
             outputs.append(terms.outputs)
             classes.append(terms.target.classes)
-        self.record(torch.cat(outputs), None if classes[0] is None else torch.cat(classes))
-        return torch.cat(maps)
+        return Explanation(maps=torch.cat(maps), targets=None if classes[0] is None else torch.cat(classes),
+                           outputs=torch.cat(outputs))

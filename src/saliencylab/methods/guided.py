@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError
-from .base import Method, register
+from ..core.explanation import Explanation
+from .base import Method, Param, check_batch_size, register
 from .gradient import clean_gradients
 
 GUIDED_ACTIVATIONS = (nn.ReLU, nn.ReLU6)
@@ -42,7 +43,10 @@ def _clamp_output(module, args, output):
 
 
 def add_guided_hooks(session) -> int:
-    """Hook every ReLU/ReLU6 module of the session's model; returns how many were hooked."""
+    """Hook every ReLU/ReLU6 module of the session's model; returns how many were hooked.
+
+    The hooks are session edits: they go at the session's exit, or at the end of an enclosing
+    `session.scope()`."""
     modules = [m for m in session.model.modules() if isinstance(m, GUIDED_ACTIVATIONS)]
     if not modules:
         raise ConfigError(
@@ -58,10 +62,13 @@ def add_guided_hooks(session) -> int:
 class GuidedBackprop(Method):
     name = "guided_backprop"
     description = "Guided backprop: gradients with negative values zeroed at every ReLU/ReLU6 module."
+    batch_size = Param(32, "images per forward+backward pass")
 
-    def __init__(self, model, *, batch_size: int = 32):
-        super().__init__(model, batch_size=batch_size)
+    def check(self):
+        check_batch_size(self.batch_size)
 
-    def _attribute(self, session, x, target):
-        add_guided_hooks(session)
-        return clean_gradients(self, session, x, self.batch_size)
+    def compute(self, session, x, target):
+        with session.scope():
+            add_guided_hooks(session)
+            grads, outputs, classes = clean_gradients(session, x, target, self.batch_size)
+        return Explanation(maps=grads, targets=classes, outputs=outputs)

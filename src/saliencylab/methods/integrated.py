@@ -1,13 +1,19 @@
-"""Integrated gradients (Sundararajan et al. 2017), batched over images and path points."""
+"""Integrated gradients (Sundararajan et al. 2017), batched over images and path points.
+
+Differentiable: with `create_graph=True` every path gradient keeps its graph, so the maps carry
+gradient to the parameters. A random baseline ("uniform") is drawn per image, keyed by the image
+(`session.random(seed, "baseline")`), so results do not depend on batching or sharding.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from ..baselines import make_baseline
+from ..baselines import baseline_images, make_baseline
 from ..core.errors import ConfigError
-from .base import Method, accumulate_input_gradients, register
+from ..core.explanation import Explanation
+from .base import Method, Param, accumulate_input_gradients, check_batch_size, clean_outputs, register
 
 RULES = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle")
 
@@ -48,24 +54,35 @@ def integrated_path_gradients(session, x, baseline, target, alphas, weights, bat
     def reduce(grads, image, step, inputs):
         total.index_add_(0, image, grads * weights[step].view(-1, 1, 1, 1))
 
-    accumulate_input_gradients(session, target, x.shape[0], len(alphas), make_inputs, reduce, batch_size, desc)
+    accumulate_input_gradients(session, target, x.shape[0], len(alphas), make_inputs, reduce, batch_size, desc,
+                               pixels=x.shape[-2] * x.shape[-1])
     return total
 
 
 @register
 class IntegratedGradients(Method):
+    """extras["baseline"]: the baseline images (B, C, H, W) the paths started from (completeness:
+    maps.sum() = f(x) - f(baseline) up to quadrature error)."""
+
     name = "integrated_gradients"
     description = "Integrated gradients along the straight path from a baseline (zero, blur, noise, tensor)."
+    differentiable = True
 
-    def __init__(self, model, *, steps: int = 32, baseline="zero", rule: str = "gausslegendre",
-                 batch_size: int | None = None):
-        super().__init__(model, steps=steps, baseline=baseline, rule=rule, batch_size=batch_size)
-        self._baseline = make_baseline(baseline)
-        path_points(steps, rule)  # validate now, not deep inside attribute()
+    steps = Param(32, "path points")
+    baseline = Param("zero", "the path's start: a baseline name, number, tensor or Baseline")
+    rule = Param("gausslegendre", f"quadrature rule: {', '.join(RULES)}")
+    batch_size = Param(None, "rows (image x path point) per pass; None: automatic for the device")
 
-    def _attribute(self, session, x, target):
-        target = self.resolve(session, x)
-        baseline = self._baseline(x)
+    def check(self):
+        self._baseline = make_baseline(self.baseline)
+        path_points(self.steps, self.rule)  # validate now, not deep inside attribute()
+        if self.batch_size is not None:
+            check_batch_size(self.batch_size)
+
+    def compute(self, session, x, target):
+        target, outputs = clean_outputs(session, x, target)
+        baseline = baseline_images(self._baseline, x, session)
         alphas, weights = path_points(self.steps, self.rule)
         total = integrated_path_gradients(session, x, baseline, target, alphas, weights, self.batch_size, self.name)
-        return (x - baseline) * total
+        return Explanation(maps=(x - baseline) * total, targets=target.classes, outputs=outputs,
+                           extras={"baseline": baseline})

@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import ConfigError
+from ..core.explanation import Explanation
 from ..perturbation import Perturber
 from ..core.targets import SCORES
-from .base import Method, register
+from .base import Method, Param, clean_outputs, register
 
 
 def as_pair(value, what: str) -> tuple[int, int]:
@@ -79,18 +80,23 @@ class Occlusion(Method):
     description = "Occlusion (Zeiler & Fergus): mean score drop over the sliding windows covering a pixel (Captum's)."
     uses_gradients = False
 
-    def __init__(self, model, *, window=16, stride=8, baseline="zero", score: str = "logit", batch_size: int | None = None):
-        super().__init__(model, window=window, stride=stride, baseline=baseline, score=score, batch_size=batch_size)
-        self._window = as_pair(window, "window")
-        self._stride = as_pair(stride, "stride")
-        if any(s > w for s, w in zip(self._stride, self._window)):
-            raise ConfigError(f"stride {stride!r} may not exceed the window {window!r}: pixels between windows "
-                              "would never be occluded")
-        check_score(score)
-        self._perturber = Perturber(baseline, score, batch_size)
+    window = Param(16, "window size in pixels: an int or (h, w); clamped to the image")
+    stride = Param(8, "step between windows: an int or (h, w), at most the window")
+    baseline = Param("zero", "what occluded pixels become: a baseline name, number, tensor or Baseline")
+    score = Param("logit", "the score whose drop is measured: logit, softmax, log_softmax")
+    batch_size = Param(None, "rows per forward pass; None: automatic for the device")
 
-    def _attribute(self, session, x, target):
-        target = self.resolve(session, x)
+    def check(self):
+        self._window = as_pair(self.window, "window")
+        self._stride = as_pair(self.stride, "stride")
+        if any(s > w for s, w in zip(self._stride, self._window)):
+            raise ConfigError(f"stride {self.stride!r} may not exceed the window {self.window!r}: pixels between "
+                              "windows would never be occluded")
+        check_score(self.score)
+        self._perturber = Perturber(self.baseline, self.score, self.batch_size)
+
+    def compute(self, session, x, target):
+        target, outputs = clean_outputs(session, x, target)
         B, C, H, W = x.shape
         window = (min(self._window[0], H), min(self._window[1], W))  # clamped: one position
         tops = window_offsets(H, window[0], self._stride[0]).to(x.device)
@@ -101,8 +107,9 @@ class Occlusion(Method):
             return occlusion_masks(tops[k // nw], lefts[k % nw], window, (H, W))
 
         scores = self._perturber.scores(session, x, target, nh * nw, make_masks, desc=self.name)
-        clean = target.with_score(self.score)(self.last_outputs).to(scores.dtype)
+        clean = target.with_score(self.score)(outputs).to(scores.dtype)
         drops = (clean[:, None] - scores).view(B, nh, nw)
         sums = spread_windows(drops, window, self._stride, (H, W))
         counts = spread_windows(torch.ones_like(drops[:1]), window, self._stride, (H, W))
-        return (sums / counts)[:, None].expand(B, C, H, W).contiguous()
+        maps = (sums / counts)[:, None].expand(B, C, H, W).contiguous()
+        return Explanation(maps=maps, targets=target.classes, outputs=outputs)

@@ -21,8 +21,9 @@ import math
 import torch
 
 from ..core.errors import ConfigError
+from ..core.explanation import Explanation
 from ..perturbation import Perturber
-from .base import Method, register
+from .base import Method, Param, clean_outputs, register
 from .occlusion import check_score
 
 
@@ -92,25 +93,35 @@ def check_int(value, what: str, minimum: int = 1) -> int:
 
 @register
 class RISE(Method):
+    """The masks are drawn from `seed` alone and shared by every image, so an image's map does not
+    depend on the other images of its call (batch- and shard-invariant without image keys)."""
+
     name = "rise"
     description = "RISE (Petsiuk et al.): score-weighted average of random upsampled binary masks."
     input_space = False
     uses_gradients = False
+    stochastic = True
 
-    def __init__(self, model, *, masks: int = 2000, cell: int = 7, probability: float = 0.5,
-                 score: str = "softmax", baseline="zero", seed: int = 0, batch_size: int | None = None):
-        super().__init__(model, masks=masks, cell=cell, probability=probability, score=score, baseline=baseline,
-                         seed=seed, batch_size=batch_size)
-        check_int(masks, "masks")
-        check_int(cell, "cell")
-        check_int(seed, "seed", 0)
-        if isinstance(probability, bool) or not isinstance(probability, (int, float)) or not 0 < probability <= 1:
-            raise ConfigError(f"probability must be a number in (0, 1], got {probability!r}")
-        check_score(score)
-        self._perturber = Perturber(baseline, score, batch_size)
+    masks = Param(2000, "number of random masks")
+    cell = Param(7, "grid cells per side of a mask")
+    probability = Param(0.5, "probability that a cell is kept")
+    score = Param("softmax", "the score weighting each mask: softmax, logit, log_softmax")
+    baseline = Param("zero", "what masked pixels become: a baseline name, number, tensor or Baseline")
+    seed = Param(0, "seed of the masks (shared by all images)")
+    batch_size = Param(None, "rows per forward pass; None: automatic for the device")
 
-    def _attribute(self, session, x, target):
-        target = self.resolve(session, x)
+    def check(self):
+        check_int(self.masks, "masks")
+        check_int(self.cell, "cell")
+        check_int(self.seed, "seed", 0)
+        p = self.probability
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+            raise ConfigError(f"probability must be a number in (0, 1], got {p!r}")
+        check_score(self.score)
+        self._perturber = Perturber(self.baseline, self.score, self.batch_size)
+
+    def compute(self, session, x, target):
+        target, outputs = clean_outputs(session, x, target)
         B, _, H, W = x.shape
         grids, shifts = rise_grids(self.masks, self.cell, float(self.probability), self.seed, (H, W))
         build = RiseMasks(grids, shifts, (H, W), x.dtype, x.device)
@@ -128,4 +139,5 @@ class RISE(Method):
             saliency[lo:hi] += (weights @ masks.reshape(len(image), H * W)).view(hi - lo, H, W)
 
         self._perturber.scores(session, x, target, self.masks, make_masks, reduce=reduce, desc=self.name)
-        return saliency / (self.masks * float(self.probability))
+        return Explanation(maps=saliency / (self.masks * float(self.probability)), targets=target.classes,
+                           outputs=outputs)
