@@ -154,6 +154,12 @@ class ModelSession:
         if self.freeze_parameters:
             for p, _ in snap.requires_grad:
                 p.requires_grad_(False)
+        if not self.eval_mode:
+            # Train mode normalizes with batch statistics; an explanation's passes must not move the
+            # running statistics (or the batch counter) of the user's normalization layers.
+            for module in self.model.modules():
+                if module.training and getattr(module, "track_running_stats", False) is True:
+                    self.set_attr(module, "track_running_stats", False)
         self._device = model_device(self.model)
         if self._device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self._device)

@@ -299,7 +299,7 @@ class _Objective:
         up = self.up_masks(P)
         scores = self.perturber.scores(self.session, self.x[images], self.target.for_images(images), self.rows,
                                        self._make_masks(up), perturb=self._perturb(images, draws),
-                                       desc="igos line search")
+                                       desc="igos line search", images=images)
         return self.score_loss(scores)
 
     def clean_scores(self, P: torch.Tensor) -> torch.Tensor:
