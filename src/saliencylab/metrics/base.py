@@ -43,6 +43,8 @@ CATEGORIES = ("faithfulness", "sanity", "localization", "complexity", "groundtru
 DATA_KEYS = ("boxes", "masks", "truth")
 # What each requirement asks of the caller, in the words of the error message.
 REQUIREMENTS = {"boxes_or_masks": "boxes= or masks=", "truth": "truth=", "method": "method="}
+_HINTS = {"boxes_or_masks": "the object region: boxes (B, 4) as (x0, y0, x1, y1) pixels, or masks (B, H, W) booleans",
+          "truth": "the signed relevance of each pixel, (B, H, W), e.g. an environment batch's batch.truth"}
 
 
 def _check_metric(cls) -> None:
@@ -148,8 +150,9 @@ class Metric:
         if unknown:
             raise ConfigError(f"unknown data {', '.join(map(repr, unknown))} for metric '{self.name}'")
         missing = missing_requirements(type(self), **data)
-        if missing:
-            raise InputError("; ".join(missing))
+        if missing:  # before any forward pass
+            hints = [_HINTS[r] for r in self.requires if r in _HINTS]
+            raise InputError("; ".join(missing) + (f" ({'; '.join(hints)})" if hints else ""))
         if isinstance(maps, Explanation):
             if target is None:
                 target = maps.targets
