@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError, InputError
-from ..core.registry import Param, Registry, check_known, declared_params
+from ..core.registry import Param, Registry, check_known, declared_params  # noqa: F401 (Param: re-exported)
 from ..core.explanation import Explanation
 from ..core.session import Cost, ModelSession, model_device
 from ..core.targets import Target, resolve_target
