@@ -10,8 +10,9 @@ from torch import nn
 
 import saliencylab
 from saliencylab.core.errors import ConfigError
+from saliencylab.core.randomness import KeyedRandom
 from saliencylab.perturbation import random_subsets, row_normal, row_uniform
-from saliencylab.metrics.sensitivity import pearson
+from saliencylab.metrics.sensitivity import INFIDELITY_NOISE, SUBSETS, draw_noise, draw_subsets, pearson
 
 from conftest import SmallCNN
 
@@ -117,9 +118,11 @@ def test_infidelity_closed_forms_on_a_linear_model():
     # Gaussian noise I: f(x) - f(x - I) = sum(I * w) = I . gradient exactly: infidelity 0
     zero = saliencylab.evaluate(model, x, grad, "infidelity", target=0, samples=8)
     assert (zero < 1e-20).all()
-    # a zero map: infidelity = mean of (I . gradient)^2, with the same seeded noise
+    # a zero map: infidelity = mean of (I . gradient)^2, with the same noise, keyed by (image, sample)
     sigma, n = 0.3, 8
-    noise = sigma * row_normal(0, torch.arange(B * n), (1, H, W), torch.float64).view(B, n, H, W)
+    images, draws = torch.arange(B).repeat_interleave(n), torch.arange(n).repeat(B)
+    noise = sigma * draw_noise(KeyedRandom(0, INFIDELITY_NOISE), images, draws, (H, W), dtype=torch.float64)
+    noise = noise.view(B, n, H, W)
     drops = (noise * grad[:, None]).sum((2, 3))
     expected = drops.pow(2).mean(1)
     got = saliencylab.evaluate(model, x, torch.zeros_like(grad), "infidelity", target=0, sigma=sigma, samples=n)
@@ -127,7 +130,9 @@ def test_infidelity_closed_forms_on_a_linear_model():
     # removals ("subset"): input x gradient is complete: 0; twice it: the mean squared drop
     assert (saliencylab.evaluate(model, x, ixg, "infidelity", target=0, perturbation="subset") < 1e-20).all()
     size = round(0.1 * H * W)
-    removed = random_subsets(0, torch.arange(B * 32), H * W, torch.full((B * 32,), size)).view(B, 32, H * W)
+    images, draws = torch.arange(B).repeat_interleave(32), torch.arange(32).repeat(B)
+    removed = draw_subsets(KeyedRandom(0, SUBSETS), images, draws, H * W, torch.full((B * 32,), size))
+    removed = removed.view(B, 32, H * W)
     drops = (removed * ixg.flatten(1)[:, None]).sum(2)
     got = saliencylab.evaluate(model, x, 2 * ixg, "infidelity", target=0, perturbation="subset")
     assert torch.allclose(got, drops.pow(2).mean(1), rtol=1e-10)
@@ -138,9 +143,10 @@ def test_infidelity_closed_forms_on_a_linear_model():
         assert (got < 1e-20).all()
 
 
-def test_random_draws_do_not_depend_on_batch_size():
-    model, x, w, ixg, grad = linear_setup(B=2)
+def test_random_draws_belong_to_the_image():
+    model, x, w, ixg, grad = linear_setup(B=3)
     maps = ixg + torch.randn_like(ixg)
+    ids = ["a.png", "b.png", "c.png"]
     for name, params in (("sensitivity_n", {"samples": 8}), ("faithfulness_correlation", {"subset_size": 10}),
                          ("infidelity", {}), ("infidelity", {"perturbation": "subset"})):
         a = saliencylab.evaluate(model, x, maps, name, target=0, batch_size=3, **params)
@@ -148,6 +154,27 @@ def test_random_draws_do_not_depend_on_batch_size():
         assert torch.allclose(a, b, rtol=1e-12, atol=0), name
         c = saliencylab.evaluate(model, x, maps, name, target=0, seed=1, **params)
         assert not torch.allclose(a, c), name
+        # keyed by image id: the last image alone scores as in the batch, and its id (not its
+        # position) picks its draws
+        metric = saliencylab.metrics.build(name, **params)
+        whole = metric(model, x, maps, 0, image_ids=ids)
+        alone = metric(model, x[2:], maps[2:], 0, image_ids=ids[2:])
+        assert torch.allclose(whole[2:], alone, rtol=1e-12, atol=0), name
+        assert not torch.allclose(whole, metric(model, x, maps, 0, image_ids=["x", "y", "z"])), name
+
+
+def test_keyed_subsets_are_uniform_with_exact_sizes():
+    rng = KeyedRandom(5, SUBSETS, ["img"])
+    images, draws = torch.zeros(3000, dtype=torch.long), torch.arange(3000)
+    sizes = torch.randint(1, 30, (3000,), generator=torch.Generator().manual_seed(0))
+    removed = draw_subsets(rng, images, draws, 30, sizes)
+    assert torch.equal(removed.sum(1), sizes)
+    freq = removed.double().sum(0) / sizes.sum()
+    assert (freq - 1 / 30).abs().max() < 0.005
+    # another draw index, image or seed gives other subsets
+    assert not torch.equal(draw_subsets(rng, images, draws + 1, 30, sizes), removed)
+    assert not torch.equal(draw_subsets(KeyedRandom(6, SUBSETS, ["img"]), images, draws, 30, sizes), removed)
+    assert not torch.equal(draw_subsets(KeyedRandom(5, SUBSETS, ["other"]), images, draws, 30, sizes), removed)
 
 
 def test_row_keyed_draws_are_uniform_and_independent():
@@ -184,12 +211,15 @@ def test_infidelity_agrees_with_captum(normalize, perturbation):
     B, C, H, W = x.shape
     n, sigma, seed, size = 6, 0.2, 4, 30
 
-    def perturb(inputs):  # captum repeats each image n times: row = image * n + k, as ours
+    def perturb(inputs):  # captum repeats each image n times: row = image * n + k, our (image, draw k)
         rows = torch.arange(len(inputs))
+        images, draws = rows // n, rows % n
         if perturbation == "noise":
-            noise = sigma * row_normal(seed, rows, (1, H, W), inputs.dtype)
+            noise = sigma * draw_noise(KeyedRandom(seed, INFIDELITY_NOISE), images, draws, (1, H, W),
+                                       dtype=inputs.dtype)
             return noise.expand_as(inputs), inputs - noise
-        removed = random_subsets(seed, rows, H * W, torch.full((len(rows),), size)).view(-1, 1, H, W)
+        removed = draw_subsets(KeyedRandom(seed, SUBSETS), images, draws, H * W, torch.full((len(rows),), size))
+        removed = removed.view(-1, 1, H, W)
         return removed.expand_as(inputs).to(inputs.dtype), inputs * ~removed  # zero baseline
 
     attributions = maps[:, None].expand(B, C, H, W) / C  # per-pixel map spread over the channels
@@ -219,8 +249,9 @@ def test_faithfulness_correlation_agrees_with_quantus(monkeypatch):
     ours = saliencylab.evaluate(model, x, maps, "faithfulness_correlation", target=y, subset_size=size,
                                 samples=samples, seed=seed)
     # Quantus draws np.random.choice(features, size, replace=False) per run, per image: hand it our subsets
-    rows = torch.arange(B * samples)
-    removed = random_subsets(seed, rows, U, torch.full((B * samples,), size)).view(B, samples, U)
+    images, draws = torch.arange(B).repeat_interleave(samples), torch.arange(samples).repeat(B)
+    removed = draw_subsets(KeyedRandom(seed, SUBSETS), images, draws, U, torch.full((B * samples,), size))
+    removed = removed.view(B, samples, U)
     calls = []
 
     def choice(a, k, replace=True):

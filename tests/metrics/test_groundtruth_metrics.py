@@ -115,7 +115,7 @@ def test_works_with_a_model_and_an_explanation():
 def test_errors():
     with pytest.raises(InputError, match=r"truth must have shape \(1, 2, 2\)"):
         score("gt_precision", truth=torch.zeros(1, 3, 3))
-    with pytest.raises(InputError, match="need truth="):
+    with pytest.raises(InputError, match=r"metric .gt_precision. needs truth="):
         saliencylab.evaluate(None, X, MAP, "gt_precision")
     with pytest.raises(InputError, match="NaN"):
         score("gt_recall", truth=torch.full_like(TRUTH, math.nan))

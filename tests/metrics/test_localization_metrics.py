@@ -174,7 +174,7 @@ def test_regions_from_boxes_lists_and_masks_agree():
 
 def test_bad_regions_are_clear_input_errors():
     maps = torch.randn(2, 4, 4)
-    with pytest.raises(InputError, match="needs the object region"):
+    with pytest.raises(InputError, match=r"needs boxes= or masks= \(the object region"):
         score("iou", maps)
     with pytest.raises(InputError, match="not both"):
         score("iou", maps, boxes=[BOX, BOX], masks=torch.ones(2, 4, 4, dtype=torch.bool))

@@ -205,3 +205,29 @@ def test_road_parameters_are_checked():
         saliencylab.metrics.build("road", auc="simpson")
     assert saliencylab.metrics.get("road_morf").higher_is_better is False
     assert saliencylab.metrics.parameters("road")["fractions"] is None
+
+
+def test_keyed_imputation_noise_belongs_to_the_image_and_checkpoint():
+    from saliencylab.core.randomness import KeyedRandom
+    from saliencylab.metrics.road import ROAD_NOISE, KeyedImputer
+
+    torch.manual_seed(2)
+    x = torch.rand(4, 3, 20, 20)
+    masks = (torch.rand(4, 1, 20, 20) > 0.6).float()
+    ids = ["a", "b"]
+    imputer = KeyedImputer(0.01, 50, 1e-6, KeyedRandom(7, ROAD_NOISE, ids), n=2)
+    # engine rows 0..3 = (image 0, k 0), (0, 1), (1, 0), (1, 1)
+    out = imputer.impute(x, masks, seed_rows=torch.arange(4))
+    keep = masks.bool().expand_as(x)
+    assert torch.equal(out[keep], x[keep]) and (out[~keep] != x[~keep]).all()
+    clean = LinearImputer(noise=0.0).impute(x, masks)
+    resid = (out - clean)[~keep]
+    assert abs(resid.std().item() - 0.01) < 0.001 and abs(resid.mean().item()) < 0.001
+    # image "b" alone, as image 0 of its own call, draws the same noise
+    alone = KeyedImputer(0.01, 50, 1e-6, KeyedRandom(7, ROAD_NOISE, ids[1:]), n=2)
+    assert torch.allclose(alone.impute(x[2:], masks[2:], seed_rows=torch.arange(2)), out[2:], atol=1e-6)
+    # another checkpoint, image id or seed: other noise
+    noise = out - clean
+    assert not torch.allclose(noise[0], noise[1]) and not torch.allclose(noise[0], noise[2])
+    reseeded = KeyedImputer(0.01, 50, 1e-6, KeyedRandom(8, ROAD_NOISE, ids), n=2).impute(x, masks, torch.arange(4))
+    assert not torch.allclose(reseeded, out)

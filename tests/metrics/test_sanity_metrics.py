@@ -126,9 +126,13 @@ def test_model_randomization_with_a_method_instance_and_params(x):
     torch.manual_seed(0)
     maps = instance.attribute(x)
     metric = metrics.build("model_randomization", method=instance, similarity="hog")
-    scores = metric(model, x, maps)
+    measured = metric.measure(model, x, maps)
+    scores = measured.scores
     assert scores.shape == (3,) and torch.isfinite(scores).all()
-    assert metric.last_cost.backward_images >= 3 * 2 * 4               # B x samples x layers
+    # the re-explanations are charged to the metric: B x samples backward images per layer (4 layers)
+    assert measured.cost.backward_images == 3 * 2 * 4
+    assert torch.equal(metric(model, x, maps), scores)
+    assert not hasattr(metric, "last_cost") and not hasattr(metric, "last_curves")
     by_name = sl.evaluate(model, x, sl.explain(model, x, "input_x_gradient"), "model_randomization",
                           method="input_x_gradient", method_params={"batch_size": 2})
     assert by_name.shape == (3,)
@@ -178,6 +182,14 @@ def test_random_logit_by_construction():
     # it is their Pearson correlation: (0 - p^2) / (p (1 - p)) with p = 16/144 = 1/9 -> -1/8
     assert torch.allclose(scores, want, atol=1e-6)
     assert sl.evaluate(model, x, maps, "random_logit", target=0, seed=3).shape == (4,)
+    # the other class is drawn per image: an image keeps its class in any batch (with its id)
+    metric = metrics.build("random_logit", similarity="spearman")
+    ids = ["a", "b", "c", "d"]
+    _, whole = metric(model, x, maps, 0, image_ids=ids, return_curves=True)
+    _, part = metric(model, x[1:3], maps.maps[1:3], 0, image_ids=ids[1:3], return_curves=True)
+    assert torch.equal(whole["other_class"][1:3], part["other_class"])
+    many = metric(model, x.repeat(8, 1, 1, 1), maps.maps.repeat(8, 1, 1), 0, return_curves=True)[1]["other_class"]
+    assert set(many.tolist()) == {1, 2}                               # both other classes come up
 
 
 def test_random_logit_is_seeded_and_leaves_the_model_untouched(x):

@@ -7,7 +7,8 @@ import torch
 import saliencylab
 from saliencylab.core.errors import ConfigError
 from saliencylab.metrics.soundness import COMPLETENESS_RATIOS, SOUNDNESS_RATIOS, false_attribution
-from saliencylab.perturbation import LinearImputer
+from saliencylab.core.randomness import KeyedRandom
+from saliencylab.metrics.road import ROAD_NOISE, KeyedImputer
 
 from conftest import PatchModel, make_small_cnn
 
@@ -35,8 +36,7 @@ def mean_height(curve, ratios):
 
 def reference_completeness(model, x, maps, classes, ratios, score, noise=0.01, seed=0):
     """vision_completeness.py + get_road_mask_by_value('morf'), per image and with the target's score."""
-    imputer = LinearImputer(noise=noise, seed=seed)
-    n = len(ratios) + 1  # row k = 0 is the clean image
+    imputer = KeyedImputer(noise, 50, 1e-6, KeyedRandom(seed, ROAD_NOISE), n=len(ratios) + 1)
     H, W = x.shape[-2:]
     out, drops = [], []
     for i in range(len(x)):
@@ -46,7 +46,7 @@ def reference_completeness(model, x, maps, classes, ratios, score, noise=0.01, s
         for k, r in enumerate(ratios, start=1):
             threshold = v.max() * (1 - r)  # the authors' rule: pixels above max * (1 - r) are removed
             keep = (v <= threshold).view(1, 1, H, W).to(x.dtype)
-            img = imputer.impute(x[i:i + 1], keep, seed_rows=torch.tensor([i * n + k]))[0]
+            img = imputer.impute_rows(x[i:i + 1], keep, images=[i], draws=[k])[0]  # draw 0: the clean image
             drop.append(clean - one_score(model, img, classes[i], score))
         drops.append(drop)
         out.append(mean_height(drop, ratios))
@@ -56,8 +56,7 @@ def reference_completeness(model, x, maps, classes, ratios, score, noise=0.01, s
 def reference_soundness(model, x, maps, classes, ratios, score, threshold=0.01, min_score=0.04, noise=0.01,
                         seed=0):
     """vision_soundness.py (PredScore branch, i.e. per image), get_road_mask_by_area('lerf')."""
-    imputer = LinearImputer(noise=noise, seed=seed)
-    K = len(ratios)
+    imputer = KeyedImputer(noise, 50, 1e-6, KeyedRandom(seed, ROAD_NOISE), n=len(ratios))
     H, W = x.shape[-2:]
     U = H * W
     out, curves = [], []
@@ -75,7 +74,7 @@ def reference_soundness(model, x, maps, classes, ratios, score, threshold=0.01, 
             attr_ratios.append((remaining - accum) / (remaining + 1e-6))
             keep = torch.zeros(U, dtype=x.dtype)
             keep[order[:U - curr_masked]] = 1  # the least attributed curr_masked pixels are imputed
-            img = imputer.impute(x[i:i + 1], keep.view(1, 1, H, W), seed_rows=torch.tensor([i * K + t]))[0]
+            img = imputer.impute_rows(x[i:i + 1], keep.view(1, 1, H, W), images=[i], draws=[t])[0]
             cls = one_score(model, img, classes[i], score)
             if (min_score is None or cls > min_score) and cls - prev_cls <= threshold:
                 accum += new_added

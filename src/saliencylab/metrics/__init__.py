@@ -5,7 +5,8 @@
 >>> scores = saliencylab.evaluate(model, x, maps, metric="deletion", steps=50)
 """
 
-from .base import CATEGORIES, Metric, available, build, describe, get, parameters, register, registry  # noqa: F401
+from .base import (CATEGORIES, Measurement, Metric, Param, available, build, describe, get,  # noqa: F401
+                   missing_requirements, parameters, register, registry, requirements)
 
 # Importing the family modules registers their metrics.
 from . import faithfulness, road, soundness, sensitivity, sanity, localization, complexity, groundtruth  # noqa: F401,E402

@@ -1,11 +1,27 @@
 """The metric contract and registry.
 
 A metric is a class: `Metric(**params)(model, x, maps, target=None, **data) -> (B,) scores`, with
-metadata `name`, `higher_is_better`, `category` (faithfulness / sanity / localization / complexity /
-groundtruth) and a one-line `description`. `return_curves=True` also returns the curves a metric has
-(deletion/insertion, MoRF/LeRF...) as a dict of tensors. Localization metrics take `boxes=` or
-`masks=` as data, ground-truth metrics `truth=`; perturbation metrics take `steps=` and `baseline=`
-as parameters; sanity metrics take `method=` (a method name or instance) to recompute maps.
+metadata on the class:
+- `name`, a one-line `description`, `category` (faithfulness / sanity / localization / complexity /
+  groundtruth), `higher_is_better`;
+- `needs_model` (False: the metric reads the maps and data only);
+- `requires`: the data or parameters it cannot run without: "boxes_or_masks" (localization:
+  `boxes=` or `masks=`), "truth" (ground truth: `truth=`), "method" (sanity metrics re-explain with
+  the method under evaluation: its `method=` parameter). `missing_requirements(name, ...)` lets a
+  runner fail before any work is done;
+- `stochastic`: the metric draws random numbers. Every draw is keyed to (seed, purpose, image,
+  draw index) through `session.random` (see core.randomness), so with `image_ids=` an image's score
+  does not depend on the other images of its batch nor on `batch_size`.
+
+Parameters are declared once, as `Param` class attributes (a subclass that only changes a default
+overrides that one declaration); `check()` validates them at construction. `self.params` keeps the
+constructor input as given, so `type(m)(**m.params)` rebuilds the metric.
+
+A subclass implements `compute(session, x, maps, target, **data) -> Measurement(scores, curves)`
+(session None for metrics without a model); nothing is stored on the instance during a call.
+`measure()` returns the Measurement with the cost of the call; `__call__` returns the scores, or
+(scores, curves) with `return_curves=True` (deletion/insertion, MoRF/LeRF... curves as a dict of
+tensors).
 """
 
 from __future__ import annotations
@@ -17,7 +33,7 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError, InputError
-from ..core.registry import Registry
+from ..core.registry import Param, Registry, check_known, declared_params  # noqa: F401 (Param: re-exported)
 from ..core.explanation import Explanation
 from ..core.session import Cost, ModelSession, model_device
 from ..core.targets import Target, resolve_target
@@ -25,10 +41,18 @@ from ..core.validation import check_images
 
 CATEGORIES = ("faithfulness", "sanity", "localization", "complexity", "groundtruth")
 DATA_KEYS = ("boxes", "masks", "truth")
+# What each requirement asks of the caller, in the words of the error message.
+REQUIREMENTS = {"boxes_or_masks": "boxes= or masks=", "truth": "truth=", "method": "method="}
+_HINTS = {"boxes_or_masks": "the object region: boxes (B, 4) as (x0, y0, x1, y1) pixels, or masks (B, H, W) booleans",
+          "truth": "the signed relevance of each pixel, (B, H, W), e.g. an environment batch's batch.truth"}
+
 
 def _check_metric(cls) -> None:
     if cls.category not in CATEGORIES:
         raise TypeError(f"{cls.__name__} needs a category in {CATEGORIES}")
+    unknown = [r for r in cls.requires if r not in REQUIREMENTS]
+    if unknown or isinstance(cls.requires, str):
+        raise TypeError(f"{cls.__name__}.requires must be a tuple of {', '.join(REQUIREMENTS)}; got {cls.requires!r}")
 
 
 registry: Registry = Registry("metric", skip=1, check=_check_metric)
@@ -41,7 +65,8 @@ def available(category: str | None = None) -> list[str]:
 
 
 def describe() -> dict[str, dict]:
-    return {n: {"description": c.description, "category": c.category, "higher_is_better": c.higher_is_better}
+    return {n: {"description": c.description, "category": c.category, "higher_is_better": c.higher_is_better,
+                "requires": tuple(c.requires), "stochastic": c.stochastic}
             for n, c in ((n, registry.get(n)) for n in registry.available())}
 
 
@@ -51,6 +76,26 @@ def parameters(name) -> dict[str, object]:
 
 def build(name, **params) -> "Metric":
     return registry.build(name, **params)
+
+
+def _metric_class(name) -> type:
+    if isinstance(name, Metric):
+        return type(name)
+    return name if isinstance(name, type) and issubclass(name, Metric) else get(name)
+
+
+def requirements(name) -> tuple:
+    """What metric `name` cannot run without: a tuple of "boxes_or_masks", "truth", "method"."""
+    return tuple(_metric_class(name).requires)
+
+
+def missing_requirements(name, boxes=None, masks=None, truth=None) -> list[str]:
+    """One message per data requirement of metric `name` that the given data does not meet
+    (e.g. "metric 'iou' needs boxes= or masks="); empty when it can run. "method" is a parameter
+    with a default (the sanity metrics' `method=`), so it is never missing here."""
+    cls = _metric_class(name)
+    given = {"boxes_or_masks": boxes is not None or masks is not None, "truth": truth is not None, "method": True}
+    return [f"metric '{cls.name}' needs {REQUIREMENTS[r]}" for r in cls.requires if not given[r]]
 
 
 @dataclass
@@ -63,11 +108,7 @@ class Measurement:
 
 
 class Metric:
-    """Base class; see the module docstring. Metadata on the class: `name`, `description`, `category`,
-    `higher_is_better`, `needs_model`, `requires` (data it cannot run without: "boxes_or_masks", "truth",
-    "method"), `stochastic`. Parameters are keyword arguments of `__init__` (passed to `super().__init__`)
-    or `Param` class attributes. A subclass implements
-    `compute(session, x, maps, target, **data) -> Measurement` (session None for metrics without a model)."""
+    """Base class; see the module docstring."""
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
@@ -78,9 +119,20 @@ class Metric:
     stochastic: ClassVar[bool] = False
 
     def __init__(self, **params):
+        declared = declared_params(type(self))
+        if type(self).__init__ is Metric.__init__:  # a subclass with its own __init__ checks its keywords
+            check_known("metric", self.name or type(self).__name__, params, declared)
+        missing = [n for n, p in declared.items() if p.required and n not in params]
+        if missing:
+            raise ConfigError(f"metric '{self.name}' needs {', '.join(map(repr, missing))}")
+        # The constructor's input, exactly as given: `type(m)(**m.params)` gives the same metric.
         self.params = dict(params)
         for k, v in params.items():
             setattr(self, k, v)
+        self.check()
+
+    def check(self) -> None:
+        """Validate parameters at construction (fail now, not after minutes of forward passes)."""
 
     def __repr__(self):
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params.items())})"
@@ -97,6 +149,10 @@ class Metric:
         unknown = [k for k in data if k not in DATA_KEYS]
         if unknown:
             raise ConfigError(f"unknown data {', '.join(map(repr, unknown))} for metric '{self.name}'")
+        missing = missing_requirements(type(self), **data)
+        if missing:  # before any forward pass
+            hints = [_HINTS[r] for r in self.requires if r in _HINTS]
+            raise InputError("; ".join(missing) + (f" ({'; '.join(hints)})" if hints else ""))
         if isinstance(maps, Explanation):
             if target is None:
                 target = maps.targets
@@ -119,26 +175,21 @@ class Metric:
             with ModelSession(model, image_ids=image_ids) as session:
                 result = self.compute(session, x, maps, target, **data)
             cost = session.cost
-        if not isinstance(result, Measurement):  # TRANSITION: `_score` metrics return bare scores
-            result = Measurement(result, getattr(self, "last_curves", None))
+        if not isinstance(result, Measurement):
+            raise TypeError(f"{type(self).__name__}.compute must return a Measurement, got {type(result).__name__}")
         result.scores = result.scores.detach()
         result.cost = cost
         return result
 
     def compute(self, session, x, maps, target, **data) -> Measurement:
-        # TRANSITION: metrics not yet moved to `compute` keep `_score` + `last_curves`.
-        self.last_curves = None
-        scores = self._score(session, x, maps, target, **data)
-        return Measurement(scores, self.last_curves)
+        """(B,) scores and curves for maps (B, H, W) already checked against images x (B, C, H, W)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement compute()")
 
     def resolve(self, session, x, target) -> Target:
         """Resolve the target against the clean images (one no-grad forward)."""
         with torch.no_grad():
             outputs = session.forward(x)
         return resolve_target(target, outputs)
-
-    def _score(self, session, x, maps, target, **data) -> torch.Tensor:
-        raise NotImplementedError
 
 
 def check_maps(maps, x: torch.Tensor) -> torch.Tensor:

@@ -17,15 +17,12 @@ import math
 
 import torch
 
-from .base import Metric, register
+from .base import Measurement, Metric, register
 
 
 class ComplexityMetric(Metric):
     category = "complexity"
     needs_model = False
-
-    def __init__(self):
-        super().__init__()
 
 
 @register
@@ -34,14 +31,14 @@ class Sparseness(ComplexityMetric):
     description = "Gini index of |map| (Chalasani et al.); higher = sparser, more concentrated."
     higher_is_better = True
 
-    def _score(self, session, x, maps, target, **data):
+    def compute(self, session, x, maps, target, **data):
         a = maps.flatten(1).abs().to(torch.float64 if maps.device.type != "mps" else torch.float32)
         peak = a.amax(1, keepdim=True)
         a = torch.where(peak > 0, a / torch.where(peak > 0, peak, torch.ones_like(peak)), torch.zeros_like(a))
         a = (a + 1e-7).sort(1).values
         n = a.shape[1]
         i = torch.arange(1, n + 1, device=a.device, dtype=a.dtype)
-        return (((2 * i - n - 1) * a).sum(1) / (n * a.sum(1))).to(maps.dtype)
+        return Measurement((((2 * i - n - 1) * a).sum(1) / (n * a.sum(1))).to(maps.dtype))
 
 
 @register
@@ -50,10 +47,10 @@ class Complexity(ComplexityMetric):
     description = "Entropy of the |map| distribution (Bhatt et al.); lower = simpler."
     higher_is_better = False
 
-    def _score(self, session, x, maps, target, **data):
+    def compute(self, session, x, maps, target, **data):
         a = maps.flatten(1).abs().to(torch.float64 if maps.device.type != "mps" else torch.float32)
         total = a.sum(1, keepdim=True)
         p = a / torch.where(total > 0, total, torch.ones_like(total))
         entropy = -torch.xlogy(p, p).sum(1)
         uniform = torch.full_like(entropy, math.log(a.shape[1]))
-        return torch.where(total[:, 0] > 0, entropy, uniform).to(maps.dtype)
+        return Measurement(torch.where(total[:, 0] > 0, entropy, uniform).to(maps.dtype))

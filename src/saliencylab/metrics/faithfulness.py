@@ -19,7 +19,8 @@ import torch
 from ..baselines import Blur
 from ..core.errors import ConfigError
 from ..perturbation import Perturber, rank_positions, ranked_masks, step_counts, tile_sums
-from .base import Metric, register
+from ..core.registry import Param, declared_params
+from .base import Measurement, Metric, register
 
 AUC_RULES = ("trapezoid", "right", "left")
 PROTOCOLS = {
@@ -65,26 +66,33 @@ def ranked_curves(session, x, maps, target, *, insertion: bool, least_first: boo
 
 
 class RankedCurveMetric(Metric):
+    """Deletion / insertion style curves. A `protocol` preset fills the parameters not given
+    explicitly; subclasses change defaults by redeclaring a Param."""
+
     category = "faithfulness"
     insertion = False
     least_first = False
-    default_baseline = "zero"
-    default_tile = 1
-    default_steps = 50
 
-    def __init__(self, *, steps: int | None = None, per_step: int | None = None, tile: int | None = None,
-                 baseline=None, score: str = "softmax", auc: str | None = None, protocol: str | None = None,
-                 batch_size: int | None = None, seed: int = 0):
-        if protocol not in PROTOCOLS:
-            raise ConfigError(f"unknown protocol '{protocol}'; choose one of igos, inputiba")
-        preset = PROTOCOLS[protocol]
-        super().__init__(
-            steps=steps if steps is not None else preset.get("steps", self.default_steps),
-            per_step=per_step if per_step is not None else preset.get("per_step"),
-            tile=tile if tile is not None else preset.get("tile", self.default_tile),
-            baseline=baseline if baseline is not None else preset.get("baseline", self.default_baseline),
-            score=score, auc=auc or preset.get("auc", "trapezoid"), protocol=protocol,
-            batch_size=batch_size, seed=seed)
+    steps = Param(50, "checkpoints (the curve has steps + 1 points)")
+    per_step = Param(None, "units acted on per checkpoint (overrides steps)")
+    tile = Param(1, "rank square tiles of this many pixels per side")
+    baseline = Param("zero", "what removed pixels become (see saliencylab.baselines)")
+    score = Param("softmax", "the target's score: softmax, logit or log_softmax")
+    auc = Param("trapezoid", "area rule: trapezoid, right or left")
+    protocol = Param(None, "a published protocol's settings: igos or inputiba")
+    batch_size = Param(None, "rows per forward pass (None: automatic)")
+    seed = Param(0, "tie-break of equal attributions")
+
+    def check(self):
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"unknown protocol '{self.protocol}'; choose one of igos, inputiba")
+        # The preset's values are the effective settings where the caller gave none (self.params is
+        # left as given, so rebuilding the metric applies the preset again).
+        # A given None means "the default" too, as it always has.
+        declared = declared_params(type(self))
+        for key in ("steps", "per_step", "tile", "baseline", "auc"):
+            if self.params.get(key) is None:
+                setattr(self, key, PROTOCOLS[self.protocol].get(key, declared[key].default))
         if self.auc not in AUC_RULES:
             raise ConfigError(f"unknown auc rule '{self.auc}'; choose one of {', '.join(AUC_RULES)}")
 
@@ -94,11 +102,10 @@ class RankedCurveMetric(Metric):
                              steps=self.steps, per_step=self.per_step, tile=self.tile, baseline=self.baseline,
                              score=self.score, batch_size=self.batch_size, seed=self.seed, desc=self.name)
 
-    def _score(self, session, x, maps, target, **data):
+    def compute(self, session, x, maps, target, **data):
         target = self.resolve(session, x, target)
         fractions, curves = self.curves(session, x, maps, target)
-        self.last_curves = {"fraction": fractions, "scores": curves}
-        return area(curves, fractions, self.auc)
+        return Measurement(area(curves, fractions, self.auc), {"fraction": fractions, "scores": curves})
 
 
 @register
@@ -113,7 +120,7 @@ class Insertion(RankedCurveMetric):
     name = "insertion"
     description = "Area under the score curve as the most important pixels are revealed on a blurred image."
     insertion = True
-    default_baseline = "blur"
+    baseline = Param("blur", "what hidden pixels are (see saliencylab.baselines)")
 
 
 @register
@@ -121,9 +128,9 @@ class MoRF(RankedCurveMetric):
     name = "morf"
     description = "Degradation, most relevant tiles first (IBA protocol: 8x8 tiles, mean baseline); lower is better."
     higher_is_better = False
-    default_baseline = "mean"
-    default_tile = 8
-    default_steps = 100
+    steps = Param(100, "checkpoints (the curve has steps + 1 points)")
+    tile = Param(8, "rank square tiles of this many pixels per side")
+    baseline = Param("mean", "what removed tiles become (see saliencylab.baselines)")
 
 
 @register
@@ -140,9 +147,9 @@ class MoRFLeRF(MoRF):
     description = "Area between the LeRF and MoRF degradation curves (IBA paper's score); higher is better."
     higher_is_better = True
 
-    def _score(self, session, x, maps, target, **data):
+    def compute(self, session, x, maps, target, **data):
         target = self.resolve(session, x, target)
         fractions, morf = self.curves(session, x, maps, target, least_first=False)
         _, lerf = self.curves(session, x, maps, target, least_first=True)
-        self.last_curves = {"fraction": fractions, "morf": morf, "lerf": lerf}
-        return area(lerf, fractions, self.auc) - area(morf, fractions, self.auc)
+        return Measurement(area(lerf, fractions, self.auc) - area(morf, fractions, self.auc),
+                           {"fraction": fractions, "morf": morf, "lerf": lerf})

@@ -32,7 +32,8 @@ import warnings
 import torch
 
 from ..core.errors import ConfigError, InputError
-from .base import Metric, register
+from ..core.registry import Param
+from .base import Measurement, Metric, register
 from .similarity import spearman
 
 
@@ -105,9 +106,10 @@ class GroundTruthMetric(Metric):
 
     category = "groundtruth"
     needs_model = False
+    requires = ("truth",)
     needs_positive: bool = True   # NaN (with a warning) where the truth has no positive pixel
 
-    def _score(self, session, x, maps, target, truth=None, **data):
+    def compute(self, session, x, maps, target, truth=None, **data):
         t = check_truth(truth, tuple(maps.shape)).to(maps.device)
         m = maps.to(t.dtype).flatten(1)
         t = t.flatten(1)
@@ -118,7 +120,7 @@ class GroundTruthMetric(Metric):
                 warnings.warn(f"{self.name}: the truth of image(s) {empty.nonzero().flatten().tolist()[:10]} has no "
                               "positive pixel; they score NaN", stacklevel=4)
                 scores = torch.where(empty, torch.full_like(scores, math.nan), scores)
-        return scores.to(maps.dtype)
+        return Measurement(scores.to(maps.dtype))
 
     def _compare(self, maps: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -129,9 +131,10 @@ class GroundTruthPrecision(GroundTruthMetric):
     name = "gt_precision"
     description = "Share of the top-k attributed pixels with positive truth (k = number of truth pixels)."
 
-    def __init__(self, *, k: int | float | None = None):
-        _check_k(k)
-        super().__init__(k=k)
+    k = Param(None, "pixels selected: None (the number of positive-truth pixels), an int, or a fraction")
+
+    def check(self):
+        _check_k(self.k)
 
     def _compare(self, maps, truth):
         relevant = truth > 0
@@ -145,9 +148,10 @@ class GroundTruthRecall(GroundTruthMetric):
     name = "gt_recall"
     description = "Share of positive-truth pixels the map selects (positive attribution, or the top-k)."
 
-    def __init__(self, *, k: int | float | None = None):
-        _check_k(k)
-        super().__init__(k=k)
+    k = Param(None, "pixels selected: None (those with positive attribution), an int, or a fraction")
+
+    def check(self):
+        _check_k(self.k)
 
     def _compare(self, maps, truth):
         relevant = truth > 0
@@ -163,9 +167,6 @@ class GroundTruthMassPositive(GroundTruthMetric):
     name = "gt_mass_positive"
     description = "Share of the positive attribution mass on positive-truth pixels."
 
-    def __init__(self):
-        super().__init__()
-
     def _compare(self, maps, truth):
         positive = maps.clamp(min=0)
         return _ratio((positive * (truth > 0)).sum(1), positive.sum(1))
@@ -176,9 +177,6 @@ class GroundTruthMassNegative(GroundTruthMetric):
     name = "gt_mass_negative"
     description = "Share of the negative attribution mass on negative-truth pixels (NaN without any)."
     needs_positive = False
-
-    def __init__(self):
-        super().__init__()
 
     def _compare(self, maps, truth):
         negative = (-maps).clamp(min=0)
@@ -192,9 +190,6 @@ class GroundTruthRankCorrelation(GroundTruthMetric):
     name = "gt_rank_correlation"
     description = "Spearman rank correlation between the map and the signed truth over all pixels."
     needs_positive = False
-
-    def __init__(self):
-        super().__init__()
 
     def _compare(self, maps, truth):
         rho = spearman(maps, truth)

@@ -35,7 +35,8 @@ import warnings
 import torch
 
 from ..core.errors import ConfigError, InputError
-from .base import Metric, register
+from ..core.registry import Param
+from .base import Measurement, Metric, register
 
 
 # -- regions -----------------------------------------------------------------------------------
@@ -118,20 +119,26 @@ def region_masks(shape, boxes=None, masks=None, *, metric: str = "") -> torch.Te
 
 
 class LocalizationMetric(Metric):
-    """Base class: `_localize(maps (B, H, W), region (B, H, W) bool) -> (B,)`."""
+    """Base class: `_localize(maps (B, H, W), region (B, H, W) bool) -> (B,)` (or `localize` for
+    scores and curves)."""
 
     category = "localization"
     needs_model = False
+    requires = ("boxes_or_masks",)
 
-    def _score(self, session, x, maps, target, boxes=None, masks=None, **data):
+    def compute(self, session, x, maps, target, boxes=None, masks=None, **data):
         region = region_masks(tuple(maps.shape), boxes, masks, metric=self.name).to(maps.device)
-        scores = self._localize(maps, region)
+        scores, curves = self.localize(maps, region)
         empty = ~region.flatten(1).any(1)
         if bool(empty.any()):
             warnings.warn(f"{self.name}: the region of image(s) {empty.nonzero().flatten().tolist()[:10]} is "
                           "empty; they score NaN", stacklevel=4)
             scores = torch.where(empty, torch.full_like(scores, float("nan")), scores)
-        return scores
+        return Measurement(scores, curves)
+
+    def localize(self, maps: torch.Tensor, region: torch.Tensor):
+        """(scores (B,), curves or None)."""
+        return self._localize(maps, region), None
 
     def _localize(self, maps: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -147,10 +154,12 @@ class PointingGame(LocalizationMetric):
     name = "pointing_game"
     description = "1 if the map's maximum falls in the object region (within `tolerance` pixels), else 0."
 
-    def __init__(self, *, tolerance: float = 0):
-        if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or tolerance < 0:
-            raise ConfigError(f"tolerance must be a number of pixels >= 0, got {tolerance!r}")
-        super().__init__(tolerance=tolerance)
+    tolerance = Param(0, "pixels (Euclidean) around the region that still count as a hit")
+
+    def check(self):
+        t = self.tolerance
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or t < 0:
+            raise ConfigError(f"tolerance must be a number of pixels >= 0, got {t!r}")
 
     def _localize(self, maps, region):
         B, H, W = maps.shape
@@ -169,9 +178,6 @@ class EnergyPointingGame(LocalizationMetric):
     name = "energy_pointing_game"
     description = "Positive attribution inside the region / positive attribution overall (0 without any)."
 
-    def __init__(self):
-        super().__init__()
-
     def _localize(self, maps, region):
         positive = maps.clamp(min=0)
         return _ratio((positive * region).flatten(1).sum(1), positive.flatten(1).sum(1))
@@ -182,10 +188,12 @@ class IoU(LocalizationMetric):
     name = "iou"
     description = "IoU of the region with the pixels above `threshold` of the positive map scaled to max 1."
 
-    def __init__(self, *, threshold: float = 0.5):
-        if not isinstance(threshold, (int, float)) or not 0 <= threshold < 1:
-            raise ConfigError(f"threshold must be in [0, 1), got {threshold!r}")
-        super().__init__(threshold=threshold)
+    threshold = Param(0.5, "pixels strictly above this share of the positive map's max are on")
+
+    def check(self):
+        t = self.threshold
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 <= t < 1:
+            raise ConfigError(f"threshold must be in [0, 1), got {t!r}")
 
     def _localize(self, maps, region):
         positive = maps.clamp(min=0)
@@ -205,10 +213,11 @@ class RelevanceMass(LocalizationMetric):
     name = "relevance_mass"
     description = "Relevance mass accuracy (Arras et al.): relevance inside the region / relevance overall."
 
-    def __init__(self, *, relevance: str = "positive"):
-        if relevance not in RELEVANCE:
-            raise ConfigError(f"unknown relevance {relevance!r}; choose one of {', '.join(RELEVANCE)}")
-        super().__init__(relevance=relevance)
+    relevance = Param("positive", "which part of the map counts: positive, absolute or signed")
+
+    def check(self):
+        if self.relevance not in RELEVANCE:
+            raise ConfigError(f"unknown relevance {self.relevance!r}; choose one of {', '.join(RELEVANCE)}")
 
     def _localize(self, maps, region):
         r = {"positive": lambda m: m.clamp(min=0), "absolute": torch.abs, "signed": lambda m: m}[self.relevance](maps)
@@ -219,9 +228,6 @@ class RelevanceMass(LocalizationMetric):
 class RelevanceRank(LocalizationMetric):
     name = "relevance_rank"
     description = "Relevance rank accuracy (Arras et al.): share of the top-|region| pixels inside the region."
-
-    def __init__(self):
-        super().__init__()
 
     def _localize(self, maps, region):
         values = maps.flatten(1)
@@ -257,16 +263,19 @@ class EffectiveHeatRatio(LocalizationMetric):
     name = "effective_heat_ratio"
     description = "InputIBA's effective heat ratio: area under heat-in-region over heat quantile thresholds."
 
-    def __init__(self, *, base_threshold: float = 0.1, quantiles: int = 11, weight_by_heat: bool = True,
-                 normalize: bool = True):
-        if not isinstance(quantiles, int) or quantiles < 2:
-            raise ConfigError(f"quantiles must be an int >= 2, got {quantiles!r}")
-        if not isinstance(base_threshold, (int, float)) or not 0 < base_threshold <= 1:
-            raise ConfigError(f"base_threshold must be in (0, 1], got {base_threshold!r}")
-        super().__init__(base_threshold=base_threshold, quantiles=quantiles, weight_by_heat=weight_by_heat,
-                         normalize=normalize)
+    base_threshold = Param(0.1, "heat below this is set to 0 (not a pixel of interest)")
+    quantiles = Param(11, "evenly spaced quantile levels in [0, 1]")
+    weight_by_heat = Param(True, "sum the heat of region pixels (False: count them)")
+    normalize = Param(True, "scale the map to [0, 1] first (False: it already is)")
 
-    def _localize(self, maps, region):
+    def check(self):
+        q, b = self.quantiles, self.base_threshold
+        if isinstance(q, bool) or not isinstance(q, int) or q < 2:
+            raise ConfigError(f"quantiles must be an int >= 2, got {q!r}")
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1:
+            raise ConfigError(f"base_threshold must be in (0, 1], got {b!r}")
+
+    def localize(self, maps, region):
         heat = maps.flatten(1)
         if self.normalize:
             lo = heat.amin(1, keepdim=True)
@@ -296,5 +305,4 @@ class EffectiveHeatRatio(LocalizationMetric):
         inside = (hits * heat[:, None, :]).sum(-1) if self.weight_by_heat else hits.sum(-1).to(heat.dtype)
         ratio = inside / (total + 1e-8)
         ratio = torch.where((count > 0)[:, None], ratio, torch.zeros_like(ratio))
-        self.last_curves = {"quantile": q, "ratio": ratio}
-        return torch.trapezoid(ratio, q, dim=1)
+        return torch.trapezoid(ratio, q, dim=1), {"quantile": q, "ratio": ratio}

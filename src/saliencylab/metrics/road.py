@@ -17,21 +17,60 @@ the span of the fractions (so a constant curve at p scores p):
 - `road`: LeRF minus MoRF (the gap between the curves), higher is better.
 
 The curves (`return_curves=True`) are {"fraction", "scores"} (or {"fraction", "morf", "lerf"} for
-`road`). The imputation noise is drawn per perturbed row from `seed`, so results do not depend on
-`batch_size`.
+`road`). The imputation noise is drawn per (image, checkpoint) from `seed` through
+`session.random(seed, ROAD_NOISE)` (`KeyedImputer`), so an image's score depends neither on
+`batch_size` nor, with `image_ids=`, on the other images of its batch. MoRF and LeRF rows of the same
+checkpoint share their noise (as `road_morf`'s curve is `road`'s MoRF curve).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import torch
 
 from ..core.errors import ConfigError
-from ..perturbation import LinearImputer
+from ..core.randomness import KeyedRandom
+from ..core.registry import Param
 from ..core.targets import SCORES
-from .base import Metric, register
+from ..perturbation import Imputer, LinearImputer
+from .base import Measurement, Metric, register
 from .faithfulness import AUC_RULES, area, ranked_curves
 
 ROAD_FRACTIONS = tuple(round(0.1 * i, 1) for i in range(10))  # 0.0, 0.1, ..., 0.9
+ROAD_NOISE = "road imputation noise"  # the purpose of the imputation noise's draws (core.randomness)
+
+
+class KeyedImputer(Imputer):
+    """ROAD's noisy linear imputation (`perturbation.LinearImputer`, noiseless solve) with its noise
+    drawn from `rng` per (image, draw): the engine's row r = image * n + k draws (image, k), so the
+    noise belongs to the image and the checkpoint, not to the batch.
+
+    `impute_rows(x, masks, images, draws)` is the same for explicit (image, draw) pairs (the one-image
+    reference loops in the tests use it)."""
+
+    def __init__(self, noise: float, iterations: int, tol: float, rng: KeyedRandom, n: int):
+        self.noise = float(noise)
+        self.solver = LinearImputer(noise=0.0, iterations=iterations, tol=tol)
+        self.rng = rng
+        self.n = int(n)
+
+    def impute(self, x, masks, seed_rows=None):
+        if seed_rows is None:
+            raise ValueError("KeyedImputer needs the engine's row numbers (seed_rows)")
+        rows = torch.as_tensor(seed_rows).cpu()
+        return self.impute_rows(x, masks, rows // self.n, rows % self.n)
+
+    def impute_rows(self, x, masks, images, draws):
+        filled = self.solver.impute(x, masks)
+        if self.noise > 0:
+            keep = (masks >= 0.5).to(x.dtype).expand(-1, 1, -1, -1)[:, :1]  # LinearImputer's rule
+            noise = self.rng.normal(images, draws, x.shape[1:], device=x.device, dtype=x.dtype)
+            filled = filled + (1 - keep) * self.noise * noise
+        return filled
+
+
+def check_noise(noise) -> None:
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or noise < 0:
+        raise ConfigError(f"noise must be a non-negative number, got {noise!r}")
 
 
 def _check_fractions(fractions) -> tuple[float, ...]:
@@ -46,35 +85,45 @@ def _check_fractions(fractions) -> tuple[float, ...]:
 
 class ROADMetric(Metric):
     category = "faithfulness"
+    stochastic = True
     least_first = False
 
-    def __init__(self, *, fractions: Sequence[float] | None = None, tile: int = 1, noise: float = 0.01,
-                 score: str = "softmax", auc: str = "trapezoid", iterations: int = 50, tol: float = 1e-6,
-                 batch_size: int | None = None, seed: int = 0):
-        fractions = _check_fractions(ROAD_FRACTIONS if fractions is None else fractions)
-        super().__init__(fractions=fractions, tile=tile, noise=noise, score=score, auc=auc, iterations=iterations,
-                         tol=tol, batch_size=batch_size, seed=seed)
-        if auc not in AUC_RULES:
-            raise ConfigError(f"unknown auc rule '{auc}'; choose one of {', '.join(AUC_RULES)}")
-        if score not in SCORES:
-            raise ConfigError(f"unknown score '{score}'; choose one of {', '.join(SCORES)}")
-        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or noise < 0:
-            raise ConfigError(f"noise must be a non-negative number, got {noise!r}")
-        self.imputer = LinearImputer(noise=noise, iterations=iterations, tol=tol, seed=seed)
+    fractions = Param(None, "removal fractions (None: ROAD's 0, 0.1, ..., 0.9)")
+    tile = Param(1, "rank square tiles of this many pixels per side")
+    noise = Param(0.01, "std of the imputation noise, in the model's input units")
+    score = Param("softmax", "the target's score: softmax, logit or log_softmax")
+    auc = Param("trapezoid", "area rule: trapezoid, right or left")
+    iterations = Param(50, "imputation solver iterations")
+    tol = Param(1e-6, "imputation solver tolerance")
+    batch_size = Param(None, "rows per forward pass (None: automatic)")
+    seed = Param(0, "imputation noise and tie-break of equal attributions")
+
+    def check(self):
+        self.checked_fractions()
+        if self.auc not in AUC_RULES:
+            raise ConfigError(f"unknown auc rule '{self.auc}'; choose one of {', '.join(AUC_RULES)}")
+        if self.score not in SCORES:
+            raise ConfigError(f"unknown score '{self.score}'; choose one of {', '.join(SCORES)}")
+        check_noise(self.noise)
+
+    def checked_fractions(self) -> tuple[float, ...]:
+        return _check_fractions(ROAD_FRACTIONS if self.fractions is None else self.fractions)
 
     def curves(self, session, x, maps, target, least_first: bool):
+        fractions = self.checked_fractions()
+        imputer = KeyedImputer(self.noise, self.iterations, self.tol, session.random(self.seed, ROAD_NOISE),
+                               len(fractions))
         return ranked_curves(session, x, maps, target, insertion=False, least_first=least_first, steps=None,
-                             per_step=None, tile=self.tile, baseline=self.imputer, score=self.score,
-                             batch_size=self.batch_size, seed=self.seed, desc=self.name, fractions=self.fractions)
+                             per_step=None, tile=self.tile, baseline=imputer, score=self.score,
+                             batch_size=self.batch_size, seed=self.seed, desc=self.name, fractions=fractions)
 
     def summary(self, curves, fractions):
         return area(curves, fractions, self.auc) / float(fractions[-1] - fractions[0])
 
-    def _score(self, session, x, maps, target, **data):
+    def compute(self, session, x, maps, target, **data):
         target = self.resolve(session, x, target)
         fractions, curves = self.curves(session, x, maps, target, self.least_first)
-        self.last_curves = {"fraction": fractions, "scores": curves}
-        return self.summary(curves, fractions)
+        return Measurement(self.summary(curves, fractions), {"fraction": fractions, "scores": curves})
 
 
 @register
@@ -98,12 +147,12 @@ class ROAD(ROADMetric):
     name = "road"
     description = "ROAD: LeRF minus MoRF mean score under noisy linear imputation (higher is better)."
 
-    def _score(self, session, x, maps, target, **data):
+    def compute(self, session, x, maps, target, **data):
         target = self.resolve(session, x, target)
         fractions, morf = self.curves(session, x, maps, target, False)
         _, lerf = self.curves(session, x, maps, target, True)
-        self.last_curves = {"fraction": fractions, "morf": morf, "lerf": lerf}
-        return self.summary(lerf, fractions) - self.summary(morf, fractions)
+        return Measurement(self.summary(lerf, fractions) - self.summary(morf, fractions),
+                           {"fraction": fractions, "morf": morf, "lerf": lerf})
 
 
-__all__ = ["ROAD", "ROADLeRF", "ROADMoRF", "ROAD_FRACTIONS"]
+__all__ = ["ROAD", "ROADLeRF", "ROADMoRF", "ROAD_FRACTIONS", "ROAD_NOISE", "KeyedImputer"]

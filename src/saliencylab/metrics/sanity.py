@@ -7,8 +7,13 @@
   similarity over layers; curves {"layers": names, "similarity": (B, L)}.
 - `random_logit` (Sixt et al. 2020, "When explanations lie"; Quantus RandomLogit): the similarity
   between the given map of the explained class and the map, by `method`, of a random other class
-  (seeded; uniform over the other classes). A map that ignores the class scores high. (This covers
-  a "target sensitivity" check as well.)
+  (uniform over the other classes, drawn per image from `session.random(seed, OTHER_CLASS)`, so an
+  image's class does not depend on its batch). A map that ignores the class scores high. (This
+  covers a "target sensitivity" check as well.)
+
+Both re-explain through the method's public `explain(..., image_ids=session.image_ids)` (a
+stochastic method draws the same noise per image as it would on its own) and add its passes to the
+metric's cost (`session.charge`).
 
 The given `maps` are taken as the method's original maps: compute them with the same `method` and
 `method_params` (and target). Targets are resolved once on the user's model (None = predicted class)
@@ -32,9 +37,9 @@ from torch import nn
 
 from .. import methods as _methods
 from ..core.errors import ConfigError, InputError
-from ..core.session import Cost
+from ..core.registry import Param
 from ..core.targets import resolve_target
-from .base import Metric, register
+from .base import Measurement, Metric, register
 from .similarity import SIMILARITIES, get_similarity
 
 
@@ -65,14 +70,7 @@ def make_method(method, method_params, model: nn.Module) -> _methods.Method:
     return _methods.build(method, model, **(method_params or {}))
 
 
-def _charge(session, cost: Cost | None) -> None:
-    """Count a nested method's passes in the metric's session cost."""
-    if cost is None:
-        return
-    session.cost.forward_images += cost.forward_images
-    session.cost.backward_images += cost.backward_images
-    session.cost.forward_calls += cost.forward_calls
-    session.cost.backward_calls += cost.backward_calls
+OTHER_CLASS = "random_logit other class"  # purpose of random_logit's draws (core.randomness)
 
 
 def _target_spec(target):
@@ -105,24 +103,36 @@ def reinitialize(module: nn.Module, seed: int) -> None:
                 p.normal_(0.0, s)
 
 
+class _SanityMetric(Metric):
+    category = "sanity"
+    higher_is_better = False
+    requires = ("method",)
+
+    method = Param("gradient", "the method that made the maps (a registered name or a Method instance)")
+    method_params = Param(None, "its parameters, when `method` is a name")
+
+    def check(self):
+        _check_method(self.method, self.method_params)
+        _check_similarity(self.similarity)
+
+
 @register
-class ModelRandomization(Metric):
+class ModelRandomization(_SanityMetric):
     name = "model_randomization"
     description = ("Cascading model-parameter randomization (Adebayo et al.): mean similarity of the maps "
                    "to maps of progressively randomized models; lower is better.")
-    category = "sanity"
-    higher_is_better = False
+    stochastic = True  # random weights, drawn per layer from `seed` (the same for every image)
 
-    def __init__(self, *, method="gradient", method_params: dict | None = None, similarity="spearman",
-                 seed: int = 0, layers: list[str] | None = None):
-        _check_method(method, method_params)
-        _check_similarity(similarity)
-        if layers is not None:
-            if isinstance(layers, str) or not all(isinstance(n, str) for n in layers) or not layers:
-                raise ConfigError(f"layers must be None or a non-empty list of module names, got {layers!r}")
-            layers = list(layers)
-        super().__init__(method=method, method_params=dict(method_params or {}), similarity=similarity,
-                         seed=seed, layers=layers)
+    similarity = Param("spearman", "spearman, spearman_abs, ssim, hog or a callable f(a, b) -> (B,)")
+    seed = Param(0, "weight re-initialization (layer i uses seed + i)")
+    layers = Param(None, "module names to randomize, in order (None: every layer with parameters, output first)")
+
+    def check(self):
+        super().check()
+        layers = self.layers
+        if layers is not None and (isinstance(layers, str) or not layers
+                                   or not all(isinstance(n, str) for n in layers)):
+            raise ConfigError(f"layers must be None or a non-empty list of module names, got {layers!r}")
 
     def _layer_names(self, model: nn.Module) -> list[str]:
         if self.layers is None:
@@ -140,7 +150,7 @@ class ModelRandomization(Metric):
                 raise ConfigError(f"module '{name}' has no parameters to randomize")
         return list(self.layers)
 
-    def _score(self, session, x, maps, target, **data):
+    def compute(self, session, x, maps, target, **data):
         target = self.resolve(session, x, target)
         try:
             model = copy.deepcopy(session.model)
@@ -155,28 +165,23 @@ class ModelRandomization(Metric):
             reinitialize(modules[name], self.seed + i)
             method = make_method(self.method, self.method_params, model)
             e = method.explain(x, spec, image_ids=session.image_ids)
-            randomized = e.maps
-            _charge(session, e.cost)
-            curves.append(similarity(maps, randomized.to(maps.dtype)))
+            session.charge(e.cost)
+            curves.append(similarity(maps, e.maps.to(maps.dtype)))
         curves = torch.stack(curves, 1)
-        self.last_curves = {"layers": names, "similarity": curves}
-        return curves.mean(1)
+        return Measurement(curves.mean(1), {"layers": names, "similarity": curves})
 
 
 @register
-class RandomLogit(Metric):
+class RandomLogit(_SanityMetric):
     name = "random_logit"
     description = ("Similarity between the map of the explained class and the map of a random other class "
                    "(Sixt et al.); lower is better.")
-    category = "sanity"
-    higher_is_better = False
+    stochastic = True
 
-    def __init__(self, *, method="gradient", method_params: dict | None = None, similarity="ssim", seed: int = 0):
-        _check_method(method, method_params)
-        _check_similarity(similarity)
-        super().__init__(method=method, method_params=dict(method_params or {}), similarity=similarity, seed=seed)
+    similarity = Param("ssim", "spearman, spearman_abs, ssim, hog or a callable f(a, b) -> (B,)")
+    seed = Param(0, "the other class of each image")
 
-    def _score(self, session, x, maps, target, **data):
+    def compute(self, session, x, maps, target, **data):
         with torch.no_grad():
             outputs = session.forward(x)
         target = resolve_target(target, outputs)
@@ -186,12 +191,11 @@ class RandomLogit(Metric):
         classes = outputs.shape[1]
         if classes < 2:
             raise InputError("random_logit needs a model with at least 2 outputs")
-        generator = torch.Generator().manual_seed(int(self.seed))
-        shift = torch.randint(1, classes, (x.shape[0],), generator=generator)
+        B = x.shape[0]
+        shift = session.random(self.seed, OTHER_CLASS).integers(torch.arange(B), torch.zeros(B, dtype=torch.long),
+                                                                1, classes)
         other = (target.classes.cpu() + shift) % classes
         method = make_method(self.method, self.method_params, session.model)
         e = method.explain(x, other.to(x.device), image_ids=session.image_ids)
-        other_maps = e.maps
-        _charge(session, e.cost)
-        self.last_curves = {"other_class": other}
-        return get_similarity(self.similarity)(maps, other_maps.to(maps.dtype))
+        session.charge(e.cost)
+        return Measurement(get_similarity(self.similarity)(maps, e.maps.to(maps.dtype)), {"other_class": other})

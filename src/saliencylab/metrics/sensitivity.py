@@ -19,8 +19,10 @@ touches with how much the target's score changes; all run on the perturbation en
   `normalize=True` the map is first rescaled by captum's beta = E[I.map * drop] / E[(I.map)^2],
   which makes the score invariant to the map's scale.
 
-Subsets and noise are drawn per perturbed row from `seed` by a counter-based hash
-(`perturbation.random_subsets`, `row_normal`), so scores do not depend on `batch_size` or device.
+Subsets and noise are drawn per (image, sample) from `seed` through `session.random(seed, purpose)`
+(`draw_subsets`, `draw_noise`; purposes SUBSETS and INFIDELITY_NOISE), so an image's score depends
+neither on `batch_size` nor, with `image_ids=`, on the other images of its batch; the numbers are
+generated on the CPU, so they do not depend on the device either.
 The clean score f(x) also goes through the engine (one all-kept mask per image).
 Where the attribution sums or the drops do not vary (a constant map), the correlation is 0.
 """
@@ -32,9 +34,15 @@ from typing import Sequence
 import torch
 
 from ..core.errors import ConfigError
-from ..perturbation import Perturber, random_subsets, row_normal, tile_sums
+from ..core.randomness import KeyedRandom
+from ..core.registry import Param
 from ..core.targets import SCORES
-from .base import Metric, register
+from ..perturbation import Perturber, tile_sums
+from .base import Measurement, Metric, register
+
+# Purposes of the random streams (core.randomness): one per kind of draw.
+SUBSETS = "random subsets"
+INFIDELITY_NOISE = "infidelity noise"
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -43,6 +51,21 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     b = b.double() - b.double().mean(-1, keepdim=True)
     den = (a.pow(2).sum(-1) * b.pow(2).sum(-1)).sqrt()
     return torch.where(den > 0, (a * b).sum(-1) / den.clamp_min(1e-300), torch.zeros_like(den))
+
+
+def draw_subsets(rng: KeyedRandom, images, draws, units: int, sizes, device="cpu") -> torch.Tensor:
+    """(N, units) bool: row r is True on `sizes[r]` units drawn uniformly without replacement, keyed by
+    (images[r], draws[r]) (the smallest of `units` keyed uniform numbers)."""
+    keys = rng.uniform(images, draws, (units,), device=device, dtype=torch.float64)
+    order = keys.argsort(dim=1)
+    positions = torch.empty_like(order)
+    positions.scatter_(1, order, torch.arange(units, device=order.device).expand_as(order))
+    return positions < torch.as_tensor(sizes, device=order.device)[:, None]
+
+
+def draw_noise(rng: KeyedRandom, images, draws, shape, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """(N, *shape) standard normal numbers, row r keyed by (images[r], draws[r])."""
+    return rng.normal(images, draws, shape, device=device, dtype=dtype)
 
 
 def clean_scores(perturber: Perturber, session, x: torch.Tensor, target) -> torch.Tensor:
@@ -55,7 +78,8 @@ def clean_scores(perturber: Perturber, session, x: torch.Tensor, target) -> torc
 
 def subset_drops(session, x, maps, target, *, sizes: Sequence[int], samples: int, tile: int, baseline, score: str,
                  batch_size: int, seed: int, desc: str = ""):
-    """Remove `samples` random subsets of each size (in units of `tile` x `tile` pixels).
+    """Remove `samples` random subsets of each size (in units of `tile` x `tile` pixels); subset
+    k = size index * samples + sample of image i is drawn by (i, k) from `session.random(seed, SUBSETS)`.
 
     Returns the summed attribution of the removed units and the drop of the score, both
     (B, len(sizes), samples).
@@ -64,11 +88,12 @@ def subset_drops(session, x, maps, target, *, sizes: Sequence[int], samples: int
     B, h, w = units.shape
     values = units.flatten(1)
     S, n = len(sizes), len(sizes) * samples
-    size_of = torch.as_tensor(list(sizes), device=x.device).repeat_interleave(samples)  # (n,) size of sample k
+    size_of = torch.as_tensor(list(sizes)).repeat_interleave(samples)  # (n,) size of sample k
     attribution = torch.empty(B, n, device=x.device, dtype=x.dtype)
+    rng = session.random(seed, SUBSETS)
 
     def make_masks(image, k):
-        removed = random_subsets(seed, image * n + k, h * w, size_of[k])
+        removed = draw_subsets(rng, image, k, h * w, size_of[k.cpu()], device=x.device)
         attribution[image, k] = (values[image] * removed).sum(1)
         return (~removed).view(-1, 1, h, w)
 
@@ -102,15 +127,22 @@ class SensitivityN(Metric):
                    "size n and the logit drop when they are removed, averaged over n (higher is better).")
     category = "faithfulness"
     higher_is_better = True
+    stochastic = True
 
-    def __init__(self, *, n: int | Sequence[int] | None = None, fraction: float | Sequence[float] = (0.01, 0.1, 0.5),
-                 samples: int = 64, tile: int = 1, baseline="zero", score: str = "logit", batch_size: int | None = None,
-                 seed: int = 0):
-        super().__init__(n=n, fraction=fraction, samples=samples, tile=tile, baseline=baseline, score=score,
-                         batch_size=batch_size, seed=seed)
-        _check_int(samples, "samples", 2)
-        _check_int(tile, "tile")
-        _check_score(score)
+    n = Param(None, "subset size(s) in units (overrides fraction)")
+    fraction = Param((0.01, 0.1, 0.5), "subset size(s) as fractions of the units")
+    samples = Param(64, "random subsets per size")
+    tile = Param(1, "units are square tiles of this many pixels per side")
+    baseline = Param("zero", "what removed units become (see saliencylab.baselines)")
+    score = Param("logit", "the target's score: logit, softmax or log_softmax")
+    batch_size = Param(None, "rows per forward pass (None: automatic)")
+    seed = Param(0, "the random subsets")
+
+    def check(self):
+        _check_int(self.samples, "samples", 2)
+        _check_int(self.tile, "tile")
+        _check_score(self.score)
+        n, fraction = self.n, self.fraction
         if n is not None:
             sizes = [n] if isinstance(n, int) else list(n)
             if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
@@ -120,11 +152,10 @@ class SensitivityN(Metric):
             if not fracs or any(isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1
                                 for f in fracs):
                 raise ConfigError(f"fraction must be a number in (0, 1) or a sequence of them, got {fraction!r}")
-        self._sizes = None if n is None else sizes
 
     def sizes(self, units: int) -> list[int]:
-        if self._sizes is not None:
-            sizes = self._sizes
+        if self.n is not None:
+            sizes = [self.n] if isinstance(self.n, int) else list(self.n)
         else:
             fracs = [self.fraction] if isinstance(self.fraction, (int, float)) else list(self.fraction)
             sizes = [max(1, round(f * units)) for f in fracs]
@@ -132,7 +163,7 @@ class SensitivityN(Metric):
             raise ConfigError(f"subset sizes {sizes} must be smaller than the number of units ({units})")
         return sizes
 
-    def _score(self, session, x, maps, target, **data):
+    def compute(self, session, x, maps, target, **data):
         target = self.resolve(session, x, target)
         units = _units(x, self.tile)
         sizes = self.sizes(units)
@@ -141,8 +172,7 @@ class SensitivityN(Metric):
                                           batch_size=self.batch_size, seed=self.seed, desc=self.name)
         corr = pearson(attribution, drops).to(x.dtype)  # (B, S)
         sizes_t = torch.tensor(sizes, device=x.device)
-        self.last_curves = {"n": sizes_t, "fraction": sizes_t.to(x.dtype) / units, "correlation": corr}
-        return corr.mean(1)
+        return Measurement(corr.mean(1), {"n": sizes_t, "fraction": sizes_t.to(x.dtype) / units, "correlation": corr})
 
 
 @register
@@ -152,17 +182,23 @@ class FaithfulnessCorrelation(Metric):
                    "224-pixel subsets and the score drop when they are removed (higher is better).")
     category = "faithfulness"
     higher_is_better = True
+    stochastic = True
 
-    def __init__(self, *, subset_size: int = 224, samples: int = 100, tile: int = 1, baseline="zero",
-                 score: str = "logit", batch_size: int | None = None, seed: int = 0):
-        super().__init__(subset_size=subset_size, samples=samples, tile=tile, baseline=baseline, score=score,
-                         batch_size=batch_size, seed=seed)
-        _check_int(subset_size, "subset_size")
-        _check_int(samples, "samples", 2)
-        _check_int(tile, "tile")
-        _check_score(score)
+    subset_size = Param(224, "units per random subset")
+    samples = Param(100, "random subsets per image")
+    tile = Param(1, "units are square tiles of this many pixels per side")
+    baseline = Param("zero", "what removed units become (see saliencylab.baselines)")
+    score = Param("logit", "the target's score: logit, softmax or log_softmax")
+    batch_size = Param(None, "rows per forward pass (None: automatic)")
+    seed = Param(0, "the random subsets")
 
-    def _score(self, session, x, maps, target, **data):
+    def check(self):
+        _check_int(self.subset_size, "subset_size")
+        _check_int(self.samples, "samples", 2)
+        _check_int(self.tile, "tile")
+        _check_score(self.score)
+
+    def compute(self, session, x, maps, target, **data):
         target = self.resolve(session, x, target)
         units = _units(x, self.tile)
         if self.subset_size >= units:
@@ -170,8 +206,8 @@ class FaithfulnessCorrelation(Metric):
         attribution, drops = subset_drops(session, x, maps, target, sizes=[self.subset_size], samples=self.samples,
                                           tile=self.tile, baseline=self.baseline, score=self.score,
                                           batch_size=self.batch_size, seed=self.seed, desc=self.name)
-        self.last_curves = {"attribution_sum": attribution[:, 0], "score_drop": drops[:, 0]}
-        return pearson(attribution[:, 0], drops[:, 0]).to(x.dtype)
+        return Measurement(pearson(attribution[:, 0], drops[:, 0]).to(x.dtype),
+                           {"attribution_sum": attribution[:, 0], "score_drop": drops[:, 0]})
 
 
 PERTURBATIONS = ("noise", "subset")
@@ -184,13 +220,22 @@ class Infidelity(Metric):
                    "under Gaussian noise (or random removals); lower is better.")
     category = "faithfulness"
     higher_is_better = False
+    stochastic = True
 
-    def __init__(self, *, perturbation: str = "noise", sigma: float = 0.1, fraction: float = 0.1, samples: int = 32,
-                 normalize: bool = False, tile: int = 1, baseline="zero", score: str = "logit",
-                 batch_size: int | None = None, seed: int = 0):
-        super().__init__(perturbation=perturbation, sigma=sigma, fraction=fraction, samples=samples,
-                         normalize=normalize, tile=tile, baseline=baseline, score=score, batch_size=batch_size,
-                         seed=seed)
+    perturbation = Param("noise", "noise (Gaussian, subtracted) or subset (random removals)")
+    sigma = Param(0.1, "std of the Gaussian noise, in the model's input units")
+    fraction = Param(0.1, "share of the units removed (perturbation='subset')")
+    samples = Param(32, "perturbations per image")
+    normalize = Param(False, "rescale the map by captum's beta first (scale-invariant score)")
+    tile = Param(1, "units are square tiles of this many pixels per side (perturbation='subset')")
+    baseline = Param("zero", "what removed units become (perturbation='subset')")
+    score = Param("logit", "the target's score: logit, softmax or log_softmax")
+    batch_size = Param(None, "rows per forward pass (None: automatic)")
+    seed = Param(0, "the noise or subsets")
+
+    def check(self):
+        perturbation, sigma, fraction, normalize = self.perturbation, self.sigma, self.fraction, self.normalize
+        samples, tile, score = self.samples, self.tile, self.score
         if perturbation not in PERTURBATIONS:
             raise ConfigError(f"unknown perturbation '{perturbation}'; choose one of {', '.join(PERTURBATIONS)}")
         if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or sigma <= 0:
@@ -219,8 +264,10 @@ class Infidelity(Metric):
         def keep_all(image, k):
             return torch.ones(len(image), 1, 1, 1, device=x.device, dtype=x.dtype)
 
+        rng = session.random(self.seed, INFIDELITY_NOISE)
+
         def subtract_noise(inputs, image, k):
-            noise = float(self.sigma) * row_normal(self.seed, image * n + k, (1, H, W), x.dtype)
+            noise = float(self.sigma) * draw_noise(rng, image, k, (1, H, W), device=x.device, dtype=x.dtype)
             dots[image, k] = (noise[:, 0] * maps[image]).sum((1, 2))
             return inputs - noise
 
@@ -229,7 +276,7 @@ class Infidelity(Metric):
         scores = perturber.scores(session, x, target, n, keep_all, perturb=subtract_noise, desc=self.name)
         return dots, clean[:, None] - scores
 
-    def _score(self, session, x, maps, target, **data):
+    def compute(self, session, x, maps, target, **data):
         target = self.resolve(session, x, target)
         dots, drops = self.dots_and_drops(session, x, maps, target)
         d, f = dots.double(), drops.double()
@@ -237,5 +284,4 @@ class Infidelity(Metric):
             den = d.pow(2).sum(1, keepdim=True)
             beta = (d * f).sum(1, keepdim=True) / torch.where(den != 0, den, torch.ones_like(den))
             d = beta * d
-        self.last_curves = {"dot": dots, "score_drop": drops}
-        return (d - f).pow(2).mean(1).to(x.dtype)
+        return Measurement((d - f).pow(2).mean(1).to(x.dtype), {"dot": dots, "score_drop": drops})

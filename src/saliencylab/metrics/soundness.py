@@ -75,11 +75,13 @@ Deviations from the authors' code, and why:
   (uint8) values their accounted pixels can differ from the imputed ones.
 - No uint8 quantization of the maps; the imputation is our batched solver of ROAD's system
   (perturbation.LinearImputer, tested against the exact sparse solve in tests/metrics/test_road.py)
-  instead of scipy's spsolve per image, and the noise comes from a per-row seeded stream.
+  instead of scipy's spsolve per image, and the noise comes from a per-(image, step) seeded stream.
 - The scalars (mean heights) are ours: the authors' code only writes the curves.
 
 The clean score (completeness) and every masked image go through the Perturber, in one call per
-metric; imputation noise is drawn per row from `seed`, so results do not depend on `batch_size`.
+metric; imputation noise is drawn per (image, step) from `seed` (`road.KeyedImputer`, purpose
+`road.ROAD_NOISE`), so results depend neither on `batch_size` nor, with `image_ids=`, on the other
+images of the batch.
 Curves (`return_curves=True`): completeness {"ratio" (K,), "clean" (B,), "scores" (B, K),
 "drop" (B, K)}; soundness {"ratio" (K,), "revealed" (K,) fraction of pixels revealed, "scores"
 (B, K), "attribution" (B, K) = A_t, "false_attribution" (B, K) = F_t, "attr_ratio" (B, K)}.
@@ -87,14 +89,14 @@ Curves (`return_curves=True`): completeness {"ratio" (K,), "clean" (B,), "scores
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
 from ..core.errors import ConfigError
-from ..perturbation import LinearImputer, Perturber, rank_positions, ranked_masks
+from ..core.registry import Param
 from ..core.targets import SCORES, Target
-from .base import Metric, register
+from ..perturbation import Perturber, rank_positions, ranked_masks
+from .base import Measurement, Metric, register
+from .road import ROAD_NOISE, KeyedImputer, check_noise
 
 COMPLETENESS_RATIOS = tuple(round(0.1 * i, 5) for i in range(1, 10))  # np.arange(0.1, 1.0, 0.1).round(5)
 SOUNDNESS_RATIOS = tuple(round(0.98 - 0.01 * i, 5) for i in range(96))  # np.arange(0.98, 0.02, -0.01).round(5)
@@ -173,24 +175,34 @@ def _check_number(value, name: str, allow_none: bool = False):
 class _SoCoMetric(Metric):
     category = "faithfulness"
     higher_is_better = True
+    stochastic = True
     default_ratios: tuple[float, ...] = ()
     decreasing = False
 
-    def __init__(self, *, ratios: Sequence[float] | None = None, score: str = "softmax", noise: float = 0.01,
-                 iterations: int = 50, tol: float = 1e-6, batch_size: int | None = None, seed: int = 0, **extra):
-        ratios = _check_ratios(self.default_ratios if ratios is None else ratios, self.decreasing)
-        super().__init__(ratios=ratios, score=score, noise=noise, iterations=iterations, tol=tol,
-                         batch_size=batch_size, seed=seed, **extra)
-        if score not in SOCO_SCORES:
-            raise ConfigError(f"unknown score '{score}'; choose one of {', '.join(SOCO_SCORES)}")
-        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or noise < 0:
-            raise ConfigError(f"noise must be a non-negative number, got {noise!r}")
-        self.imputer = LinearImputer(noise=noise, iterations=iterations, tol=tol, seed=seed)
+    ratios = Param(None, "mask ratios (None: the authors')")
+    score = Param("softmax", "the target's score: softmax, logit, log_softmax or accuracy")
+    noise = Param(0.01, "std of ROAD's imputation noise, in the model's input units")
+    iterations = Param(50, "imputation solver iterations")
+    tol = Param(1e-6, "imputation solver tolerance")
+    batch_size = Param(None, "rows per forward pass (None: automatic)")
+    seed = Param(0, "imputation noise and tie-break of equal attributions")
 
-    def perturber_and_target(self, target: Target):
+    def check(self):
+        self.checked_ratios()
+        if self.score not in SOCO_SCORES:
+            raise ConfigError(f"unknown score '{self.score}'; choose one of {', '.join(SOCO_SCORES)}")
+        check_noise(self.noise)
+
+    def checked_ratios(self) -> tuple[float, ...]:
+        return _check_ratios(self.default_ratios if self.ratios is None else self.ratios, self.decreasing)
+
+    def perturber_and_target(self, session, target: Target, n: int):
+        """The engine (ROAD imputation with noise keyed to (image, step), n steps per image) and the
+        scored target."""
+        imputer = KeyedImputer(self.noise, self.iterations, self.tol, session.random(self.seed, ROAD_NOISE), n)
         if self.score == "accuracy":
-            return Perturber(self.imputer, "logit", self.batch_size), _Correct(target)
-        return Perturber(self.imputer, self.score, self.batch_size), target
+            return Perturber(imputer, "logit", self.batch_size), _Correct(target)
+        return Perturber(imputer, self.score, self.batch_size), target
 
     @staticmethod
     def mean_height(curves: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:
@@ -205,24 +217,25 @@ class Completeness(_SoCoMetric):
                    "..., 10% of the min-max normalized map are removed by ROAD imputation (higher is better).")
     default_ratios = COMPLETENESS_RATIOS
 
-    def _score(self, session, x, maps, target, **data):
+    def compute(self, session, x, maps, target, **data):
         target = self.resolve(session, x, target)
-        perturber, target = self.perturber_and_target(target)
+        given = self.checked_ratios()
+        perturber, target = self.perturber_and_target(session, target, len(given) + 1)
         values = normalize_maps(maps)
         H, W = x.shape[-2:]
         work = _work_dtype(x.device)
-        ratios = torch.tensor(self.ratios, dtype=work, device=x.device)
+        ratios = torch.tensor(given, dtype=work, device=x.device)
         # row k = 0 is the clean image (threshold +inf keeps everything), row k >= 1 uses ratio k - 1
-        thresholds = torch.tensor([float("inf")] + [1.0 - r for r in self.ratios], dtype=work, device=x.device)
+        thresholds = torch.tensor([float("inf")] + [1.0 - r for r in given], dtype=work, device=x.device)
 
         def make_masks(image, k):
             return (values[image] <= thresholds[k][:, None]).view(-1, 1, H, W)
 
-        scores = perturber.scores(session, x, target, len(self.ratios) + 1, make_masks, desc=self.name)
+        scores = perturber.scores(session, x, target, len(given) + 1, make_masks, desc=self.name)
         clean, scores = scores[:, 0], scores[:, 1:]
         drop = clean[:, None] - scores
-        self.last_curves = {"ratio": ratios.to(x.dtype), "clean": clean, "scores": scores, "drop": drop}
-        return self.mean_height(drop.to(work), ratios).to(x.dtype)
+        return Measurement(self.mean_height(drop.to(work), ratios).to(x.dtype),
+                           {"ratio": ratios.to(x.dtype), "clean": clean, "scores": scores, "drop": drop})
 
 
 @register
@@ -233,36 +246,37 @@ class Soundness(_SoCoMetric):
     default_ratios = SOUNDNESS_RATIOS
     decreasing = True
 
-    def __init__(self, *, ratios: Sequence[float] | None = None, threshold: float = 0.01,
-                 min_score: float | None = 0.04, score: str = "softmax", noise: float = 0.01, iterations: int = 50,
-                 tol: float = 1e-6, batch_size: int | None = None, seed: int = 0):
-        super().__init__(ratios=ratios, score=score, noise=noise, iterations=iterations, tol=tol,
-                         batch_size=batch_size, seed=seed, threshold=threshold, min_score=min_score)
-        _check_number(threshold, "threshold")
-        _check_number(min_score, "min_score", allow_none=True)
+    threshold = Param(0.01, "a score rise of at most this declares the revealed attribution false")
+    min_score = Param(0.04, "the test applies only above this score (None: always)")
 
-    def _score(self, session, x, maps, target, **data):
+    def check(self):
+        super().check()
+        _check_number(self.threshold, "threshold")
+        _check_number(self.min_score, "min_score", allow_none=True)
+
+    def compute(self, session, x, maps, target, **data):
         target = self.resolve(session, x, target)
-        perturber, target = self.perturber_and_target(target)
+        given = self.checked_ratios()
+        perturber, target = self.perturber_and_target(session, target, len(given))
         values = normalize_maps(maps)
         U = values.shape[1]
         H, W = x.shape[-2:]
-        ratios = torch.tensor(self.ratios, dtype=torch.float64)
+        ratios = torch.tensor(given, dtype=torch.float64)
         masked = torch.floor(ratios * U).long().to(x.device)  # the authors' int(HW * r)
         revealed = U - masked  # (K,) nondecreasing
         ratios = ratios.to(x.device, values.dtype)
         positions = rank_positions(values, self.seed)  # 0 = most attributed
-        scores = perturber.scores(session, x, target, len(self.ratios),
+        scores = perturber.scores(session, x, target, len(given),
                                   ranked_masks(positions, revealed, (H, W), insertion=True), desc=self.name)
         # A_t: summed normalized attribution of the n_t top-ranked pixels, from the same ranking
         ranked_values = values.gather(1, positions.argsort(dim=1))
         prefix = torch.cat([torch.zeros_like(values[:, :1]), ranked_values.cumsum(1)], 1)  # (B, U + 1)
         attribution = prefix[:, revealed]
         accumulated, attr_ratio = false_attribution(scores, attribution, self.threshold, self.min_score)
-        self.last_curves = {"ratio": ratios.to(x.dtype), "revealed": revealed.to(x.dtype) / U,
-                            "scores": scores, "attribution": attribution.to(x.dtype),
-                            "false_attribution": accumulated.to(x.dtype), "attr_ratio": attr_ratio.to(x.dtype)}
-        return self.mean_height(attr_ratio, ratios).to(x.dtype)
+        curves = {"ratio": ratios.to(x.dtype), "revealed": revealed.to(x.dtype) / U,
+                  "scores": scores, "attribution": attribution.to(x.dtype),
+                  "false_attribution": accumulated.to(x.dtype), "attr_ratio": attr_ratio.to(x.dtype)}
+        return Measurement(self.mean_height(attr_ratio, ratios).to(x.dtype), curves)
 
 
 __all__ = ["COMPLETENESS_RATIOS", "SOUNDNESS_RATIOS", "Completeness", "Soundness", "false_attribution",
