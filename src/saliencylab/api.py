@@ -31,13 +31,14 @@ def explain(model: nn.Module, x, method="integrated_gradients", target: TargetSp
 
 
 def evaluate(model: nn.Module | None, x, maps, metric="deletion", target: TargetSpec = None, *,
-             return_curves: bool = False, **params):
+             return_curves: bool = False, image_ids=None, **params):
     """Score explanations `maps` (B, H, W) (or an Explanation) with a registered metric: (B,) scores.
 
     Localization metrics take `boxes=` or `masks=`; other keyword arguments are the metric's
     parameters (see `saliencylab.metrics.parameters(name)`). With `return_curves=True` returns
-    (scores, curves) where the metric has curves.
+    (scores, curves) where the metric has curves. `image_ids` key a stochastic metric's draws to the
+    images (an Explanation carries its own), so scores do not depend on batching.
     """
     data = {k: params.pop(k) for k in list(params) if k in _metrics.base.DATA_KEYS}
     instance = metric if isinstance(metric, _metrics.Metric) else _metrics.build(metric, **params)
-    return instance(model, x, maps, target, return_curves=return_curves, **data)
+    return instance(model, x, maps, target, return_curves=return_curves, image_ids=image_ids, **data)

@@ -114,39 +114,7 @@ class Method:
     # -- what a subclass implements ------------------------------------------------------------
     def compute(self, session: ModelSession, x: torch.Tensor, target: TargetSpec) -> Explanation:
         """Return an Explanation with maps, targets, outputs (and lowres, extras where it has them)."""
-        if type(self)._attribute is Method._attribute:
-            raise NotImplementedError(f"{type(self).__name__} does not implement compute()")
-        # TRANSITION: methods not yet moved to `compute` keep their old `_attribute` + `last_*` path.
-        self._target_spec = target
-        maps = self._attribute(session, x, target)
-        extras = {k[len("last_"):]: v for k, v in vars(self).items()
-                  if k.startswith("last_") and k not in ("last_targets", "last_outputs", "last_cost", "last_lowres")}
-        return Explanation(maps=maps, targets=getattr(self, "last_targets", None),
-                           outputs=getattr(self, "last_outputs", None), lowres=getattr(self, "last_lowres", None),
-                           extras=extras)
-
-    # TRANSITION helpers for `_attribute` methods; removed once every method implements `compute`.
-    def _attribute(self, session, x, target):
-        raise NotImplementedError
-
-    def resolve(self, session: ModelSession, x: torch.Tensor, outputs: torch.Tensor | None = None) -> Target:
-        if outputs is None:
-            with torch.no_grad():
-                outputs = session.forward(x)
-        resolved = resolve_target(self._target_spec, outputs)
-        self.record(outputs, resolved.classes)
-        return resolved
-
-    def record(self, outputs: torch.Tensor, classes: torch.Tensor | None) -> None:
-        self.last_outputs = outputs.detach()
-        self.last_targets = classes
-
-
-def clean_outputs(session: ModelSession, x: torch.Tensor, target: TargetSpec, **kwargs) -> tuple[Target, torch.Tensor]:
-    """Resolve the target against the clean batch: one no-grad forward. Returns (Target, outputs)."""
-    with torch.no_grad():
-        outputs = session.forward(x)
-    return resolve_target(target, outputs, **kwargs), outputs.detach()
+        raise NotImplementedError(f"{type(self).__name__} does not implement compute()")
 
 
 # -- the registry ------------------------------------------------------------------------------
