@@ -117,6 +117,13 @@ class Method:
         raise NotImplementedError(f"{type(self).__name__} does not implement compute()")
 
 
+def clean_outputs(session: ModelSession, x: torch.Tensor, target: TargetSpec, **kwargs) -> tuple[Target, torch.Tensor]:
+    """Resolve the target against the clean batch: one no-grad forward. Returns (Target, outputs)."""
+    with torch.no_grad():
+        outputs = session.forward(x)
+    return resolve_target(target, outputs, **kwargs), outputs.detach()
+
+
 # -- the registry ------------------------------------------------------------------------------
 registry: Registry = Registry("method", base=Method, skip=2)
 register = registry.register
