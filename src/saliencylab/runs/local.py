@@ -163,7 +163,7 @@ def run_rows(model, x: torch.Tensor, method_names: Sequence[str], metric_names: 
         plan = []
         for metric in metric_names:
             params = dict(metric_params.get(metric, {}))
-            if metric in NEEDS_METHOD:
+            if metric in NEEDS_METHOD or "method" in getattr(_metrics.get(metric), "requires", ()):
                 params.setdefault("method", method)
                 params.setdefault("method_params", mparams)
             identity = [dict(image_id=ids[i], image_digest=digests[i], model=fingerprint, method=method,
