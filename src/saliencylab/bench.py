@@ -460,7 +460,8 @@ def write_leaderboard(results: Sequence[GroupResult], out: Path, *, suite: str, 
     payload = {"suite": suite, "full": full, "seed": seed, "methods": list(methods), "seconds": seconds,
                "groups": [{"name": g.name, "note": g.note, "errors": g.errors, "significance": g.significance,
                            "rows": [r.row() for r in g.records], "costs": cost_rows(g.records),
-                           "scores": {f"{r.method}/{r.metric}": r.scores for r in g.records}}
+                           "scores": {f"{r.method}/{r.metric}": r.scores for r in g.records},
+                           "image_ids": {f"{r.method}/{r.metric}": r.image_ids for r in g.records}}
                           for g in results]}
     paths["json"].write_text(json.dumps(payload, indent=1))
     tables = []
