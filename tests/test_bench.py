@@ -176,3 +176,19 @@ def test_knows_best_group_on_a_small_model_and_resume(tmp_path, monkeypatch):
                                    **{**kw, "method_params": {"integrated_gradients": {"steps": 3}}})
     assert not other.errors and len(other.records) == 3
     assert len((tmp_path / "knows-best" / "rows.jsonl").read_text().splitlines()) == 27
+
+
+def test_run_group_with_predicted_classes_names_them_in_rows(tmp_path):
+    from conftest import make_small_cnn
+
+    model = make_small_cnn()
+    x = torch.randn(3, 3, 12, 12)
+    group = bench.Group("photos", model, x, None, ["sparseness", "deletion"], {},
+                        metric_params={"deletion": {"steps": 4}}, display=lambda t: bench._unit_rgb(t))
+    result = bench.run_group(group, ["gradient", "input_x_gradient"], tmp_path, seed=0, examples=2)
+    assert not result.errors and len(result.records) == 4
+    rows = [json.loads(line) for line in (tmp_path / "photos" / "rows.jsonl").read_text().splitlines()]
+    predicted = model(x).argmax(1).tolist()
+    assert len(rows) == 12
+    assert all(r["target"] == predicted[int(r["image_id"].split(":")[-1])] for r in rows)
+    assert {s["method"] for s in result.significance} <= {"gradient", "input_x_gradient"}

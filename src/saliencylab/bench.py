@@ -40,6 +40,7 @@ from . import metrics as _metrics
 from .core.progress import progress
 from .core.errors import ConfigError, SaliencyLabError
 from .evaluation import Record, markdown_table, run_evaluation
+from .runs.local import resolve_targets
 from .runs.stats import cost_rows, significance_against_best, summarize
 from .runs.store import Row, RunStore
 
@@ -204,6 +205,8 @@ def run_group(group: Group, methods: Sequence[str], out_dir: Path, *, seed: int,
     gdir.mkdir(parents=True, exist_ok=True)
     records, errors, kept = [], {}, {}
     ids = [f"{group.name}:{seed}:{i}" for i in range(len(group.x))]
+    # predicted classes resolved once for all methods (each row names the class it explains)
+    target = group.target if group.target is not None else resolve_targets(group.model, group.x, None)[1]
     for method in progress(methods, desc=group.name, unit="method"):
         def keep(name, explanation):
             kept[name] = explanation.maps[:examples].detach().cpu()
@@ -211,7 +214,7 @@ def run_group(group: Group, methods: Sequence[str], out_dir: Path, *, seed: int,
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                records += run_evaluation(group.model, group.x, [method], group.metrics, target=group.target,
+                records += run_evaluation(group.model, group.x, [method], group.metrics, target=target,
                                           method_params={method: group.method_params.get(method, {})},
                                           metric_params=group.metric_params, truth=group.truth, out_dir=gdir,
                                           image_ids=ids, on_record=on_record, on_explanation=keep)
