@@ -11,6 +11,7 @@ import torch
 from saliencylab import bench
 from saliencylab.cli import main
 from saliencylab.core.errors import ConfigError
+from saliencylab.core.session import model_fingerprint
 from saliencylab.evaluation import Record, holm, paired_permutation_test
 
 
@@ -38,9 +39,9 @@ def test_holm_hand_case():
     assert holm([0.5, math.nan])[0] == 0.5 and math.isnan(holm([0.5, math.nan])[1])
 
 
-def _record(method, scores, higher=True):
+def _record(method, scores, higher=True, ids=None):
     return Record(method=method, metric="m", scores=scores, mean=float(np.mean(scores)), low=0, high=0,
-                  higher_is_better=higher, category="faithfulness")
+                  higher_is_better=higher, category="faithfulness", image_ids=ids or [])
 
 
 def test_significance_against_best_picks_the_best_by_direction():
@@ -51,6 +52,19 @@ def test_significance_against_best_picks_the_best_by_direction():
     assert by["bad"]["different"] and not by["tie"]["different"]
     rows = bench.significance_against_best([_record("good", good, False), _record("bad", bad, False)])
     assert rows[0]["best"] == "bad"  # lower is better
+
+
+def test_significance_pairs_scores_by_image_id():
+    ids = [f"img{i}" for i in range(8)]
+    best = [1.0 + 0.1 * i for i in range(8)]
+    # the same scores listed in another image order: paired by id they are equal, by position they are not
+    shuffled = _record("same", best[::-1], ids=ids[::-1])
+    rows = bench.significance_against_best([_record("best", best, ids=ids), shuffled])
+    assert rows[0]["p"] == 1.0
+    # a method that missed some images is compared on the images both have
+    partial = _record("partial", [0.0] * 4, ids=ids[:4])
+    rows = bench.significance_against_best([_record("best", best, ids=ids), partial])
+    assert rows[0]["p"] == pytest.approx(2 / 16)
 
 
 def test_unknown_suite_and_method():
@@ -81,13 +95,17 @@ def test_groundtruth_suite_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     assert "saliencylab bench: groundtruth" in html and "examples.png" in html
     assert "integrated_gradients" in (out / "leaderboard.md").read_text()
 
-    # a rerun reuses every record: no method is explained again
+    # one row per image x method x metric in each group's rows.jsonl
+    lines = (out / bench.slug(board["groups"][0]["name"]) / "rows.jsonl").read_text().splitlines()
+    assert len(lines) == 4 * 2 * len(bench.GROUNDTRUTH_METRICS)
+
+    # a rerun reuses every row: no method is explained again
     calls = []
     monkeypatch.setattr(bench, "run_evaluation", _counting(bench.run_evaluation, calls))
-    import saliencylab.evaluation as evaluation
+    import saliencylab.runs.local as local
 
     explained = []
-    monkeypatch.setattr(evaluation, "explain", lambda *a, **k: explained.append(a) or pytest.fail("re-explained"))
+    monkeypatch.setattr(local, "explain", lambda *a, **k: explained.append(a) or pytest.fail("re-explained"))
     assert main(argv) == 0
     assert calls and not explained
     assert json.loads((out / "leaderboard.json").read_text())["groups"][0]["rows"] == first["rows"]
@@ -140,6 +158,37 @@ def test_knows_best_group_on_a_small_model_and_resume(tmp_path, monkeypatch):
 
     import saliencylab.envs.knows_best as kb
 
+    # rows: one per suite image and method, keyed by the model, the method's settings and the image's target(s)
+    rows = [json.loads(line) for line in (tmp_path / "knows-best" / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 9 and len({r["key"] for r in rows}) == 18
+    cs = [r for r in rows if r["metric"] == "class_sensitivity"]
+    assert all(isinstance(r["target"], list) and len(r["target"]) == 2 for r in cs)
+    assert all(isinstance(r["target"], int) for r in rows if r["metric"] != "class_sensitivity")
+    assert {r["model"] for r in rows} == {model_fingerprint(model)}
+
     monkeypatch.setattr(kb, "evaluate_method", lambda *a, **k: pytest.fail("re-explained"))
     again = bench.knows_best_group(["gradient", "integrated_gradients"], tmp_path, **kw)
     assert [r.scores for r in again.records] == [r.scores for r in result.records]
+    assert again.significance == result.significance
+    # another setting of a method is another row: computed, appended, the old rows kept
+    monkeypatch.undo()
+    other = bench.knows_best_group(["integrated_gradients"], tmp_path,
+                                   **{**kw, "method_params": {"integrated_gradients": {"steps": 3}}})
+    assert not other.errors and len(other.records) == 3
+    assert len((tmp_path / "knows-best" / "rows.jsonl").read_text().splitlines()) == 27
+
+
+def test_run_group_with_predicted_classes_names_them_in_rows(tmp_path):
+    from conftest import make_small_cnn
+
+    model = make_small_cnn()
+    x = torch.randn(3, 3, 12, 12)
+    group = bench.Group("photos", model, x, None, ["sparseness", "deletion"], {},
+                        metric_params={"deletion": {"steps": 4}}, display=lambda t: bench._unit_rgb(t))
+    result = bench.run_group(group, ["gradient", "input_x_gradient"], tmp_path, seed=0, examples=2)
+    assert not result.errors and len(result.records) == 4
+    rows = [json.loads(line) for line in (tmp_path / "photos" / "rows.jsonl").read_text().splitlines()]
+    predicted = model(x).argmax(1).tolist()
+    assert len(rows) == 12
+    assert all(r["target"] == predicted[int(r["image_id"].split(":")[-1])] for r in rows)
+    assert {s["method"] for s in result.significance} <= {"gradient", "input_x_gradient"}

@@ -11,15 +11,19 @@ Suites
 - faithfulness: the embedded model and the bundled photos; deletion/insertion (I-GOS protocol),
   MoRF/LeRF tiles, ROAD, soundness and completeness.
 
-Each (group, method) is explained once and scored by every metric of the suite; every record is
-appended to `<out>/<group>/records.jsonl` as soon as it exists and a rerun reuses it, so an
-interrupted run resumes. The leaderboard gives method x metric means with 95% bootstrap intervals,
-paired sign-flip permutation tests of every method against the best one (Holm-corrected), the cost
-of each method (passes and seconds per image) and example maps beside the ground truth.
+Each (group, method) is explained once and scored by every metric of the suite; every score is a row
+(`saliencylab.runs.store`: image, model fingerprint, method spec, metric spec, target) appended to
+`<out>/<group>/rows.jsonl` as soon as it exists, and a rerun computes only the rows whose key is
+missing, so an interrupted run resumes and a changed model or setting is never served old results.
+The leaderboard is computed from the rows: method x metric means with 95% bootstrap intervals,
+paired sign-flip permutation tests (paired by image id) of every method against the best one
+(Holm-corrected), the cost of each method (passes and seconds per image) and example maps beside the
+ground truth.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -35,8 +39,10 @@ from . import methods as _methods
 from . import metrics as _metrics
 from .core.progress import progress
 from .core.errors import ConfigError, SaliencyLabError
-from .evaluation import (Record, append_record, holm, load_records, markdown_table, paired_permutation_test,
-                         run_evaluation)
+from .evaluation import Record, markdown_table, run_evaluation
+from .runs.local import resolve_targets
+from .runs.stats import cost_rows, significance_against_best, summarize
+from .runs.store import Row, RunStore
 
 SUITES = ("groundtruth", "knows-best", "faithfulness")
 
@@ -116,6 +122,7 @@ class GroupResult:
     significance: list[dict]
     note: str = ""
     examples: str | None = None  # figure path relative to the output folder
+    rows: list = field(default_factory=list)  # the per-image rows the records summarize (knows-best)
 
 
 def slug(name: str) -> str:
@@ -198,6 +205,8 @@ def run_group(group: Group, methods: Sequence[str], out_dir: Path, *, seed: int,
     gdir.mkdir(parents=True, exist_ok=True)
     records, errors, kept = [], {}, {}
     ids = [f"{group.name}:{seed}:{i}" for i in range(len(group.x))]
+    # predicted classes resolved once for all methods (each row names the class it explains)
+    target = group.target if group.target is not None else resolve_targets(group.model, group.x, None)[1]
     for method in progress(methods, desc=group.name, unit="method"):
         def keep(name, explanation):
             kept[name] = explanation.maps[:examples].detach().cpu()
@@ -205,7 +214,7 @@ def run_group(group: Group, methods: Sequence[str], out_dir: Path, *, seed: int,
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                records += run_evaluation(group.model, group.x, [method], group.metrics, target=group.target,
+                records += run_evaluation(group.model, group.x, [method], group.metrics, target=target,
                                           method_params={method: group.method_params.get(method, {})},
                                           metric_params=group.metric_params, truth=group.truth, out_dir=gdir,
                                           image_ids=ids, on_record=on_record, on_explanation=keep)
@@ -244,10 +253,11 @@ def knows_best_group(methods: Sequence[str], out_dir: Path, *, full: bool, seed:
     axiom, every method scored on class sensitivity, null player and symmetry. By default on the
     embedded model; `model`, `classes`, `normalize`, `generation` (generate_patches parameters) and
     `method_params` run it on any classifier."""
+    from .core.session import model_fingerprint
     from .envs import knows_best as kb
-    from .evaluation import bootstrap_interval
     from .report.bench_figures import example_grid
-    from .core.session import Cost
+    from .runs.local import image_digests, share_cost
+    from .runs.store import row_key, spec_value
 
     if model is None:
         from . import models
@@ -270,21 +280,30 @@ def knows_best_group(methods: Sequence[str], out_dir: Path, *, full: bool, seed:
             + ".")
     gdir = out_dir / "knows-best"
     gdir.mkdir(parents=True, exist_ok=True)
-    log = gdir / "records.jsonl"
-    done = load_records(log)
+    store = RunStore(gdir)
+    fingerprint = model_fingerprint(model)
+    # an image is known by the suite that made it (patches, size, seed), its index and its pixels
+    suite_id = hashlib.sha1(json.dumps([patches.key, n, seed]).encode()).hexdigest()[:12]
+    ids = [f"knows-best:{suite_id}:{i}" for i in range(len(suite))]
+    digests = image_digests(suite.x)
+    cs = suite.indices("class_sensitivity").tolist()
+    # class-sensitivity images are scored from the maps of both classes: their target is the pair
+    targets = [suite.region_classes[i].tolist() if i in cs else int(suite.targets[i]) for i in range(len(suite))]
     show = torch.cat([suite.indices(k)[:1] for k in kb.AXIOMS])[:examples]
     truth = suite.regions[show, 0].float()
     # shown truth: +1 on the explained patch, -1 on the other class's (or the null) patch, both copies +1
     truth = truth - suite.regions[show, 1].float() * torch.tensor(
         [0.0 if suite.kind[i] == "symmetry" else 1.0 for i in show.tolist()])[:, None, None]
-    records, errors, kept = [], {}, {}
+    rows, errors, kept = [], {}, {}
     for method in progress(methods, desc="knows-best", unit="method"):
         table = method_params if method_params is not None else (_PHOTO_PARAMS_FULL if full else _PHOTO_PARAMS)
         params = dict(table.get(method, {}))
-        key = "kb-" + json.dumps([method, params, patches.key, n, seed], sort_keys=True, default=repr)
-        mine = [done[f"{key}/{axiom}"] for axiom in kb.AXIOMS if f"{key}/{axiom}" in done]
-        if len(mine) == len(kb.AXIOMS):
-            records += mine
+        identity = [dict(image_id=ids[i], image_digest=digests[i], model=fingerprint, method=method,
+                         method_params=spec_value(params), metric=suite.kind[i], metric_params={},
+                         target=targets[i]) for i in range(len(suite))]
+        keys = [row_key(**d) for d in identity]
+        if all(k in store for k in keys):
+            rows += [store.get(k) for k in keys]
             path = gdir / f"maps.{slug(method)}.pt"
             if path.exists():
                 kept[method] = torch.load(path, weights_only=True)
@@ -302,17 +321,24 @@ def knows_best_group(methods: Sequence[str], out_dir: Path, *, full: bool, seed:
             continue
         kept[method] = maps[show].detach().cpu()
         torch.save(kept[method], gdir / f"maps.{slug(method)}.pt")
-        cost = sum(costs, Cost()).as_dict()  # per suite image below; the class-sensitivity images are explained twice
+        # each image's share of the explain calls: every image once, class-sensitivity images twice
+        shares = [share_cost(costs[0], len(suite)) for _ in range(len(suite))]
+        if len(costs) > 1:
+            second = share_cost(costs[1], len(cs))
+            for i in cs:
+                shares[i] = _add_costs(shares[i], second)
+        score_of = {}
         for axiom in kb.AXIOMS:
-            values = scores[axiom]
-            mean, lo, hi = bootstrap_interval(values)
-            rec = Record(method=method, metric=axiom, scores=[float(v) for v in values], mean=mean, low=lo, high=hi,
-                         higher_is_better=True, category="knows-best",
-                         cost={"explain": {**cost, "images": len(suite)}}, key=f"{key}/{axiom}")
-            records.append(rec)
-            append_record(log, rec)
-            if on_record is not None:
+            for i, v in zip(suite.indices(axiom).tolist(), scores[axiom].tolist()):
+                score_of[i] = v
+        mine = [Row(**identity[i], score=score_of[i], cost={"explain": shares[i]}, higher_is_better=True,
+                    category="knows-best", key=keys[i]) for i in range(len(suite))]
+        store.append(mine)
+        rows += [store.get(k) for k in keys]
+        if on_record is not None:
+            for rec in summarize(mine):
                 on_record(rec)
+    records = summarize(rows)
     figure = None
     if kept:
         shown = [m for m in methods if m in kept]
@@ -321,24 +347,17 @@ def knows_best_group(methods: Sequence[str], out_dir: Path, *, full: bool, seed:
                               "player, symmetry (truth: +target patch, -other patch)")
         figure = str(figure.relative_to(out_dir))
     return GroupResult("knows-best", records, errors, significance_against_best(records), note=note,
-                       examples=figure)
+                       examples=figure, rows=rows)
 
 
-def significance_against_best(records: Sequence[Record], level: float = 0.05) -> list[dict]:
-    """Per metric: every method against the best mean, paired permutation test on per-image scores,
-    Holm-corrected over the comparisons of that metric."""
-    rows = []
-    for metric in dict.fromkeys(r.metric for r in records):
-        chosen = [r for r in records if r.metric == metric and not math.isnan(r.mean)]
-        if len(chosen) < 2:
-            continue
-        best = (max if chosen[0].higher_is_better else min)(chosen, key=lambda r: r.mean)
-        others = [r for r in chosen if r is not best]
-        raw = [paired_permutation_test(r.scores, best.scores) for r in others]
-        for r, p, p_adj in zip(others, raw, holm(raw)):
-            rows.append({"metric": metric, "best": best.method, "method": r.method, "p": p, "p_holm": p_adj,
-                         "different": bool(p_adj < level) if not math.isnan(p_adj) else False})
-    return rows
+def _add_costs(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(out.get(k), (int, float)):
+            out[k] = max(out[k], v) if k == "peak_memory_bytes" else out[k] + v
+        else:
+            out.setdefault(k, v)
+    return out
 
 
 def run_bench(suite: str, methods=None, out_dir="bench-out", *, full: bool = False, seed: int = 0,
@@ -366,21 +385,6 @@ def run_bench(suite: str, methods=None, out_dir="bench-out", *, full: bool = Fal
 
 
 # -- writing ---------------------------------------------------------------------------------------------
-def cost_rows(records: Sequence[Record], n_images: dict[str, int] | None = None) -> list[dict]:
-    """Passes and seconds per image of each method, from its explanation cost."""
-    rows, seen = [], set()
-    for r in records:
-        if r.method in seen or not r.cost.get("explain"):
-            continue
-        seen.add(r.method)
-        c = r.cost["explain"]
-        n = max(1, c.get("images", len(r.scores)))
-        rows.append({"method": r.method, "forward_per_image": c.get("forward_images", 0) / n,
-                     "backward_per_image": c.get("backward_images", 0) / n,
-                     "seconds_per_image": c.get("seconds", math.nan) / n})
-    return rows
-
-
 def leaderboard_markdown(results: Sequence[GroupResult]) -> str:
     parts = []
     for g in results:
@@ -459,7 +463,8 @@ def write_leaderboard(results: Sequence[GroupResult], out: Path, *, suite: str, 
     payload = {"suite": suite, "full": full, "seed": seed, "methods": list(methods), "seconds": seconds,
                "groups": [{"name": g.name, "note": g.note, "errors": g.errors, "significance": g.significance,
                            "rows": [r.row() for r in g.records], "costs": cost_rows(g.records),
-                           "scores": {f"{r.method}/{r.metric}": r.scores for r in g.records}}
+                           "scores": {f"{r.method}/{r.metric}": r.scores for r in g.records},
+                           "image_ids": {f"{r.method}/{r.metric}": r.image_ids for r in g.records}}
                           for g in results]}
     paths["json"].write_text(json.dumps(payload, indent=1))
     tables = []

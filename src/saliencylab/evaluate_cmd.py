@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -20,7 +19,8 @@ def add_parser(sub) -> None:
         "evaluate", help="score explanations with faithfulness, sanity, localization and complexity metrics",
         description="Explain images with each method and score the maps with each metric; writes a "
                     "method x metric table (mean and 95%% bootstrap interval over images), the curves and "
-                    "their plots. Results are written as they are computed; a rerun resumes.")
+                    "their plots. Every score is a row of rows.jsonl (image, model, method and metric settings, "
+                    "target), written as it is computed; a rerun computes only the missing rows.")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--methods", default="gradient,integrated_gradients,gradcam",
                    help="comma-separated method names (default: %(default)s)")
@@ -67,6 +67,7 @@ def cmd_evaluate(args, fail_line) -> int:
     from . import io
     from .evaluation import run_evaluation, write_tables
     from .report.plots import plot_metric_curves
+    from .runs.local import check_requirements
 
     method_names = [m for m in args.methods.split(",") if m]
     metric_names = [m for m in args.metrics.split(",") if m]
@@ -78,6 +79,8 @@ def cmd_evaluate(args, fail_line) -> int:
     metric_params = _scoped_params(args.metric_param, "metric", metric_names)
     _check_params(method_params, _methods.parameters, "method")
     _check_params(metric_params, _metrics.parameters, "metric")
+    # before loading anything: a metric that needs boxes (or masks, truth, which evaluate cannot take) fails now
+    check_requirements(metric_names, boxes=args.boxes)
     loaded = io.load_model(args.model, args.weights)
     target = io.resolve_target_arg(args.target, loaded.labels)
 

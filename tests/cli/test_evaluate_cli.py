@@ -27,11 +27,17 @@ def test_evaluate_writes_table_curves_and_resumes(tmp_path, capsys):
         assert r["n"] == 2 and r["ci_low"] <= r["mean"] <= r["ci_high"]
     assert rows[("gradient", "deletion")]["higher_is_better"] is False
     assert (out / "curves_deletion.png").stat().st_size > 0 and (out / "results.csv").exists()
-    lines = (out / "records.jsonl").read_text().splitlines()
-    assert len(lines) == 6
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2 * 3  # image x method x metric
+    assert {r["image_id"] for r in rows} == {photo("chelsea"), photo("coffee")}
     # a rerun resumes: nothing is appended
     assert main(argv) == 1
-    assert len((out / "records.jsonl").read_text().splitlines()) == 6
+    assert len((out / "rows.jsonl").read_text().splitlines()) == 12
+    # another target into the same folder computes new rows and does not reuse the old ones
+    assert main(["evaluate", photo("chelsea"), photo("coffee"), "--methods", "gradient", "--metrics", "sparseness",
+                 "--target", "1", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == 14 and [r["target"] for r in rows[-2:]] == [1, 1]
 
 
 def test_evaluate_argument_errors(tmp_path, capsys):
@@ -41,3 +47,7 @@ def test_evaluate_argument_errors(tmp_path, capsys):
     assert "unknown parameter 'stepz'" in capsys.readouterr().err
     assert main(["evaluate", photo("chelsea"), "--method-param", "gradcam.layer", "--out", str(tmp_path)]) == 2
     assert "error:" in capsys.readouterr().err
+    # a localization metric without --boxes fails before any model is loaded or image explained
+    assert main(["evaluate", photo("chelsea"), "--metrics", "sparseness,pointing_game", "--out", str(tmp_path)]) == 2
+    assert "'pointing_game' needs boxes" in capsys.readouterr().err
+    assert not (tmp_path / "rows.jsonl").exists()
