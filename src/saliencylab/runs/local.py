@@ -19,48 +19,29 @@ from ..core.session import Cost, ModelSession, model_fingerprint
 from ..core.targets import resolve_target
 from .store import Row, RunStore, callable_description, row_key, spec_value, tensor_digest
 
-# Metrics that re-explain with the method under evaluation take it as a parameter.
-NEEDS_METHOD = ("model_randomization", "random_logit")
 # Curve entries that are axes common to a batch (one value per step, not per image).
 SHARED_CURVES = ("fraction", "quantile", "ratio", "n", "layers")
 
 
 def missing_requirements(name: str, *, boxes=None, masks=None, truth=None) -> list[str]:
-    """What metric `name` cannot run without and was not given (empty: it can run).
-
-    TRANSITION: uses `metrics.base.missing_requirements` when it exists; until then a metric's
-    category decides (localization needs boxes or masks, groundtruth needs the truth)."""
-    fn = getattr(_metrics.base, "missing_requirements", None)
-    if fn is not None:
-        missing = fn(name, boxes=boxes, masks=masks, truth=truth)
-        if not missing:
-            return []
-        return [missing] if isinstance(missing, str) else [str(m) for m in missing]
-    category = _metrics.get(name).category
-    if category == "localization" and boxes is None and masks is None:
-        return ["boxes or masks"]
-    if category == "groundtruth" and truth is None:
-        return ["truth"]
-    return []
+    """What metric `name` cannot run without and was not given (empty: it can run); from the metric's
+    own `requires` metadata."""
+    return _metrics.missing_requirements(name, boxes=boxes, masks=masks, truth=truth)
 
 
 def check_requirements(metric_names: Sequence[str], *, boxes=None, masks=None, truth=None) -> None:
     """Raise ConfigError naming every metric whose data (boxes, masks, truth) was not given."""
-    problems = []
-    for name in metric_names:
-        missing = missing_requirements(name, boxes=boxes, masks=masks, truth=truth)
-        if missing:
-            problems.append(f"'{name}' needs {' and '.join(missing)}")
+    problems = [m for name in metric_names for m in missing_requirements(name, boxes=boxes, masks=masks, truth=truth)]
     if problems:
-        raise ConfigError("cannot run: metric " + "; metric ".join(problems) + " (not given)")
+        raise ConfigError("cannot run: " + "; ".join(problems))
 
 
 def metric_data(name: str, *, boxes=None, masks=None, truth=None) -> dict:
-    """The data keyword arguments metric `name` takes."""
-    category = _metrics.get(name).category
-    if category == "localization":
+    """The data keyword arguments metric `name` takes (from its `requires`)."""
+    requires = _metrics.requirements(name)
+    if "boxes_or_masks" in requires:
         return {"boxes": boxes} if boxes is not None else ({"masks": masks} if masks is not None else {})
-    if category == "groundtruth":
+    if "truth" in requires:
         return {} if truth is None else {"truth": truth}
     return {}
 
@@ -163,7 +144,7 @@ def run_rows(model, x: torch.Tensor, method_names: Sequence[str], metric_names: 
         plan = []
         for metric in metric_names:
             params = dict(metric_params.get(metric, {}))
-            if metric in NEEDS_METHOD or "method" in getattr(_metrics.get(metric), "requires", ()):
+            if "method" in _metrics.requirements(metric):
                 params.setdefault("method", method)
                 params.setdefault("method_params", mparams)
             identity = [dict(image_id=ids[i], image_digest=digests[i], model=fingerprint, method=method,
