@@ -8,6 +8,7 @@ import saliencylab as sl
 from saliencylab.core.errors import ConfigError
 from saliencylab.methods import build
 from saliencylab.methods.extremal import SmoothMaskGenerator, area_reference
+from zoo import RegionModel
 
 
 @pytest.fixture(autouse=True)
@@ -26,16 +27,6 @@ def tiny_cnn(seed=0):
     ).double().eval()
 
 
-class RegionModel(nn.Module):
-    """Class 1's logit is 20 x (mean of channel 0 over a region - 1.2): nothing else matters."""
-
-    def __init__(self, rows, cols):
-        super().__init__()
-        self.rows, self.cols = rows, cols
-
-    def forward(self, x):
-        r = x[:, 0, self.rows, self.cols].mean((1, 2))
-        return torch.stack([torch.zeros_like(r), 20 * (r - 1.2)], 1)
 
 
 def test_generator_is_smooth_and_local():

@@ -12,6 +12,7 @@ from saliencylab.core.errors import ConfigError
 from saliencylab.methods import build
 from saliencylab.core.randomness import KeyedRandom
 from saliencylab.methods.igos import igos_noise
+from zoo import RegionModel
 
 
 @pytest.fixture(autouse=True)
@@ -253,22 +254,12 @@ def test_bad_parameters():
 
 
 # -- a model whose relevant pixels are known by construction ---------------------------------------
-class RegionModel(nn.Module):
-    """Class 1 wins when the mean of channel 0 over REGION is bright; nothing else matters."""
-
-    def __init__(self, rows, cols):
-        super().__init__()
-        self.rows, self.cols = rows, cols
-
-    def forward(self, x):
-        r = x[:, 0, self.rows, self.cols].mean((1, 2))
-        return torch.stack([torch.zeros_like(r), 3 * (r - 1.2)], 1)  # p(class 1) 0.92 / 0.79, not saturated
 
 
 @pytest.mark.parametrize("name", ["igos", "igos_plus_plus"])
 def test_positive_attribution_falls_on_the_relevant_pixels(name):
     rows, cols = slice(2, 8), slice(8, 14)
-    model = RegionModel(rows, cols).double()
+    model = RegionModel(rows, cols, scale=3.0).double()
     torch.manual_seed(0)
     x = 0.1 * torch.randn(2, 3, 16, 16, dtype=torch.float64)
     x[0, :, rows, cols] += 2.0

@@ -9,6 +9,7 @@ from torch import nn
 import saliencylab as sl
 from conftest import make_small_cnn
 from saliencylab.methods.occlusion import occlusion_masks, window_offsets
+from zoo import PatchMeanModel as PatchModel
 
 captum_attr = pytest.importorskip("captum.attr")
 warnings.filterwarnings("ignore", module="captum")
@@ -82,16 +83,6 @@ def test_bad_parameters():
         sl.methods.build("occlusion", model, score="probability")
 
 
-class PatchModel(nn.Module):
-    """Logits [mean of a 4x4 patch, 0]: only the patch matters, and more of it is better."""
-
-    def __init__(self, top=9, left=3):
-        super().__init__()
-        self.top, self.left = top, left
-
-    def forward(self, x):
-        patch = x[:, :, self.top:self.top + 4, self.left:self.left + 4].mean((1, 2, 3))
-        return torch.stack([patch, torch.zeros_like(patch)], 1)
 
 
 def test_maximum_inside_the_relevant_patch():

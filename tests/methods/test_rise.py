@@ -9,6 +9,7 @@ from torch import nn
 import saliencylab as sl
 from conftest import make_small_cnn
 from saliencylab.methods.rise import RiseMasks, rise_grids
+from zoo import PatchMeanModel as PatchModel
 
 
 @pytest.fixture
@@ -106,16 +107,6 @@ def test_bad_parameters():
         sl.explain(model, torch.randn(1, 3, 8, 8), "rise", masks=4, channels=True)
 
 
-class PatchModel(nn.Module):
-    """Logits [mean of a 4x4 patch, 0]: only the patch matters, and more of it is better."""
-
-    def __init__(self, top=9, left=3):
-        super().__init__()
-        self.top, self.left = top, left
-
-    def forward(self, x):
-        patch = x[:, :, self.top:self.top + 4, self.left:self.left + 4].mean((1, 2, 3))
-        return torch.stack([patch, torch.zeros_like(patch)], 1)
 
 
 def test_maximum_inside_the_relevant_patch():
