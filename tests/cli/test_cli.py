@@ -88,7 +88,8 @@ def test_demo_default_method_list(demo_calls, tmp_path):
 
     assert main(["demo", "--full", "--out", str(tmp_path)]) == 0
     call = demo_calls[-1]
-    assert call["methods"] == methods.available() and call["preset"] == "full" and call["photos"] is None
+    assert call["methods"] == methods.available() and call["preset"] == "full"
+    assert call["photos"] == images.sample_names() and len(call["photos"]) == 5
     assert main(["demo", "--quick", "--methods", "gradcam, gradient", "--metrics", "", "--out", str(tmp_path)]) == 0
     call = demo_calls[-1]
     assert call["methods"] == ["gradcam", "gradient"] and call["preset"] == "quick" and call["metrics"] == []

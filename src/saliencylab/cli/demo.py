@@ -33,7 +33,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..report.demo import demo_methods, run_demo
+    from ..report.demo import demo_methods, demo_photos, run_demo
 
     if args.quick and args.preset not in (None, "quick"):
         raise Fail(f"--quick and --preset {args.preset} contradict each other")
@@ -50,9 +50,8 @@ def run(args) -> int:
     names = [setup(_methods.get, n).name for n in names]
     metric_names = [setup(_metrics.get, m.strip()).name for m in (args.metrics or "").split(",") if m.strip()]
     make_dir(Path(args.out))
-    photos = None if args.full else list(_presets.DEMO_PHOTOS)
     title = "saliencylab demo" + ("" if preset in ("demo", "full") else f" ({preset})")
-    result = setup(run_demo, args.out, methods=names, preset=preset, photos=photos, metrics=metric_names,
+    result = setup(run_demo, args.out, methods=names, preset=preset, photos=demo_photos(args.full), metrics=metric_names,
                    command=shlex.join(["saliencylab", *args.argv]), title=title, debug=args.debug,
                    on_error=error)
     print(result.index.resolve())

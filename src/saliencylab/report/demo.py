@@ -22,7 +22,7 @@ from .. import presets as _presets
 from ..core.errors import SaliencyLabError
 from ..core.progress import progress
 
-__all__ = ["DemoResult", "run_demo", "demo_methods", "takes_data"]
+__all__ = ["DemoResult", "run_demo", "demo_methods", "demo_photos", "takes_data"]
 
 
 @dataclass
@@ -45,6 +45,13 @@ def _message(exc: BaseException) -> str:
 def demo_methods(full: bool = False) -> list[str]:
     """The methods the demo runs: a representative handful, or every registered method with `full`."""
     return _methods.available() if full else list(_presets.DEMO_METHODS)
+
+
+def demo_photos(full: bool = False) -> list[str]:
+    """The photos the demo explains: those with an ImageNet class, or every bundled photo with `full`."""
+    from .. import images
+
+    return images.sample_names() if full else list(_presets.DEMO_PHOTOS)
 
 
 def takes_data(name: str) -> bool:
