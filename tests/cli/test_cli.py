@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from saliencylab import __version__, bench, images, methods, presets
+from saliencylab import __version__, bench, evaluate_cmd, images, methods, presets
 from saliencylab.cli import COMMANDS, main
 from saliencylab.report import demo as demo_module
 
@@ -217,6 +217,20 @@ def test_explain_preset_and_param_override(tmp_path):
     assert main(args + ["--param", "steps=3"]) == 0
     record = json.loads((tmp_path / "chelsea.integrated_gradients.json").read_text())
     assert record["params"]["steps"] == 3 and record["cost"]["backward_images"] == 3
+
+
+def test_evaluate_preset_becomes_method_params(monkeypatch, tmp_path, capsys):
+    seen = []
+    monkeypatch.setattr(evaluate_cmd, "cmd_evaluate", lambda args, fail: seen.append(args.method_param) or 0)
+    argv = ["evaluate", CHELSEA, "--methods", "gradient,integrated_gradients,occlusion", "--preset", "photo",
+            "--method-param", "occlusion.stride=8", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert seen[-1] == ["integrated_gradients.steps=16", "occlusion.window=32", "occlusion.stride=32",
+                        "occlusion.stride=8"]  # the given one comes last and wins
+    assert evaluate_cmd._scoped_params(seen[-1], "method", ["integrated_gradients", "occlusion"]) == {
+        "integrated_gradients": {"steps": 16}, "occlusion": {"window": 32, "stride": 8}}
+    assert main(argv[:4] + ["--preset", "fulll", "--out", str(tmp_path)]) == 2
+    assert "did you mean full" in capsys.readouterr().err
 
 
 def test_user_model_factory(tmp_path, monkeypatch, capsys):
