@@ -51,8 +51,8 @@ def run(args) -> int:
     metric_names = [setup(_metrics.get, m.strip()).name for m in (args.metrics or "").split(",") if m.strip()]
     make_dir(Path(args.out))
     title = "saliencylab demo" + ("" if preset in ("demo", "full") else f" ({preset})")
-    result = setup(run_demo, args.out, methods=names, preset=preset, photos=demo_photos(args.full), metrics=metric_names,
-                   command=shlex.join(["saliencylab", *args.argv]), title=title, debug=args.debug,
+    result = setup(run_demo, args.out, methods=names, preset=preset, photos=demo_photos(args.full),
+                   metrics=metric_names, command=shlex.join(["saliencylab", *args.argv]), title=title, debug=args.debug,
                    on_error=error)
     print(result.index.resolve())
     return 1 if result.errors else 0
