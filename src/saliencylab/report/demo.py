@@ -59,7 +59,8 @@ def takes_data(name: str) -> bool:
     return bool(getattr(_methods.get(name), "needs_data", False)) or "data" in _methods.parameters(name)
 
 
-def run_demo(out_dir, *, methods: Sequence[str] | None = None, preset: str = "demo", photos: Sequence[str] | None = None,
+def run_demo(out_dir, *, methods: Sequence[str] | None = None, preset: str = "demo",
+             photos: Sequence[str] | None = None,
              metrics: Sequence[str] = ("deletion", "insertion"), data_size: int = _presets.DEMO_DATA_SIZE,
              command: str = "saliencylab demo", title: str = "saliencylab demo", debug: bool = False,
              on_error: Callable[[str, str], None] | None = None) -> DemoResult:
