@@ -1,6 +1,6 @@
 """Files in and out for the command line: models with their preprocessing, images, result files.
 
-Kept apart from `cli.py` so that scripts can reuse the same steps:
+Kept apart from `saliencylab.cli` so that scripts can reuse the same steps:
 
 >>> loaded = load_model("efficientnet_lite0")
 >>> item = prepare_image("cat.jpg", loaded)
@@ -31,7 +31,7 @@ from .report.render import denormalize, overlay, save_png
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "PreparedImage", "ImageResult", "load_model", "read_labels",
     "parse_param", "parse_floats", "resolve_target_arg", "label_of", "prepare_image", "explain_images",
-    "split_explanation", "write_result", "unique_stems",
+    "explain_prepared", "split_explanation", "write_result", "unique_stems",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -214,23 +214,44 @@ def split_explanation(expl: Explanation) -> list[ImageResult]:
     return results
 
 
-def explain_images(model, method, x: torch.Tensor, target=None) -> list[ImageResult | Exception]:
+def explain_images(model, method, x: torch.Tensor, target=None, image_ids=None) -> list[ImageResult | Exception]:
     """Explain a batch; if the batch fails, explain image by image so one bad image loses only itself.
 
-    Returns one entry per image: an ImageResult, or the exception that image raised.
+    Returns one entry per image: an ImageResult, or the exception that image raised. `image_ids` key
+    the random draws of stochastic methods (one id per image), so the retry gives the same maps.
     """
+    ids = list(image_ids) if image_ids is not None else list(range(len(x)))
     try:
-        return split_explanation(explain(model, x, method, target))
+        return split_explanation(explain(model, x, method, target, image_ids=ids))
     except Exception as exc:  # noqa: BLE001 - isolated per image below
         if len(x) == 1:
             return [exc]
     results: list[ImageResult | Exception] = []
     for i in range(len(x)):
         try:
-            results.extend(split_explanation(explain(model, x[i : i + 1], method, target)))
+            results.extend(split_explanation(explain(model, x[i : i + 1], method, target, image_ids=ids[i : i + 1])))
         except Exception as exc:  # noqa: BLE001
             results.append(exc)
     return results
+
+
+def explain_prepared(model, method, items: Sequence[PreparedImage], target=None, batch_size: int = 8):
+    """Explain prepared images `batch_size` at a time; yields, per batch, a list of
+    (item, ImageResult or the exception that image raised).
+
+    A batch whose images preprocess to different sizes is explained image by image. Random draws are
+    keyed by each image's path, so a map does not depend on the batch it was explained in.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    for start in range(0, len(items), batch_size):
+        chunk = list(items[start : start + batch_size])
+        if len({tuple(it.tensor.shape) for it in chunk}) > 1:  # cannot stack: one at a time
+            results = [r for it in chunk for r in explain_images(model, method, it.tensor[None], target, [it.path])]
+        else:
+            results = explain_images(model, method, torch.stack([it.tensor for it in chunk]), target,
+                                     [it.path for it in chunk])
+        yield list(zip(chunk, results))
 
 
 # -- results --------------------------------------------------------------------------------------

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from saliencylab import __version__, images, methods
-from saliencylab.cli import demo_params, main
+from saliencylab import __version__, bench, evaluate_cmd, images, methods, presets
+from saliencylab.cli import COMMANDS, main
+from saliencylab.report import demo as demo_module
 
 CHELSEA = str(images.samples()["chelsea"].path)
 CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -34,10 +35,12 @@ def test_version_and_methods(capsys):
 
 
 def test_demo_quick_end_to_end(tmp_path, capsys):
+    # every method on every photo, at the smoke-run settings
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    assert main(["demo", "--full", "--quick", "--out", str(out)]) == 0
     captured = capsys.readouterr()
     assert _errors(captured.err) == []
+    assert "warning:" not in captured.err  # the IBA family gets crops to estimate statistics from
     index = out / "index.html"
     assert captured.out.strip().splitlines()[-1] == str(index.resolve())
     html = index.read_text()
@@ -48,7 +51,8 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
             assert f"{name}.{method}.png" in sources
     for src in sources:
         assert (out / src).is_file(), src
-    assert "efficientnet_lite0" in html and "saliencylab demo --quick" in html
+    assert "efficientnet_lite0" in html and "saliencylab demo --full --quick" in html
+    assert "sample_crops(n=64, seed=0)" in html and "&#9888; note" not in html
     # the faithfulness table: one row per method, deletion and insertion with intervals, and the curves
     table = (out / "metrics.md").read_text().splitlines()
     assert table[0] == "| method | deletion ↓ | insertion ↑ |"
@@ -58,10 +62,82 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert "Faithfulness of each method" in html
 
 
-def test_demo_params_are_cheap_when_quick():
-    assert demo_params("integrated_gradients", quick=True)["steps"] == 4
-    assert demo_params("smoothgrad", quick=True)["samples"] == 4
-    assert demo_params("gradient", quick=True) == {}
+@pytest.fixture
+def demo_calls(monkeypatch, tmp_path):
+    """Records what `saliencylab demo` asks of run_demo, without running it."""
+    calls = []
+
+    def fake(out_dir, **kwargs):
+        calls.append(kwargs)
+        return demo_module.DemoResult(index=tmp_path / "index.html")
+
+    monkeypatch.setattr(demo_module, "run_demo", fake)
+    return calls
+
+
+def test_demo_default_method_list(demo_calls, tmp_path):
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    call = demo_calls[-1]
+    assert call["methods"] == list(presets.DEMO_METHODS) and call["preset"] == "demo"
+    assert call["photos"] == list(presets.DEMO_PHOTOS) and len(call["photos"]) == 3
+    assert call["metrics"] == ["deletion", "insertion"]
+    # a representative handful: the gradient family, a CAM, a perturbation method, IBA and a short I-GOS
+    assert {"gradient", "integrated_gradients", "smoothgrad", "gradcam", "iba", "igos"} <= set(call["methods"])
+    assert {"occlusion", "rise"} & set(call["methods"])
+    assert presets.params("demo", "igos")["iterations"] < presets.params("full", "igos")["iterations"]
+
+    assert main(["demo", "--full", "--out", str(tmp_path)]) == 0
+    call = demo_calls[-1]
+    assert call["methods"] == methods.available() and call["preset"] == "full"
+    assert call["photos"] == images.sample_names() and len(call["photos"]) == 5
+    assert main(["demo", "--quick", "--methods", "gradcam, gradient", "--metrics", "", "--out", str(tmp_path)]) == 0
+    call = demo_calls[-1]
+    assert call["methods"] == ["gradcam", "gradient"] and call["preset"] == "quick" and call["metrics"] == []
+    assert main(["demo", "--methods", "all", "--preset", "photo", "--out", str(tmp_path)]) == 0
+    assert demo_calls[-1]["methods"] == methods.available() and demo_calls[-1]["preset"] == "photo"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "quik"], "did you mean quick"),
+    (["--quick", "--preset", "full"], "contradict"),
+    (["--metrics", "deletion,nope"], "unknown metric"),
+])
+def test_demo_bad_arguments(demo_calls, tmp_path, capsys, args, message):
+    assert main(["demo", *args, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err and not demo_calls
+
+
+def test_demo_gives_iba_feature_data(tmp_path, recwarn):
+    """The IBA family estimates statistics on the bundled crops: no 'no data' warning of the demo's making."""
+    assert demo_module.takes_data("iba") and not demo_module.takes_data("gradient")
+    result = demo_module.run_demo(tmp_path, methods=["iba"], preset="quick", photos=["chelsea"], metrics=(),
+                                  data_size=4)
+    assert result.errors == {}
+    html = result.index.read_text()
+    assert "data=sample_crops(n=4, seed=0)" in html and "&#9888; note" not in html
+    assert not [w for w in recwarn if "statistics" in str(w.message)]
+    assert (tmp_path / "chelsea.iba.png").is_file()
+
+
+@pytest.mark.parametrize("command", [[], *([name] for name in COMMANDS), ["bench"]])
+def test_every_subcommand_has_help(command, capsys):
+    assert main([*command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: saliencylab" + "".join(f" {c}" for c in command))
+
+
+def test_leaderboard_replaces_bench(monkeypatch, capsys):
+    main(["--help"])
+    listing = capsys.readouterr().out
+    assert re.search(r"^\s+leaderboard\b", listing, re.M) and not re.search(r"^\s+bench\b", listing, re.M)
+    seen = []
+    monkeypatch.setattr(bench, "cmd_bench", lambda args: seen.append(args) or 0)
+    assert main(["leaderboard", "--suite", "knows-best", "--images", "2"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["bench", "--suite", "knows-best", "--images", "2"]) == 0  # the deprecated alias still runs
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "saliencylab leaderboard" in err[0]
+    assert [(a.suite, a.images) for a in seen] == [("knows-best", 2), ("knows-best", 2)]
 
 
 def test_demo_unknown_method(tmp_path, capsys):
@@ -131,6 +207,30 @@ def test_param_reaches_the_method(tmp_path):
     record = json.loads((tmp_path / "chelsea.integrated_gradients.json").read_text())
     assert record["params"]["steps"] == 2 and record["params"]["baseline"] == "blur"
     assert record["cost"]["backward_images"] == 2
+
+
+def test_explain_preset_and_param_override(tmp_path):
+    args = ["explain", CHELSEA, "--method", "integrated_gradients", "--preset", "quick", "--out", str(tmp_path)]
+    assert main(args) == 0
+    record = json.loads((tmp_path / "chelsea.integrated_gradients.json").read_text())
+    assert record["params"]["steps"] == presets.params("quick", "integrated_gradients")["steps"] == 4
+    assert main(args + ["--param", "steps=3"]) == 0
+    record = json.loads((tmp_path / "chelsea.integrated_gradients.json").read_text())
+    assert record["params"]["steps"] == 3 and record["cost"]["backward_images"] == 3
+
+
+def test_evaluate_preset_becomes_method_params(monkeypatch, tmp_path, capsys):
+    seen = []
+    monkeypatch.setattr(evaluate_cmd, "cmd_evaluate", lambda args, fail: seen.append(args.method_param) or 0)
+    argv = ["evaluate", CHELSEA, "--methods", "gradient,integrated_gradients,occlusion", "--preset", "photo",
+            "--method-param", "occlusion.stride=8", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert seen[-1] == ["integrated_gradients.steps=16", "occlusion.window=32", "occlusion.stride=32",
+                        "occlusion.stride=8"]  # the given one comes last and wins
+    assert evaluate_cmd._scoped_params(seen[-1], "method", ["integrated_gradients", "occlusion"]) == {
+        "integrated_gradients": {"steps": 16}, "occlusion": {"window": 32, "stride": 8}}
+    assert main(argv[:4] + ["--preset", "fulll", "--out", str(tmp_path)]) == 2
+    assert "did you mean full" in capsys.readouterr().err
 
 
 def test_user_model_factory(tmp_path, monkeypatch, capsys):

@@ -1,17 +1,14 @@
-"""Example figures for `saliencylab bench`: a few inputs, their ground truth and every method's map."""
+"""Example figures for `saliencylab leaderboard`: a few inputs, their ground truth and every method's map."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .render import to_display  # noqa: E402
+from .plots import new_figure
+from .render import to_display
 
 
 def example_grid(images: Sequence[np.ndarray], maps: Sequence, names: Sequence[str], path, *, truth=None,
@@ -22,8 +19,8 @@ def example_grid(images: Sequence[np.ndarray], maps: Sequence, names: Sequence[s
     Each map is scaled for display on its own (signed maps diverging around 0, others sequential)."""
     k = len(images)
     columns = ["input"] + (["ground truth"] if truth is not None else []) + list(names)
-    fig, axes = plt.subplots(k, len(columns), figsize=(1.25 * len(columns), 1.3 * k + 0.4), dpi=100,
-                             squeeze=False)
+    fig = new_figure(figsize=(1.25 * len(columns), 1.3 * k + 0.4), dpi=100)
+    axes = fig.subplots(k, len(columns), squeeze=False)
     for i in range(k):
         panels = [np.asarray(images[i])]
         if truth is not None:
@@ -40,5 +37,4 @@ def example_grid(images: Sequence[np.ndarray], maps: Sequence, names: Sequence[s
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
-    plt.close(fig)
     return path

@@ -139,7 +139,7 @@ def write_demo_page(out_dir: str | os.PathLike, rows: Sequence, methods: Sequenc
 
 
 def write_bench_page(out_dir: str | os.PathLike, tables: Sequence[MetricsTable], meta: Mapping) -> Path:
-    """Write the `saliencylab bench` leaderboard page `out_dir/index.html` and return its path.
+    """Write the `saliencylab leaderboard` page `out_dir/index.html` and return its path.
 
     meta: title, command, seed, seconds, methods, versions."""
     import platform
@@ -154,7 +154,7 @@ def write_bench_page(out_dir: str | os.PathLike, tables: Sequence[MetricsTable],
     meta.setdefault("versions", {"saliencylab": __version__, "torch": torch.__version__,
                                  "python": platform.python_version()})
     html = _environment().get_template("bench.html.j2").render(
-        tables=list(tables), meta=meta, title=meta.get("title", "saliencylab bench"))
+        tables=list(tables), meta=meta, title=meta.get("title", "saliencylab leaderboard"))
     path = out_dir / "index.html"
     path.write_text(html, encoding="utf-8")
     return path

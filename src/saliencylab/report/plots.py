@@ -1,15 +1,24 @@
-"""Curve plots for evaluation reports (matplotlib, Agg backend: no windows)."""
+"""Curve plots for evaluation reports.
+
+Figures are `matplotlib.figure.Figure` objects drawn by `FigureCanvasAgg`, never pyplot: no window
+opens, and a notebook's backend (and its list of open figures) is left as the user set it.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+def new_figure(**kwargs) -> Figure:
+    """A figure with its own Agg canvas, outside pyplot's figure manager."""
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def plot_metric_curves(records: Sequence, metric: str, path, title: str | None = None) -> Path | None:
@@ -17,7 +26,8 @@ def plot_metric_curves(records: Sequence, metric: str, path, title: str | None =
     chosen = [r for r in records if r.metric == metric and r.curves and "fraction" in r.curves]
     if not chosen:
         return None
-    fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=110)
+    fig = new_figure(figsize=(5.2, 3.6), dpi=110)
+    ax = fig.subplots()
     for r in chosen:
         x = np.asarray(r.curves["fraction"], dtype=float)
         keys = [k for k in r.curves if k != "fraction" and np.ndim(r.curves[k]) == 2]
@@ -36,5 +46,4 @@ def plot_metric_curves(records: Sequence, metric: str, path, title: str | None =
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
-    plt.close(fig)
     return path

@@ -12,13 +12,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # never open a window; must come before anything imports pyplot
-
-import numpy as np  # noqa: E402
-from matplotlib import colormaps  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from matplotlib import colormaps  # colormaps only: no pyplot, so the user's backend is left alone
+from PIL import Image
 
 __all__ = ["display_values", "to_display", "overlay", "save_png", "denormalize", "to_numpy_map",
            "SIGNED_CMAP", "POSITIVE_CMAP"]

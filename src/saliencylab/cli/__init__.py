@@ -1,0 +1,69 @@
+"""The `saliencylab` command: list methods, explain image files, evaluate, leaderboard, demo page.
+
+One module per subcommand (`add_parser(sub)` and `run(args) -> exit code`); the work itself lives in
+the library (`io`, `evaluate_cmd`, `bench`, `report.demo`), so scripts can do what the command does.
+
+Exit codes: 0 all good; 1 some images (or demo methods) failed, the rest have results;
+2 bad arguments (unknown method, parameter, layer or model), nothing was processed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from .. import __version__
+from . import demo, evaluate, explain, leaderboard, methods
+from ._common import Fail, error, one_line
+
+__all__ = ["main", "build_parser", "COMMANDS"]
+
+# Sub-command name -> module; the order is the order of the help. `bench` is the hidden old name of
+# `leaderboard`.
+COMMANDS = {"methods": methods, "explain": explain, "evaluate": evaluate, "leaderboard": leaderboard,
+            "demo": demo}
+_ALIASES = {leaderboard.DEPRECATED: leaderboard}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="saliencylab", description="Explain PyTorch vision models with saliency maps.")
+    parser.add_argument("--version", action="version", version=f"saliencylab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMANDS.values():
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors: return instead of exiting
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    args.argv = argv
+    module = COMMANDS.get(args.command) or _ALIASES[args.command]
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")  # each distinct warning once
+        warnings.showwarning = _show_warning
+        try:
+            return module.run(args)
+        except Fail as exc:
+            error(exc)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {one_line(message)}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
