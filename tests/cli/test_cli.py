@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from saliencylab import __version__, bench, evaluate_cmd, images, methods, presets
+from saliencylab import __version__, images, methods, presets
+from saliencylab.cli import evaluate as evaluate_cli, leaderboard as leaderboard_cli
 from saliencylab.cli import COMMANDS, main
 from saliencylab.report import demo as demo_module
 
@@ -131,7 +132,7 @@ def test_leaderboard_replaces_bench(monkeypatch, capsys):
     listing = capsys.readouterr().out
     assert re.search(r"^\s+leaderboard\b", listing, re.M) and not re.search(r"^\s+bench\b", listing, re.M)
     seen = []
-    monkeypatch.setattr(bench, "cmd_bench", lambda args: seen.append(args) or 0)
+    monkeypatch.setattr(leaderboard_cli, "_run", lambda args: seen.append(args) or 0)
     assert main(["leaderboard", "--suite", "knows-best", "--images", "2"]) == 0
     assert capsys.readouterr().err == ""
     assert main(["bench", "--suite", "knows-best", "--images", "2"]) == 0  # the deprecated alias still runs
@@ -221,14 +222,21 @@ def test_explain_preset_and_param_override(tmp_path):
 
 def test_evaluate_preset_becomes_method_params(monkeypatch, tmp_path, capsys):
     seen = []
-    monkeypatch.setattr(evaluate_cmd, "cmd_evaluate", lambda args, fail: seen.append(args.method_param) or 0)
+    import saliencylab.runs.files as files
+
+    def fake(paths, methods, metrics, *, method_params, **kw):
+        seen.append(method_params)
+        return 0
+
+    monkeypatch.setattr(files, "evaluate_files", fake)
+    monkeypatch.setattr(evaluate_cli, "preset_method_params",
+                        lambda *a, real=evaluate_cli.preset_method_params: seen.append(real(*a)) or real(*a))
     argv = ["evaluate", CHELSEA, "--methods", "gradient,integrated_gradients,occlusion", "--preset", "photo",
             "--method-param", "occlusion.stride=8", "--out", str(tmp_path)]
     assert main(argv) == 0
-    assert seen[-1] == ["integrated_gradients.steps=16", "occlusion.window=32", "occlusion.stride=32",
-                        "occlusion.stride=8"]  # the given one comes last and wins
-    assert evaluate_cmd._scoped_params(seen[-1], "method", ["integrated_gradients", "occlusion"]) == {
-        "integrated_gradients": {"steps": 16}, "occlusion": {"window": 32, "stride": 8}}
+    preset, scoped = seen[-2], seen[-1]
+    assert preset == ["integrated_gradients.steps=16", "occlusion.window=32", "occlusion.stride=32"]
+    assert scoped == {"integrated_gradients": {"steps": 16}, "occlusion": {"window": 32, "stride": 8}}  # given wins
     assert main(argv[:4] + ["--preset", "fulll", "--out", str(tmp_path)]) == 2
     assert "did you mean full" in capsys.readouterr().err
 

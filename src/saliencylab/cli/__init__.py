@@ -1,7 +1,7 @@
 """The `saliencylab` command: list methods, explain image files, evaluate, leaderboard, demo page.
 
 One module per subcommand (`add_parser(sub)` and `run(args) -> exit code`); the work itself lives in
-the library (`io`, `evaluate_cmd`, `bench`, `report.demo`), so scripts can do what the command does.
+the library (`io`, `runs.files`, `runs.leaderboard`, `report.demo`), so scripts can do what the command does.
 
 Exit codes: 0 all good; 1 some images (or demo methods) failed, the rest have results;
 2 bad arguments (unknown method, parameter, layer or model), nothing was processed.

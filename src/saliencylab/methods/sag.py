@@ -85,13 +85,12 @@ class AttentionGraph:
 
         image: (3, H, W) tensor or (H, W, 3) array with values in [0, 1] (e.g. `LoadedModel.denormalize`);
         baseline: the same for what replaces hidden patches (default: the image dimmed to 25%).
-        Returns the matplotlib figure; saves it to `path` (PNG) if given. Uses the Agg backend.
+        Returns the matplotlib figure (its own Agg canvas, no pyplot: a notebook's backend is untouched);
+        saves it to `path` (PNG) if given.
         """
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
         import numpy as np
+
+        from ..report.plots import new_figure
 
         def to_hwc(a):
             a = a.detach().cpu().float().numpy() if isinstance(a, torch.Tensor) else np.asarray(a, dtype=np.float32)
@@ -105,7 +104,7 @@ class AttentionGraph:
             levels.setdefault(n["level"], []).append(n)
         n_levels = max(levels) + 1 if levels else 1
         width = max((len(v) for v in levels.values()), default=1)
-        fig = plt.figure(figsize=(max(4.0, 1.6 * width), 1.9 * n_levels + 0.6))
+        fig = new_figure(figsize=(max(4.0, 1.6 * width), 1.9 * n_levels + 0.6))
         pos = {}
         tile_w, tile_h = 0.8 / max(width, 1), 0.75 / n_levels
         for lvl, nodes in sorted(levels.items()):
@@ -136,7 +135,6 @@ class AttentionGraph:
         overlay.set_zorder(-1)
         if path is not None:
             fig.savefig(path, dpi=100)
-            plt.close(fig)
         return fig
 
 

@@ -1,4 +1,4 @@
-"""`saliencylab bench`: the paired test and Holm correction against references, and the suite run end to
+"""`saliencylab leaderboard`: the paired test and Holm correction against references, and the suite run end to
 end on the ground-truth environments (leaderboard, HTML, resume, per-method isolation)."""
 
 import json
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from saliencylab import bench
+from saliencylab.runs import leaderboard as bench
 from saliencylab.cli import main
 from saliencylab.core.errors import ConfigError
 from saliencylab.core.session import model_fingerprint
@@ -76,7 +76,7 @@ def test_unknown_suite_and_method():
 
 def test_groundtruth_suite_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     out = tmp_path / "bench"
-    argv = ["bench", "--suite", "groundtruth", "--methods", "gradient,integrated_gradients",
+    argv = ["leaderboard", "--suite", "groundtruth", "--methods", "gradient,integrated_gradients",
             "--images", "4", "--out", str(out)]
     assert main(argv) == 0
     board = json.loads((out / "leaderboard.json").read_text())
@@ -92,7 +92,7 @@ def test_groundtruth_suite_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
     assert ig["gt_rank_correlation"] > 0.99 and ig["gt_mass_positive"] > 0.99
     assert {c["method"] for c in first["costs"]} == {"gradient", "integrated_gradients"}
     html = (out / "index.html").read_text()
-    assert "saliencylab bench: groundtruth" in html and "examples.png" in html
+    assert "saliencylab leaderboard: groundtruth" in html and "examples.png" in html
     assert "integrated_gradients" in (out / "leaderboard.md").read_text()
 
     # one row per image x method x metric in each group's rows.jsonl
@@ -128,7 +128,7 @@ def test_failing_method_is_reported_and_others_go_on(tmp_path, capsys, monkeypat
 
     monkeypatch.setattr(bench, "run_evaluation", flaky)
     out = tmp_path / "bench"
-    code = main(["bench", "--suite", "groundtruth", "--methods", "integrated_gradients,gradient", "--images", "2",
+    code = main(["leaderboard", "--suite", "groundtruth", "--methods", "integrated_gradients,gradient", "--images", "2",
                  "--out", str(out)])
     assert code == 1
     board = json.loads((out / "leaderboard.json").read_text())

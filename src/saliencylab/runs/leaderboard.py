@@ -1,4 +1,4 @@
-"""`saliencylab bench`: every method through a suite, a leaderboard with intervals, tests and costs.
+"""`saliencylab leaderboard`: every method through a suite, a leaderboard with intervals, tests and costs.
 
 Suites
 - groundtruth: the environments of `saliencylab.envs`, whose relevant pixels are known by construction
@@ -35,14 +35,16 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import methods as _methods
-from . import metrics as _metrics
-from .core.progress import progress
-from .core.errors import ConfigError, SaliencyLabError
-from .evaluation import Record, markdown_table, run_evaluation
-from .runs.local import resolve_targets
-from .runs.stats import cost_rows, significance_against_best, summarize
-from .runs.store import Row, RunStore
+from .. import methods as _methods
+from .. import metrics as _metrics
+from .. import presets as _presets
+from ..core.progress import progress
+from ..core.errors import ConfigError, SaliencyLabError
+from ..core.registry import Registry
+from ..evaluation import Record, markdown_table, run_evaluation
+from .local import resolve_targets
+from .stats import cost_rows, significance_against_best, summarize
+from .store import Row, RunStore
 
 SUITES = ("groundtruth", "knows-best", "faithfulness")
 
@@ -58,36 +60,12 @@ PHOTO_DEFAULT_METHODS = tuple(m for m in DEFAULT_METHODS if m != "extremal_pertu
 GROUNDTRUTH_METRICS = ("gt_precision", "gt_recall", "gt_mass_positive", "gt_mass_negative", "gt_rank_correlation")
 FAITHFULNESS_METRICS = ("deletion", "insertion", "morf_lerf", "road", "completeness", "soundness")
 
-# Settings per suite: small images (the 32x32 environments) need small windows, cells and masks.
-_SMALL_IMAGE_PARAMS = {
-    "occlusion": {"window": 4, "stride": 2},
-    "rise": {"masks": 1000, "cell": 4},
-    "igos": {"size": 8},
-    "igos_plus_plus": {"size": 8},
-    "extremal_perturbation": {"step": 2, "sigma": 3.0, "steps": 300},
-    "structured_attention_graph": {"size": 4},
-}
-# 224x224 photos: the default suites keep the costly methods to a few hundred passes per image so a
-# suite finishes in minutes on a 2-core CPU; --full uses the demo's fuller settings.
-_PHOTO_PARAMS = {
-    "integrated_gradients": {"steps": 16},
-    "smoothgrad": {"samples": 16},
-    "occlusion": {"window": 32, "stride": 32},
-    "rise": {"masks": 128},
-    "iba": {"samples": 5},
-    "igos": {"steps": 4, "iterations": 5},
-    "igos_plus_plus": {"steps": 4, "iterations": 3},
-    "extremal_perturbation": {"steps": 100},
-    "input_iba": {"steps": 10, "samples": 5, "gan_epochs": 1, "gan_size": 16, "gan_subset": 4, "gan_batch": 16},
-}
-_PHOTO_PARAMS_FULL = {
-    "occlusion": {"window": 32, "stride": 16},
-    "rise": {"masks": 1000},
-    "igos": {"steps": 8, "iterations": 10},
-    "igos_plus_plus": {"steps": 8, "iterations": 5},
-    "extremal_perturbation": {"steps": 200},
-    "input_iba": {"steps": 20, "samples": 5, "gan_epochs": 2, "gan_size": 32, "gan_subset": 8, "gan_batch": 16},
-}
+# Settings per suite come from the one presets table: "small-image" for the 32x32 environments (small
+# windows, cells and masks), "photo" for 224x224 photos (the costly methods at a few hundred passes per
+# image, so a suite finishes in minutes on a 2-core CPU), "full" for --full.
+_SMALL_IMAGE_PARAMS = _presets.get("small-image")
+_PHOTO_PARAMS = _presets.get("photo")
+_PHOTO_PARAMS_FULL = _presets.get("full")
 _IBA_FAMILY = ("iba", "inverse_iba", "multilayer_iba", "readout_iba", "input_iba")
 _FAITHFULNESS_METRIC_PARAMS = {
     "default": {"deletion": {"protocol": "igos", "steps": 25}, "insertion": {"protocol": "igos", "steps": 25},
@@ -149,7 +127,7 @@ def method_params_for(names: Sequence[str], small: bool, data=None, full: bool =
 
 # -- suites ----------------------------------------------------------------------------------------------
 def groundtruth_groups(methods: Sequence[str], full: bool, seed: int, images: int | None) -> list[Group]:
-    from . import envs
+    from .. import envs
 
     n = images or (64 if full else 16)
     groups = []
@@ -169,9 +147,9 @@ def groundtruth_groups(methods: Sequence[str], full: bool, seed: int, images: in
 
 
 def faithfulness_groups(methods: Sequence[str], full: bool, seed: int, images: int | None) -> list[Group]:
-    from . import images as sample_images
-    from . import models
-    from .report.render import denormalize
+    from .. import images as sample_images
+    from .. import models
+    from ..report.render import denormalize
 
     loaded = models.load("efficientnet_lite0")
     photos = sample_images.samples()
@@ -195,6 +173,25 @@ def _unit_rgb(t: torch.Tensor):
 
 
 SUITE_GROUPS = {"groundtruth": groundtruth_groups, "faithfulness": faithfulness_groups}
+
+
+class Suite:
+    """A registered suite: `run(methods, out, full=, seed=, images=, on_record=, debug=) -> [GroupResult]`."""
+
+    def __init__(self, name: str, run: Callable, description: str = ""):
+        self.name, self.run, self.description = name, run, description
+
+
+# Suites share the generic registry (did-you-mean on a misspelt name); adding one = registering it.
+suites: Registry = Registry("suite")
+
+
+def _groups_suite(name: str, make_groups: Callable, description: str) -> Suite:
+    def run(names, out, *, full, seed, images, on_record, debug):
+        groups = make_groups(names, full, seed, images)
+        return [run_group(g, names, out, seed=seed, on_record=on_record, debug=debug) for g in groups]
+
+    return Suite(name, run, description)
 
 
 # -- running ---------------------------------------------------------------------------------------------
@@ -228,7 +225,7 @@ def run_group(group: Group, methods: Sequence[str], out_dir: Path, *, seed: int,
             kept[method] = torch.load(path, weights_only=True)
     figure = None
     if kept:
-        from .report.bench_figures import example_grid
+        from ..report.bench_figures import example_grid
 
         shown = [m for m in methods if m in kept]
         figure = example_grid([group.display(img) for img in group.x[:examples].detach().cpu()],
@@ -253,14 +250,14 @@ def knows_best_group(methods: Sequence[str], out_dir: Path, *, full: bool, seed:
     axiom, every method scored on class sensitivity, null player and symmetry. By default on the
     embedded model; `model`, `classes`, `normalize`, `generation` (generate_patches parameters) and
     `method_params` run it on any classifier."""
-    from .core.session import model_fingerprint
-    from .envs import knows_best as kb
-    from .report.bench_figures import example_grid
-    from .runs.local import image_digests, share_cost
-    from .runs.store import row_key, spec_value
+    from ..core.session import model_fingerprint
+    from ..envs import knows_best as kb
+    from ..report.bench_figures import example_grid
+    from .local import image_digests, share_cost
+    from .store import row_key, spec_value
 
     if model is None:
-        from . import models
+        from .. import models
 
         loaded = models.load("efficientnet_lite0")
         model, labels, normalize = loaded.model, loaded.labels, kb.normalize_for(loaded)
@@ -363,25 +360,23 @@ def _add_costs(a: dict, b: dict) -> dict:
 def run_bench(suite: str, methods=None, out_dir="bench-out", *, full: bool = False, seed: int = 0,
               images: int | None = None, on_record=None, debug: bool = False) -> list[GroupResult]:
     """Run a suite and write the leaderboard (markdown, JSON, HTML) into `out_dir`."""
-    if suite not in SUITES:
-        import difflib
-
-        close = difflib.get_close_matches(str(suite), SUITES, n=1)
-        raise ConfigError(f"unknown suite '{suite}'" + (f"; did you mean {close[0]}?" if close else
-                                                        f"; choose one of {', '.join(SUITES)}"))
+    runner = suites.get(suite)
     names = resolve_methods(methods, suite, full)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if suite == "knows-best":
-        results = [knows_best_group(names, out, full=full, seed=seed, images=images, on_record=on_record,
-                                    debug=debug)]
-    else:
-        groups = SUITE_GROUPS[suite](names, full, seed, images)
-        results = [run_group(g, names, out, seed=seed, on_record=on_record, debug=debug) for g in groups]
+    results = runner.run(names, out, full=full, seed=seed, images=images, on_record=on_record, debug=debug)
     write_leaderboard(results, out, suite=suite, methods=names, full=full, seed=seed, images=images,
                       seconds=time.perf_counter() - t0, default_methods=methods in (None, "", "default"))
     return results
+
+
+for _suite in (
+        _groups_suite("groundtruth", groundtruth_groups, "designed and trained environments; ground-truth metrics"),
+        Suite("knows-best", lambda names, out, **kw: [knows_best_group(names, out, **kw)],
+              "model-knows-best patches: class sensitivity, null player, symmetry"),
+        _groups_suite("faithfulness", faithfulness_groups, "the embedded model on photos; faithfulness metrics")):
+    suites.register(_suite, name=_suite.name)
 
 
 # -- writing ---------------------------------------------------------------------------------------------
@@ -449,16 +444,16 @@ def summary_markdown(results: Sequence[GroupResult], metric: str) -> str:
 
 def write_leaderboard(results: Sequence[GroupResult], out: Path, *, suite: str, methods, full: bool, seed: int,
                       seconds: float, images: int | None = None, default_methods: bool = True) -> dict[str, Path]:
-    from .report.html import MetricsTable, write_bench_page
+    from ..report.html import MetricsTable, write_bench_page
 
     paths = {"markdown": out / "leaderboard.md", "json": out / "leaderboard.json", "html": out / "index.html",
              "summary": out / "summary.md"}
     metrics = list(dict.fromkeys(r.metric for g in results for r in g.records))
     paths["summary"].write_text("\n".join(summary_markdown(results, m) for m in metrics))
-    command = (f"saliencylab bench --suite {suite}" + (" --full" if full else "")
+    command = (f"saliencylab leaderboard --suite {suite}" + (" --full" if full else "")
                + (f" --images {images}" if images else "") + (f" --seed {seed}" if seed else "")
                + ("" if default_methods else f" --methods {','.join(methods)}"))
-    paths["markdown"].write_text(f"## saliencylab bench: {suite}\n\n" + leaderboard_markdown(results)
+    paths["markdown"].write_text(f"## saliencylab leaderboard: {suite}\n\n" + leaderboard_markdown(results)
                                  + f"\nCommand: `{command}` (seed {seed}); {seconds:.0f} s in all.\n")
     payload = {"suite": suite, "full": full, "seed": seed, "methods": list(methods), "seconds": seconds,
                "groups": [{"name": g.name, "note": g.note, "errors": g.errors, "significance": g.significance,
@@ -480,36 +475,6 @@ def write_leaderboard(results: Sequence[GroupResult], out: Path, *, suite: str, 
         table.costs = {c["method"]: c for c in cost_rows(g.records)}
         table.errors = dict(g.errors)
         tables.append(table)
-    write_bench_page(out, tables, {"title": f"saliencylab bench: {suite}", "command": command, "seed": seed,
+    write_bench_page(out, tables, {"title": f"saliencylab leaderboard: {suite}", "command": command, "seed": seed,
                                    "seconds": seconds, "methods": list(methods)})
     return paths
-
-
-# -- CLI -------------------------------------------------------------------------------------------------
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "bench", help="run methods through a suite and write a leaderboard",
-        description="Run every chosen method through a suite (groundtruth, knows-best, faithfulness) and write a "
-                    "leaderboard: method x metric with 95%% intervals, paired tests against the best method, "
-                    "costs, and an HTML report with example maps. Seeded and resumable.")
-    p.add_argument("--suite", default="groundtruth", help=f"one of {', '.join(SUITES)} (default: %(default)s)")
-    p.add_argument("--methods", default="default",
-                   help="comma-separated method names, 'default' or 'all' (default: " + ",".join(DEFAULT_METHODS)
-                        + "; without extremal_perturbation on the photo suites unless --full)")
-    p.add_argument("--out", "-o", default="bench-out", help="output folder (default ./bench-out)")
-    p.add_argument("--full", action="store_true", help="the larger version (more images)")
-    p.add_argument("--images", type=int, default=None, help="images per group (overrides the suite's size)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--debug", action="store_true")
-
-
-def cmd_bench(args) -> int:
-    results = run_bench(args.suite, args.methods, args.out, full=args.full, seed=args.seed, images=args.images,
-                        debug=args.debug,
-                        on_record=lambda r: print(f"{r.method} / {r.metric}: {r.mean:.4f} "
-                                                  f"[{r.low:.4f}, {r.high:.4f}]", flush=True))
-    out = Path(args.out)
-    print((out / "leaderboard.md").read_text(), end="")
-    print((out / "index.html").resolve())
-    failed = any(g.errors for g in results)
-    return 1 if failed else 0
