@@ -6,6 +6,8 @@ corner of the RGB cube (1x1 "colour detector" conv, BN, ReLU, 3x3 conv, global a
 
 import pytest
 import torch
+
+from saliencylab.core.explanation import Explanation
 from torch import nn
 
 from conftest import ColourNet
@@ -46,8 +48,8 @@ class Oracle(Method):
         super().__init__(model)
         self.suite, self.mode, self.calls = suite, mode, 0
 
-    def _attribute(self, session, x, target):
-        self.calls += 1
+    def compute(self, session, x, target):
+        self.calls += 1  # the test's own instrumentation, not a result
         target = torch.as_tensor(target).expand(x.shape[0])
         flat = self.suite.x.flatten(1)
         maps = []
@@ -63,7 +65,7 @@ class Oracle(Method):
             else:  # uniform
                 m = torch.ones_like(regions[0])
             maps.append(m.float())
-        return torch.stack(maps).to(x.device)
+        return Explanation(maps=torch.stack(maps).to(x.device), targets=target.clone())
 
 
 def test_generation_reaches_threshold_and_reports_honestly(patches):
