@@ -67,22 +67,22 @@ class KeyedRandom:
         draws = torch.as_tensor(draws).flatten().tolist()
         if len(images) != len(draws):
             raise ValueError("images and draws must have the same length")
-        out = torch.empty((len(images),) + tuple(shape), device=device, dtype=dtype)
-        # One generator per row: a row's numbers depend on its key only. Generating on the CPU keeps
-        # results identical across devices (a CUDA generator yields other numbers for the same seed).
+        # One generator per row: a row's numbers depend on its key only. Numbers are drawn as float32 on
+        # the CPU, so they are the same whatever the device or the images' dtype (a CUDA generator yields
+        # other numbers for the same seed), and written straight into the batch when it lives there.
+        direct = torch.device(device or "cpu").type == "cpu" and dtype in (None, torch.float32)
+        out = torch.empty((len(images),) + tuple(shape), dtype=torch.float32)
         for r, (i, d) in enumerate(zip(images, draws)):
-            out[r] = sampler(tuple(shape), self.generator(i, d)).to(device=device, dtype=dtype)
-        return out
+            sampler(tuple(shape), self.generator(i, d), out[r])
+        return out if direct else out.to(device=device, dtype=dtype)
 
     def normal(self, images, draws, shape, *, device="cpu", dtype=torch.float32) -> torch.Tensor:
         """(N, *shape) standard normal numbers, row r keyed by (images[r], draws[r])."""
-        return self._rows(lambda s, g: torch.randn(s, generator=g, dtype=torch.float64), images, draws, shape,
-                          device, dtype)
+        return self._rows(lambda s, g, o: torch.randn(s, generator=g, out=o), images, draws, shape, device, dtype)
 
     def uniform(self, images, draws, shape, *, device="cpu", dtype=torch.float32) -> torch.Tensor:
         """(N, *shape) uniform numbers in [0, 1), row r keyed by (images[r], draws[r])."""
-        return self._rows(lambda s, g: torch.rand(s, generator=g, dtype=torch.float64), images, draws, shape,
-                          device, dtype)
+        return self._rows(lambda s, g, o: torch.rand(s, generator=g, out=o), images, draws, shape, device, dtype)
 
     def permutation(self, image: int, draw: int, n: int, *, device="cpu") -> torch.Tensor:
         """A random permutation of range(n) keyed by (image, draw)."""
