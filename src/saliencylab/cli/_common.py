@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from ..core.errors import SaliencyLabError
+from ..core.errors import SaliencyLabError, error_message, one_line  # noqa: F401  (one_line re-exported)
 
 
 class Fail(Exception):
     """A whole-command error: print one line and exit 2."""
 
 
-def one_line(text) -> str:
-    return " ".join(str(text).split()) or "(no message)"
-
-
-def message(exc: BaseException) -> str:
-    if isinstance(exc, SaliencyLabError):
-        return one_line(exc)
-    return one_line(f"unexpected {type(exc).__name__}: {exc}")
+message = error_message
 
 
 def error(*parts) -> None:

@@ -21,3 +21,15 @@ def unknown_name(kind: str, name, choices) -> ConfigError:
     close = difflib.get_close_matches(str(name), choices, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; available: {', '.join(choices)}"
     return ConfigError(f"unknown {kind} '{name}'{hint}")
+
+
+def one_line(text) -> str:
+    """Any message folded to one line (errors are printed as one `error:` line)."""
+    return " ".join(str(text).split()) or "(no message)"
+
+
+def error_message(exc: BaseException) -> str:
+    """Our own errors speak for themselves; anything else is named as unexpected."""
+    if isinstance(exc, SaliencyLabError):
+        return one_line(exc)
+    return one_line(f"unexpected {type(exc).__name__}: {exc}")

@@ -120,8 +120,26 @@ def _units(x: torch.Tensor, tile: int) -> int:
     return -(-H // tile) * -(-W // tile)
 
 
+class _RandomSubsets(Metric):
+    """What sensitivity-N and faithfulness correlation share: random subsets of units removed to a baseline."""
+
+    category = "faithfulness"
+    higher_is_better = True
+    stochastic = True
+
+    tile = Param(1, "units are square tiles of this many pixels per side")
+    baseline = Param("zero", "what removed units become (see saliencylab.baselines)")
+    score = Param("logit", "the target's score: logit, softmax or log_softmax")
+    batch_size = Param(None, "rows per forward pass (None: automatic)")
+    seed = Param(0, "the random subsets")
+
+    def check(self):
+        _check_int(self.tile, "tile")
+        _check_score(self.score)
+
+
 @register
-class SensitivityN(Metric):
+class SensitivityN(_RandomSubsets):
     name = "sensitivity_n"
     description = ("Sensitivity-N (Ancona et al.): correlation between the attribution of random pixel subsets of "
                    "size n and the logit drop when they are removed, averaged over n (higher is better).")
@@ -132,16 +150,10 @@ class SensitivityN(Metric):
     n = Param(None, "subset size(s) in units (overrides fraction)")
     fraction = Param((0.01, 0.1, 0.5), "subset size(s) as fractions of the units")
     samples = Param(64, "random subsets per size")
-    tile = Param(1, "units are square tiles of this many pixels per side")
-    baseline = Param("zero", "what removed units become (see saliencylab.baselines)")
-    score = Param("logit", "the target's score: logit, softmax or log_softmax")
-    batch_size = Param(None, "rows per forward pass (None: automatic)")
-    seed = Param(0, "the random subsets")
 
     def check(self):
+        super().check()
         _check_int(self.samples, "samples", 2)
-        _check_int(self.tile, "tile")
-        _check_score(self.score)
         n, fraction = self.n, self.fraction
         if n is not None:
             sizes = [n] if isinstance(n, int) else list(n)
@@ -176,7 +188,7 @@ class SensitivityN(Metric):
 
 
 @register
-class FaithfulnessCorrelation(Metric):
+class FaithfulnessCorrelation(_RandomSubsets):
     name = "faithfulness_correlation"
     description = ("Faithfulness correlation (Bhatt et al.): correlation between the attribution of random "
                    "224-pixel subsets and the score drop when they are removed (higher is better).")
@@ -186,17 +198,11 @@ class FaithfulnessCorrelation(Metric):
 
     subset_size = Param(224, "units per random subset")
     samples = Param(100, "random subsets per image")
-    tile = Param(1, "units are square tiles of this many pixels per side")
-    baseline = Param("zero", "what removed units become (see saliencylab.baselines)")
-    score = Param("logit", "the target's score: logit, softmax or log_softmax")
-    batch_size = Param(None, "rows per forward pass (None: automatic)")
-    seed = Param(0, "the random subsets")
 
     def check(self):
+        super().check()
         _check_int(self.subset_size, "subset_size")
         _check_int(self.samples, "samples", 2)
-        _check_int(self.tile, "tile")
-        _check_score(self.score)
 
     def compute(self, session, x, maps, target, **data):
         target = self.resolve(session, x, target)

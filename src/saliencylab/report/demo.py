@@ -19,7 +19,7 @@ from .. import __version__
 from .. import methods as _methods
 from .. import metrics as _metrics
 from .. import presets as _presets
-from ..core.errors import SaliencyLabError
+from ..core.errors import SaliencyLabError, error_message, one_line
 from ..core.progress import progress
 
 __all__ = ["DemoResult", "run_demo", "demo_methods", "demo_photos", "takes_data"]
@@ -30,16 +30,6 @@ class DemoResult:
     index: Path  # the page
     errors: dict[str, str] = field(default_factory=dict)  # method -> message, for methods that failed
     records: list = field(default_factory=list)  # evaluation Records of the metrics
-
-
-def _one_line(text) -> str:
-    return " ".join(str(text).split()) or "(no message)"
-
-
-def _message(exc: BaseException) -> str:
-    if isinstance(exc, SaliencyLabError):
-        return _one_line(exc)
-    return _one_line(f"unexpected {type(exc).__name__}: {exc}")
 
 
 def demo_methods(full: bool = False) -> list[str]:
@@ -120,7 +110,7 @@ def run_demo(out_dir, *, methods: Sequence[str] | None = None, preset: str = "de
                 expl = method.explain(x, None, image_ids=ids)
             column.seconds_per_image = (time.perf_counter() - t0) / len(items)
             column.cost = expl.cost.as_dict()
-            column.note = " ".join(dict.fromkeys(_one_line(w.message) for w in caught))
+            column.note = " ".join(dict.fromkeys(one_line(w.message) for w in caught))
             for item, row, m in zip(items, rows, expl.maps):
                 file = f"{item.stem}.{name}.png"
                 save_png(out_dir / file, overlay(item.photo, m.cpu()))
@@ -134,11 +124,11 @@ def run_demo(out_dir, *, methods: Sequence[str] | None = None, preset: str = "de
         except Exception as exc:  # noqa: BLE001 - a failing method becomes an error cell
             if debug and not isinstance(exc, SaliencyLabError):
                 raise
-            result.errors[name] = _message(exc)
+            result.errors[name] = error_message(exc)
             if on_error is not None:
-                on_error(name, _message(exc))
+                on_error(name, error_message(exc))
             for row in rows:
-                row.cells[name] = DemoCell(error=_message(exc))
+                row.cells[name] = DemoCell(error=error_message(exc))
     bar.close()
 
     meta = {
