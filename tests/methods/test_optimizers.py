@@ -93,3 +93,20 @@ def test_nesterov_step_is_the_authors_formula():
     new2, theta2 = nesterov_step(new, g, theta, lr=0.1, iteration=3)
     assert torch.allclose(theta2, new - 0.1 * g)
     assert torch.allclose(new2, theta2 + 0.5 * (theta2 - theta))
+
+
+def test_element_wise_rmsprop_matches_torch():
+    from saliencylab.methods.optimizers import RMSprop
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(3, 5, generator=g)
+    a = torch.zeros(3, 5, requires_grad=True)
+    b = torch.zeros(3, 5, requires_grad=True)
+    ours, theirs = RMSprop([b], lrs=0.05), torch.optim.RMSprop([a], lr=0.05)
+    for _ in range(20):
+        for p in (a, b):
+            p.grad = None
+            ((p - target) ** 2).sum().backward()
+        theirs.step()
+        ours.step()
+    assert torch.allclose(a, b, atol=1e-6)

@@ -1,8 +1,8 @@
-"""Fitting the per-sample bottleneck: element-wise optimisers and the batched, image-keyed optimisation."""
+"""Fitting the per-sample bottleneck: the batched, image-keyed optimisation (element-wise Adam and
+RMSprop from `methods.optimizers`)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -13,56 +13,8 @@ from ...core.errors import ConfigError
 from ...core.progress import progress
 from ...features import FeatureStats
 from ...perturbation import auto_batch_size
+from ..optimizers import Adam, RMSprop  # noqa: F401  (importable from here too)
 from .bottleneck import BottleneckHook, is_nchw, smooth
-
-
-class Adam:
-    """torch.optim.Adam's update rule (defaults, no weight decay/amsgrad), element-wise.
-
-    Kept local because constructing a torch.optim optimizer imports torch._dynamo, which costs seconds
-    on a small CPU for a ten-step optimisation. Element-wise state means one Adam over a stacked
-    (B, ...) tensor is exactly B independent optimisers.
-    """
-
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.params = [p for p in params]
-        self.lrs = [lr] * len(self.params)
-        self.betas, self.eps, self.t = betas, eps, 0
-        self.m = [torch.zeros_like(p) for p in self.params]
-        self.v = [torch.zeros_like(p) for p in self.params]
-
-    @torch.no_grad()
-    def step(self, grads=None) -> None:
-        grads = [p.grad for p in self.params] if grads is None else list(grads)
-        self.t += 1
-        b1, b2 = self.betas
-        c1, c2 = 1 - b1**self.t, math.sqrt(1 - b2**self.t)
-        for p, g, m, v, lr in zip(self.params, grads, self.m, self.v, self.lrs):
-            if g is None:
-                continue
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            p.addcdiv_(m, (v.sqrt() / c2).add_(self.eps), value=-lr / c1)
-
-
-class RMSprop:
-    """torch.optim.RMSprop's update rule (alpha 0.99, eps 1e-8, no momentum), with a learning rate per
-    parameter (the InputIBA generator's parameter groups)."""
-
-    def __init__(self, params, lrs, alpha: float = 0.99, eps: float = 1e-8):
-        self.params = list(params)
-        self.lrs = list(lrs) if isinstance(lrs, (list, tuple)) else [lrs] * len(self.params)
-        self.alpha, self.eps = alpha, eps
-        self.sq = [torch.zeros_like(p) for p in self.params]
-
-    @torch.no_grad()
-    def step(self, grads=None) -> None:
-        grads = [p.grad for p in self.params] if grads is None else list(grads)
-        for p, g, sq, lr in zip(self.params, grads, self.sq, self.lrs):
-            if g is None:
-                continue
-            sq.mul_(self.alpha).addcmul_(g, g, value=1 - self.alpha)
-            p.addcdiv_(g, sq.sqrt().add_(self.eps), value=-lr)
 
 
 @dataclass
