@@ -4,7 +4,8 @@
 - ColourNet: four classes, one per corner of the RGB cube (model-knows-best patches in a second);
 - PatchModel: a linear model whose first logit is a given weight map against the image;
 - PatchMeanModel: logits [mean of one square patch, 0]: only the patch matters;
-- RegionModel: class 1's logit is scale * (mean of channel 0 over a region - offset): nothing else matters.
+- RegionModel: class 1's logit is scale * (mean of channel 0 over a region - offset): nothing else matters;
+- sequential_cnn: the small nn.Sequential CNN the method tests index by position (layer="2", "6").
 """
 
 import torch
@@ -113,3 +114,18 @@ class RegionModel(nn.Module):
     def forward(self, x):
         r = x[:, 0, self.rows, self.cols].mean((1, 2))
         return torch.stack([torch.zeros_like(r), self.scale * (r - self.offset)], 1)
+
+
+def sequential_cnn(seed=0, *, batchnorm=True, third_conv=False, pool=1, classes=5, act=nn.ReLU, inplace=False,
+                   dtype=torch.float32) -> nn.Sequential:
+    """conv(3->6) [BN] act conv(6->8) act [maxpool conv(8->8) act] avgpool(pool) flatten linear, in eval mode.
+
+    Positions: with BN, "2" is the first activation and "6" the third conv (third_conv=True)."""
+    torch.manual_seed(seed)
+    kw = {"inplace": True} if inplace else {}
+    layers = [nn.Conv2d(3, 6, 3, padding=1)] + ([nn.BatchNorm2d(6)] if batchnorm else [])
+    layers += [act(**kw), nn.Conv2d(6, 8, 3, padding=1), act(**kw)]
+    if third_conv:
+        layers += [nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1), act(**kw)]
+    layers += [nn.AdaptiveAvgPool2d(pool), nn.Flatten(), nn.Linear(8 * pool * pool, classes)]
+    return nn.Sequential(*layers).to(dtype).eval()

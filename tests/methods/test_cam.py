@@ -10,16 +10,11 @@ from saliencylab.core.layers import find_default_layer
 from saliencylab.methods import build
 from saliencylab.core.session import ModelSession
 from saliencylab.core.targets import resolve_target
+from zoo import sequential_cnn
 
 
 def small_cnn(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
-    ).double().eval()
+    return sequential_cnn(seed, third_conv=True, dtype=torch.float64)
 
 
 LAYER = "6"  # the last convolution: a (B, 8, 6, 6) map for 12x12 inputs

@@ -9,6 +9,7 @@ from saliencylab.core.errors import ConfigError
 from saliencylab.methods import build
 from saliencylab.methods.extremal import SmoothMaskGenerator, area_reference
 from zoo import RegionModel
+from zoo import sequential_cnn
 
 
 @pytest.fixture(autouse=True)
@@ -20,11 +21,7 @@ def one_thread():
 
 
 def tiny_cnn(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 4),
-    ).double().eval()
+    return sequential_cnn(seed, batchnorm=False, pool=2, classes=4, dtype=torch.float64)
 
 
 

@@ -7,17 +7,11 @@ from torch import nn
 
 from saliencylab.core.errors import ConfigError
 from saliencylab.methods import build
+from zoo import sequential_cnn
 
 
 def small_cnn(act=nn.ReLU, inplace=False, seed=0):
-    torch.manual_seed(seed)
-    kw = {"inplace": True} if inplace else {}
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), act(**kw),
-        nn.Conv2d(6, 8, 3, padding=1), act(**kw), nn.MaxPool2d(2),
-        nn.Conv2d(8, 8, 3, padding=1), act(**kw),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
-    ).double().eval()
+    return sequential_cnn(seed, third_conv=True, act=act, inplace=inplace, dtype=torch.float64)
 
 
 class ReusedReLU(nn.Module):

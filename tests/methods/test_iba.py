@@ -14,6 +14,7 @@ from saliencylab.methods.iba import (LN2, Adam, BottleneckHook, StatisticsWarnin
                                      combine_maps, default_layers, minimal_deviation, mse_target, probe_layers,
                                      restrict, smooth)
 from saliencylab.core.session import ModelSession
+from zoo import sequential_cnn
 
 
 @pytest.fixture(autouse=True)
@@ -27,12 +28,7 @@ def quiet_and_isolated(tmp_path, monkeypatch):
 
 
 def small_cnn(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
-    ).eval()
+    return sequential_cnn(seed)
 
 
 class RegionModel(nn.Module):

@@ -13,6 +13,7 @@ from saliencylab.methods import build
 from saliencylab.core.randomness import KeyedRandom
 from saliencylab.methods.igos import igos_noise
 from zoo import RegionModel
+from zoo import sequential_cnn
 
 
 @pytest.fixture(autouse=True)
@@ -25,11 +26,7 @@ def one_thread():
 
 
 def tiny_cnn(seed=0, classes=4):
-    torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, classes),
-    ).double().eval()
+    model = sequential_cnn(seed, batchnorm=False, pool=2, classes=classes, dtype=torch.float64)
     with torch.no_grad():  # confident predictions that perturbations can change: masks move a lot
         model[-1].weight.mul_(8)
     return model

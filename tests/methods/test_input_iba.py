@@ -9,6 +9,7 @@ from saliencylab.core.errors import ConfigError
 from saliencylab.methods import build
 from saliencylab.methods.iba import capacity
 from saliencylab.methods.input_iba import Critic, GroupedCritics, input_capacity
+from zoo import sequential_cnn
 
 CHEAP = dict(feature_steps=3, steps=4, samples=3, gan_epochs=2, gan_size=40, gan_batch=16)
 
@@ -23,12 +24,7 @@ def isolated(tmp_path, monkeypatch):
 
 
 def small_cnn(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
-    ).eval()
+    return sequential_cnn(seed)
 
 
 @pytest.fixture
