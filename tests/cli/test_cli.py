@@ -125,6 +125,7 @@ def test_every_subcommand_has_help(command, capsys):
     assert main([*command, "--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: saliencylab" + "".join(f" {c}" for c in command))
+    assert "%%" not in out, "a literal '%%' in the help (argparse formats only help= strings)"
 
 
 def test_leaderboard_replaces_bench(monkeypatch, capsys):

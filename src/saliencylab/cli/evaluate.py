@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "evaluate", help="score explanations with faithfulness, sanity, localization and complexity metrics",
         description="Explain images with each method and score the maps with each metric; writes a "
-                    "method x metric table (mean and 95%% bootstrap interval over images), the curves and "
+                    "method x metric table (mean and 95% bootstrap interval over images), the curves and "
                     "their plots. Every score is a row of rows.jsonl (image, model, method and metric settings, "
                     "target), written as it is computed; a rerun computes only the missing rows.")
     p.add_argument("images", nargs="+", metavar="IMAGE")

@@ -48,7 +48,7 @@ def _add_arguments(sub) -> None:
     p = sub.add_parser(
         "bench", help="run methods through a suite and write a leaderboard",
         description="Run every chosen method through a suite (groundtruth, knows-best, faithfulness) and write a "
-                    "leaderboard: method x metric with 95%% intervals, paired tests against the best method, "
+                    "leaderboard: method x metric with 95% intervals, paired tests against the best method, "
                     "costs, and an HTML report with example maps. Seeded and resumable.")
     p.add_argument("--suite", default="groundtruth", help=f"one of {', '.join(_leaderboard.SUITES)} (default: %(default)s)")
     p.add_argument("--methods", default="default",
