@@ -191,6 +191,7 @@ class ImageResult:
     predicted_probability: float | None
     cost: dict = field(default_factory=dict)
     batch_images: int = 1
+    layer: object = None  # the layer a layer method used (also when it chose it automatically)
 
 
 def split_explanation(expl: Explanation) -> list[ImageResult]:
@@ -210,6 +211,7 @@ def split_explanation(expl: Explanation) -> list[ImageResult]:
             predicted_probability=None if pred is None else float(soft[i, pred]),
             cost=summary["cost"],
             batch_images=len(expl),
+            layer=summary.get("layer"),
         ))
     return results
 
@@ -273,6 +275,7 @@ def write_result(out_dir: str | os.PathLike, item: PreparedImage, result: ImageR
             "model": model_name or loaded.name,
             "method": result.method,
             "params": result.params,
+            "layer": result.layer,
             "target": result.target,
             "label": None if result.target is None else label_of(labels, result.target),
             "probability": result.probability,

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from saliencylab import __version__, images, methods, presets
+from saliencylab import __version__, images, methods, models, presets
 from saliencylab.cli import evaluate as evaluate_cli, leaderboard as leaderboard_cli
 from saliencylab.cli import COMMANDS, main
 from saliencylab.report import demo as demo_module
@@ -288,3 +288,12 @@ def test_console_script_subprocess(tmp_path):
     assert "Traceback" not in proc.stderr
     assert (tmp_path / "out" / "chelsea.gradient.npy").is_file()
     assert json.loads((tmp_path / "out" / "chelsea.gradient.json").read_text())["target"] in CAT_CLASSES
+
+
+def test_explain_record_names_the_layer_chosen_automatically(tmp_path, capsys):
+    assert main(["explain", CHELSEA, "--method", "gradcam", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "chelsea.gradcam.json").read_text())
+    names = {n for n, _ in models.load("efficientnet_lite0").model.named_modules()}
+    assert record["layer"] in names and record["params"] == {}  # chosen per call, recorded, not a parameter
+    assert main(["explain", CHELSEA, "--method", "gradcam", "--param", "layer=blocks.15", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "chelsea.gradcam.json").read_text())["layer"] == "blocks.15"
