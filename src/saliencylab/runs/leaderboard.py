@@ -46,7 +46,6 @@ from .local import resolve_targets
 from .stats import cost_rows, significance_against_best, summarize
 from .store import Row, RunStore
 
-SUITES = ("groundtruth", "knows-best", "faithfulness")
 
 # Methods run by default: the baselines and the research methods that work on any model without a
 # data source or a long optimisation; `--methods all` runs every registered method.
@@ -170,9 +169,6 @@ def faithfulness_groups(methods: Sequence[str], full: bool, seed: int, images: i
 
 def _unit_rgb(t: torch.Tensor):
     return (t.clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-
-
-SUITE_GROUPS = {"groundtruth": groundtruth_groups, "faithfulness": faithfulness_groups}
 
 
 class Suite:
@@ -377,6 +373,7 @@ for _suite in (
               "model-knows-best patches: class sensitivity, null player, symmetry"),
         _groups_suite("faithfulness", faithfulness_groups, "the embedded model on photos; faithfulness metrics")):
     suites.register(_suite, name=_suite.name)
+SUITES = tuple(suites)  # the registered names, for help texts
 
 
 # -- writing ---------------------------------------------------------------------------------------------
