@@ -25,13 +25,14 @@ checkpoint share their noise (as `road_morf`'s curve is `road`'s MoRF curve).
 
 from __future__ import annotations
 
+
 import torch
 
 from ..core.errors import ConfigError
 from ..core.randomness import KeyedRandom
 from ..core.registry import Param
 from ..core.targets import SCORES
-from ..perturbation import Imputer, LinearImputer
+from ..perturbation import Imputer, LinearImputer, check_normalization
 from .base import Measurement, Metric, register
 from .faithfulness import AUC_RULES, area, ranked_curves
 
@@ -40,16 +41,17 @@ ROAD_NOISE = "road imputation noise"  # the purpose of the imputation noise's dr
 
 
 class KeyedImputer(Imputer):
-    """ROAD's noisy linear imputation (`perturbation.LinearImputer`, noiseless solve) with its noise
-    drawn from `rng` per (image, draw): the engine's row r = image * n + k draws (image, k), so the
-    noise belongs to the image and the checkpoint, not to the batch.
+    """ROAD's noisy linear imputation (`perturbation.LinearImputer.fill`) with its noise drawn from
+    `rng` per (image, draw): the engine's row r = image * n + k draws (image, k), so the noise belongs
+    to the image and the checkpoint, not to the batch. `mean`, `std`: the model's normalization, to
+    impute and add the noise in pixel units as the authors do (None: the inputs are pixel units).
 
     `impute_rows(x, masks, images, draws)` is the same for explicit (image, draw) pairs (the one-image
     reference loops in the tests use it)."""
 
-    def __init__(self, noise: float, iterations: int, tol: float, rng: KeyedRandom, n: int):
+    def __init__(self, noise: float, iterations: int, tol: float, rng: KeyedRandom, n: int, mean=None, std=None):
         self.noise = float(noise)
-        self.solver = LinearImputer(noise=0.0, iterations=iterations, tol=tol)
+        self.solver = LinearImputer(noise=noise, iterations=iterations, tol=tol, mean=mean, std=std)
         self.rng = rng
         self.n = int(n)
 
@@ -60,12 +62,37 @@ class KeyedImputer(Imputer):
         return self.impute_rows(x, masks, rows // self.n, rows % self.n)
 
     def impute_rows(self, x, masks, images, draws):
-        filled = self.solver.impute(x, masks)
-        if self.noise > 0:
-            keep = (masks >= 0.5).to(x.dtype).expand(-1, 1, -1, -1)[:, :1]  # LinearImputer's rule
-            noise = self.rng.normal(images, draws, x.shape[1:], device=x.device, dtype=x.dtype)
-            filled = filled + (1 - keep) * self.noise * noise
-        return filled
+        return self.solver.fill(x, masks, lambda: self.rng.normal(images, draws, x.shape[1:], device=x.device,
+                                                                  dtype=x.dtype))
+
+
+def embedded_normalization(model) -> tuple | None:
+    """(mean, std) of the embedded EfficientNet-Lite0 when `model` is that network (its weights only
+    work with that preprocessing), else None."""
+    from ..models import LITE_MEAN, LITE_STD
+    from ..models.efficientnet_lite import EfficientNetLite
+
+    return (LITE_MEAN, LITE_STD) if isinstance(model, EfficientNetLite) else None
+
+
+def resolve_normalization(spec, model=None) -> tuple:
+    """`normalization=` as (mean, std) tuples, or (None, None) for inputs already in pixel units.
+
+    "auto": the embedded model's normalization when the model is the embedded EfficientNet-Lite0,
+    else none; "none"/None: none; a (mean, std) pair; or an object with `mean` and `std` (a
+    `models.LoadedModel` bundle)."""
+    if spec is None or spec == "none":
+        return None, None
+    if isinstance(spec, str):
+        if spec != "auto":
+            raise ConfigError(f"normalization must be 'auto', 'none', (mean, std) or a model bundle, got {spec!r}")
+        found = embedded_normalization(model) if model is not None else None
+        return (None, None) if found is None else check_normalization(*found)
+    if hasattr(spec, "mean") and hasattr(spec, "std") and not isinstance(spec, (tuple, list, torch.Tensor)):
+        return check_normalization(spec.mean, spec.std)
+    if not isinstance(spec, (tuple, list)) or len(spec) != 2:
+        raise ConfigError(f"normalization must be 'auto', 'none', (mean, std) or a model bundle, got {spec!r}")
+    return check_normalization(*spec)
 
 
 def check_noise(noise) -> None:
@@ -83,14 +110,19 @@ def _check_fractions(fractions) -> tuple[float, ...]:
     return values
 
 
+LERF_FRACTIONS = ("removed", "kept")
+
+
 class ROADMetric(Metric):
     category = "faithfulness"
     stochastic = True
     least_first = False
 
-    fractions = Param(None, "removal fractions (None: ROAD's 0, 0.1, ..., 0.9)")
+    fractions = Param(None, "removal fractions (None: 0, 0.1, ..., 0.9)")
     tile = Param(1, "rank square tiles of this many pixels per side")
-    noise = Param(0.01, "std of the imputation noise, in the model's input units")
+    noise = Param(0.01, "std of the imputation noise, in pixel units (see normalization)")
+    normalization = Param("auto", "the model's input normalization: auto, none, (mean, std) or a model bundle")
+    lerf_fraction = Param("removed", "what a LeRF fraction counts: removed pixels, or kept ones (the authors')")
     score = Param("softmax", "the target's score: softmax, logit or log_softmax")
     auc = Param("trapezoid", "area rule: trapezoid, right or left")
     iterations = Param(50, "imputation solver iterations")
@@ -104,18 +136,28 @@ class ROADMetric(Metric):
             raise ConfigError(f"unknown auc rule '{self.auc}'; choose one of {', '.join(AUC_RULES)}")
         if self.score not in SCORES:
             raise ConfigError(f"unknown score '{self.score}'; choose one of {', '.join(SCORES)}")
+        if self.lerf_fraction not in LERF_FRACTIONS:
+            raise ConfigError(f"lerf_fraction must be one of {', '.join(LERF_FRACTIONS)}, got {self.lerf_fraction!r}")
         check_noise(self.noise)
+        resolve_normalization(self.normalization)
 
     def checked_fractions(self) -> tuple[float, ...]:
         return _check_fractions(ROAD_FRACTIONS if self.fractions is None else self.fractions)
 
     def curves(self, session, x, maps, target, least_first: bool):
         fractions = self.checked_fractions()
+        mean, std = resolve_normalization(self.normalization, session.model)
         imputer = KeyedImputer(self.noise, self.iterations, self.tol, session.random(self.seed, ROAD_NOISE),
-                               len(fractions))
-        return ranked_curves(session, x, maps, target, insertion=False, least_first=least_first, steps=None,
-                             per_step=None, tile=self.tile, baseline=imputer, score=self.score,
-                             batch_size=self.batch_size, seed=self.seed, desc=self.name, fractions=fractions)
+                               len(fractions), mean=mean, std=std)
+        # the authors' counts: int(units * p), i.e. rounded down (ImputedDataset.__getitem__)
+        t, (H, W) = self.tile, maps.shape[-2:]
+        units = -(-H // t) * -(-W // t) if isinstance(t, int) and t >= 1 else 1  # else ranked_curves refuses it
+        exact = tuple(int(units * p) / units for p in fractions)
+        # the authors' LeRF at p keeps the p most relevant pixels (removes the rest): top-first insertion
+        kept = least_first and self.lerf_fraction == "kept"
+        return ranked_curves(session, x, maps, target, insertion=kept, least_first=least_first and not kept,
+                             steps=None, per_step=None, tile=self.tile, baseline=imputer, score=self.score,
+                             batch_size=self.batch_size, seed=self.seed, desc=self.name, fractions=exact)
 
     def summary(self, curves, fractions):
         return area(curves, fractions, self.auc) / float(fractions[-1] - fractions[0])
