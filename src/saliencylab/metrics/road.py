@@ -6,15 +6,37 @@ linear imputation (`perturbation.LinearImputer`: each removed pixel is the weigh
 neighbours, 1/6 direct and 1/12 diagonal, plus Gaussian noise of std `noise`), which leaks far less
 of the mask's shape to the model than a constant baseline. The curves reuse `ranked_curves`.
 
-Protocol (the paper's and the authors' code, tleemann/road_evaluation): removal fractions 0%, 10%,
-..., 90% of the pixels (`fractions`), imputation noise 0.01 in the model's input space. The paper
-reports accuracy over a data set; per image we record the target's score (softmax probability by
-default, `score=`) and summarize each curve by its mean height, i.e. the trapezoid area divided by
-the span of the fractions (so a constant curve at p scores p):
+Per image we record the target's score (softmax probability by default, `score=`; the paper
+reports accuracy over a data set) and summarize each curve by its mean height, i.e. the trapezoid
+area divided by the span of the fractions (so a constant curve at p scores p):
 
 - `road_morf`: MoRF curve, lower is better;
 - `road_lerf`: LeRF curve, higher is better;
 - `road`: LeRF minus MoRF (the gap between the curves), higher is better.
+
+Against the authors' code (tleemann/road_evaluation: road/imputations.py `NoisyLinearImputer`,
+road/imputed_dataset.py `ImputedDataset.__getitem__`, road/road.py `run_road`):
+
+- Noise units. The authors impute images in [0, 1] pixel units and normalize afterwards (run_road's
+  `transform_test` is applied after the imputation), so their noise 0.01 is 0.01 / std per channel in
+  the model's input space (2-4.4x more than 0.01 there for ImageNet or EfficientNet-Lite statistics).
+  `normalization=` gives the model's (mean, std) (or a `models.LoadedModel` bundle): the imputation
+  then runs in pixel units, as theirs. The default "auto" knows the embedded EfficientNet-Lite0 (an
+  instance of `models.efficientnet_lite.EfficientNetLite` gets the bundle's (x - 127/255) / (128/255))
+  and takes any other model's inputs to be pixel units already (noise 0.01 in input units): pass
+  `normalization=(mean, std)` for a normalized model of your own. "none" forces pixel units.
+- Counts: checkpoint p acts on int(units * p) pixels (rounded down), as theirs.
+- LeRF fraction: the authors' LeRF at p keeps the p most relevant pixels and removes the other
+  1 - p; ours (`lerf_fraction="removed"`, the default) removes the p least relevant, so that MoRF and
+  LeRF share one axis (fraction removed) and `road` is the gap between the curves at equal removal.
+  `lerf_fraction="kept"` gives theirs (the curve's "fraction" is then the fraction kept; 0 keeps
+  nothing, an image the authors' solver cannot impute, filled with black in pixel units here).
+- Fractions: ours 0, 0.1, ..., 0.9 (`fractions`); the authors' demo and experiments use
+  0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9 (RoadBenchmarkDemo.ipynb, experiments/cifar10/*_params.json).
+- Ties: ours are broken by a seeded permutation (`seed`); the authors add 1e-4 N(0, 1) noise to the
+  map rescaled to [0, 1], which also reorders near-ties.
+- The linear system is solved by multigrid-preconditioned conjugate gradients on all images at once,
+  not by spsolve per image (agreement to 1e-8 is tested).
 
 The curves (`return_curves=True`) are {"fraction", "scores"} (or {"fraction", "morf", "lerf"} for
 `road`). The imputation noise is drawn per (image, checkpoint) from `seed` through
