@@ -274,7 +274,8 @@ def authors_noisy_linear(img, keep, z, noise=0.01):
 
 def normalize(pixels, mean, std):
     """torchvision's Normalize, the authors' transform after the imputation."""
-    return (pixels - torch.tensor(mean, dtype=pixels.dtype).view(-1, 1, 1)) / torch.tensor(std, dtype=pixels.dtype).view(-1, 1, 1)
+    mean, std = (torch.tensor(v, dtype=pixels.dtype).view(-1, 1, 1) for v in (mean, std))
+    return (pixels - mean) / std
 
 
 def test_imputation_runs_in_pixel_units_then_normalizes_as_the_authors():
@@ -376,10 +377,14 @@ def test_auto_normalization_knows_the_embedded_model_only():
         with pytest.raises(ConfigError):
             saliencylab.metrics.build("road", normalization=bad)
     # the embedded network under "auto": the noise is 0.01 in pixel units, 0.01 / (128 / 255) in its inputs
-    spy_lite = type("SpyLite", (EfficientNetLite,), {"forward": lambda self, x: (self.seen.append(x.clone()),
-                                                                                   EfficientNetLite.forward(self, x))[1]})
-    model = spy_lite(stages=[(1, 3, 1, 1, 32, 16)], head_channels=8, num_classes=3).eval()
-    model.seen = []
+    class SpyLite(EfficientNetLite):
+        seen = []
+
+        def forward(self, x):
+            self.seen.append(x.detach().clone())
+            return super().forward(x)
+
+    model = SpyLite(stages=[(1, 3, 1, 1, 32, 16)], head_channels=8, num_classes=3).eval()
     x, maps = torch.randn(4, 3, 16, 16), torch.rand(4, 16, 16)
     got = noise_std_per_channel(fed(model, "road_morf", x, maps), fed(model, "road_morf", x, maps, noise=0.0))
     assert torch.allclose(got, 0.01 / torch.tensor(LITE_STD), rtol=0.1), got

@@ -219,4 +219,4 @@ class ROAD(ROADMetric):
                            {"fraction": fractions, "morf": morf, "lerf": lerf})
 
 
-__all__ = ["ROAD", "ROADLeRF", "ROADMoRF", "ROAD_FRACTIONS", "ROAD_NOISE", "KeyedImputer"]
+__all__ = ["ROAD", "ROADLeRF", "ROADMoRF", "ROAD_FRACTIONS", "ROAD_NOISE", "KeyedImputer", "resolve_normalization"]
