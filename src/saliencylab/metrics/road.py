@@ -136,6 +136,7 @@ LERF_FRACTIONS = ("removed", "kept")
 
 
 class ROADMetric(Metric):
+    revision = 1  # 1: checkpoints act on int(units * p) pixels and noise is in pixel units (issue 13)
     category = "faithfulness"
     stochastic = True
     least_first = False
