@@ -400,6 +400,42 @@ def test_readout_trains_once_then_one_pass_per_image(x, data, tmp_path):
         build("readout_iba", model, data=(b for b in [data]))
 
 
+def test_readout_alpha_is_clamped_to_five_like_the_authors(x, data, monkeypatch):
+    """BioroboticsLab/IBA `IBAReadout._generate_alpha` assigns alpha.clamp(-5, 5) (since 2020-05-31): a
+    network whose output is above 5 everywhere gives alpha = 5, no gradient, so training leaves it as
+    it is and the map is that of lambda = sigmoid(5), whatever the excess."""
+    from saliencylab.methods import readout_iba as ro
+
+    net = ro.ReadoutNet(4, 3)
+    with torch.no_grad():
+        net.conv3.bias.fill_(8.0)
+        net.conv3.weight.zero_()
+    readout = torch.randn(2, 4, 5, 5)
+    assert torch.equal(net(readout), torch.full((2, 3, 5, 5), 5.0))
+    with torch.no_grad():
+        net.conv3.bias.copy_(torch.tensor([-9.0, 0.5, 4.0]))
+    assert torch.equal(net(readout)[:, :, 0, 0], torch.tensor([[-5.0, 0.5, 4.0]] * 2))
+
+    model = small_cnn()
+    caps, trained, original = {}, {}, ro.ReadoutNet
+    for bias in (8.0, 50.0):
+        class Above(original):
+            def __init__(self, *args, _bias=bias):
+                super().__init__(*args)
+                with torch.no_grad():
+                    self.conv3.bias.fill_(_bias)
+                    self.conv3.weight.zero_()
+                trained[_bias] = self
+
+        monkeypatch.setattr(ro, "ReadoutNet", Above)
+        e = sl.explain(model, x, "readout_iba", layer="2", data=data, epochs=1, batch_size=16, lr=0.1, cache=False)
+        caps[bias] = e.extras["capacity"]
+    assert float(trained[8.0].conv3.bias.min()) == 8.0  # no gradient passed the clamp
+    # unclamped, lambda = sigmoid(8) and sigmoid(50) give different capacities; clamped both are sigmoid(5)'s
+    torch.testing.assert_close(caps[8.0], caps[50.0], rtol=0, atol=0)
+    assert float(caps[8.0].max()) > 0
+
+
 def test_generic_iterable_data_is_estimated_each_time_and_warns_nothing(x, data):
     model = small_cnn()
     batches = [(data[:20], torch.zeros(20)), (data[20:], torch.zeros(28))]
