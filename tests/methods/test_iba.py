@@ -285,14 +285,45 @@ def test_most_positive_attribution_on_the_known_relevant_pixels():
 
 
 # -- variants -------------------------------------------------------------------------------------------------
+def chexplain_filtered_mask(maps, thresholds):
+    """CheXplain-IBA `filtered_mask` (evaluation/gen_attribution_map.py), one image: heatmap[0] is the
+    first block's map; each deeper map hm = hm / np.linalg.norm(hm), mask[mask < t] = 0,
+    mask[mask >= t] = 1; the result is the product."""
+    out = maps[0].clone()
+    for hm, t in zip(maps[1:], thresholds):
+        hm = hm / torch.linalg.norm(hm)
+        mask = hm.clone()
+        mask[hm < t] = 0
+        mask[hm >= t] = 1
+        out = out * mask
+    return out
+
+
 def test_combine_maps():
     a = torch.tensor([[[3.0, 4.0], [0.0, 0.0]]])  # norm 5
     b = torch.tensor([[[0.0, 0.0], [1.0, 0.0]]])  # norm 1
     assert torch.allclose(combine_maps([a, b], "sum"), a / 5 + b)
-    assert torch.allclose(combine_maps([a, a * 0 + torch.tensor([[[1.0, 0.1], [1.0, 1.0]]])], "filter", 0.5),
+    assert torch.allclose(combine_maps([a, a * 0 + torch.tensor([[[1.0, 0.1], [1.0, 1.0]]])], "filter_max", 0.5),
                           torch.tensor([[[3.0, 0.0], [0.0, 0.0]]]))
     with pytest.raises(ConfigError, match="combine"):
         combine_maps([a], "max")
+
+
+def test_filter_is_chexplains_absolute_level_on_l2_normalised_maps():
+    g = torch.Generator().manual_seed(0)
+    maps = [torch.rand(2, 24, 24, generator=g) ** 3 * s for s in (1.0, 7.0, 0.01)]  # different scales
+    got = combine_maps(maps, "filter")  # default: the authors' 0.006 for both deeper maps
+    for i in range(2):
+        ref = chexplain_filtered_mask([m[i] for m in maps], [0.006, 0.006])
+        assert torch.equal(got[i], ref)
+    # the level is absolute on the normalised map, not a fraction of the maximum: the two rules differ here
+    kept = (got != 0).float().mean()
+    assert 0.05 < float(kept) < 0.95 and not torch.equal(got, combine_maps(maps, "filter_max"))
+    # one level per deeper map, as their threshold=[t0, t1]
+    got = combine_maps(maps, "filter", [0.01, 0.03])
+    assert torch.equal(got[1], chexplain_filtered_mask([m[1] for m in maps], [0.01, 0.03]))
+    with pytest.raises(ConfigError, match="one value per deeper layer"):
+        combine_maps(maps, "filter", [0.01])
 
 
 def test_multilayer_orders_layers_and_combines(x, data):
