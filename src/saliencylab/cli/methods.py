@@ -14,4 +14,7 @@ def run(args) -> int:
     width = max((len(n) for n in described), default=0)
     for name, text in described.items():
         print(f"{name:<{width}}  {text}")
+    from ..methods.propagation import COMPOSITES
+
+    print(f"\nlrp composites (explain -p composite=NAME; evaluate --method-param lrp.composite=NAME): {', '.join(COMPOSITES)}")
     return 0

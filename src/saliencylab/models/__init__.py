@@ -73,6 +73,11 @@ class LoadedModel:
             raise InputError("preprocess_batch needs at least one image")
         return torch.stack([self.preprocess(im) for im in images])
 
+    def input_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The lowest and highest input values, (1, 3, 1, 1) each: pixels 0 and 1 normalized (LRP's z-box)."""
+        mean, std = _channel(self.mean).view(1, 3, 1, 1), _channel(self.std).view(1, 3, 1, 1)
+        return (0.0 - mean) / std, (1.0 - mean) / std
+
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Undo the normalization: (3,H,W) or (B,3,H,W) -> values in [0, 1] for display."""
         return (x.detach() * _channel(self.std).to(x) + _channel(self.mean).to(x)).clamp(0.0, 1.0)

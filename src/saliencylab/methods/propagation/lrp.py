@@ -22,8 +22,10 @@ by default). ReLU called as a function (F.relu) gets its gradient, which for ReL
 functional activations (F.silu, F.relu6 above 6) are not the pass rule: use modules. In-place activation
 modules are switched to out-of-place for the call (an edit).
 
-Canonizer: BatchNorm layers reading a convolution's or dense layer's output are merged into it for the
-call (canonizers.py), restored exactly afterwards.
+Canonizer: a BatchNorm reading a convolution's or dense layer's output is merged with it (canonizers.py):
+the pair gets one rule, on the folded weight and bias. The merge happens in the forward pass (the
+BatchNorm's hook replaces the layer's relevance node by the pair's), so the model's parameters are
+never replaced and no extra pass is needed.
 
 Where we differ from Zennit (read for its formulas only; LGPL):
 - Zennit's first layer is the first linear module in `model.modules()` order; ours is the first one the
@@ -47,7 +49,7 @@ from ...core.errors import ConfigError
 from ...core.explanation import Explanation
 from ..base import Method, Param, check_batch_size, register
 from ..gradient import clean_gradients
-from .canonizers import merge_batchnorms
+from .canonizers import folded, mergeable
 from .composites import COMPOSITES, CONVOLUTIONS, LINEAR_LAYERS, make_composite
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Mish, nn.Tanh)
@@ -105,8 +107,9 @@ class LinearLayer:
             return torch.autograd.grad(self._map(probe, weight, None), probe, grad)[0]
 
 
-def install_rules(session, composite, activations, state: dict) -> int:
-    """Hook every linear layer with its rule and every activation with the pass rule (session edits)."""
+def install_rules(session, composite, activations, state: dict, canonize: bool = True) -> int:
+    """Hook every linear layer with its rule, every activation with the pass rule and (canonize) every
+    BatchNorm with the merge (session edits)."""
     hooked = 0
     names = []
     for name, module in session.model.named_modules():
@@ -114,6 +117,8 @@ def install_rules(session, composite, activations, state: dict) -> int:
             names.append(name)
             _hook_linear(session, name, module, composite, state)
             hooked += 1
+        elif canonize and mergeable(module):
+            session.hook(module, _merge_batchnorm(name, state))
         elif activations and isinstance(module, activations):
             if getattr(module, "inplace", False):
                 session.set_attr(module, "inplace", False)
@@ -122,8 +127,30 @@ def install_rules(session, composite, activations, state: dict) -> int:
 
     def new_forward(module, args):
         state["first"] = True
+        state["calls"] = {}
     session.hook(session.model, new_forward, "forward_pre")
     return hooked
+
+
+def _rule_backward(rule, layer, first):
+    if first:  # the input layer hands on relevance itself
+        return lambda x, z, c: rule.relevance(layer, x, z, z * c)
+    return lambda x, z, c: rule.ratio(layer, x, z, z * c)
+
+
+def _merge_batchnorm(bn_name, state):
+    """A BatchNorm whose input is a hooked layer's output: the pair is one layer with folded parameters,
+    and its relevance node (from the BatchNorm's output to the layer's input) replaces the layer's."""
+    def hook(bn, args, output):
+        call = state.get("calls", {}).get(id(args[0])) if args else None
+        if call is None or call[0] is not args[0] or not isinstance(output, torch.Tensor):
+            return None
+        _, name, rule, layer, first, inp = call
+        weight, bias = folded(layer.module, bn, layer.weight, layer.bias)
+        merged = LinearLayer(layer.module, weight, bias, layer._map, layer.input_shape)
+        state["merged"].setdefault((name, bn_name), None)
+        return _Relevance.apply(inp, output.detach(), _rule_backward(rule, merged, first))
+    return hook
 
 
 def _pass_output(module, args, output):
@@ -146,11 +173,10 @@ def _hook_linear(session, name, module, composite, state):
             raise ConfigError(f"the {chosen.name} rule can only be the first layer's rule; layer '{name}' is not "
                               "the first layer the forward pass runs")
         layer = LinearLayer(module, weight, bias, linear_map, inp.shape)
-        if first:
-            backward = lambda x, z, c: chosen.relevance(layer, x, z, z * c)  # noqa: E731
-        else:
-            backward = lambda x, z, c: chosen.ratio(layer, x, z, z * c)  # noqa: E731
-        return _Relevance.apply(inp, out.detach(), backward)
+        result = _Relevance.apply(inp, out.detach(), _rule_backward(chosen, layer, first))
+        # a BatchNorm reading exactly this output merges with this call (see _merge_batchnorm)
+        state["calls"][id(result)] = (result, name, chosen, layer, first, inp)
+        return result
 
     if isinstance(module, CONVOLUTIONS):
         original = module._conv_forward  # the class's, bound: padding modes and "same" handled by torch
@@ -181,7 +207,7 @@ class LRP(Method):
     gamma = Param(0.25, "gamma of the gamma rule (epsilon_gamma_box)")
     low = Param(None, "lowest input value for the z-box rule (number or per-channel tensor, model input space)")
     high = Param(None, "highest input value for the z-box rule")
-    canonize = Param(True, "merge BatchNorm layers into the preceding convolution/dense layer for the call")
+    canonize = Param(True, "merge each BatchNorm with the convolution/dense layer it reads (one rule for the pair)")
     activations = Param(ACTIVATIONS, "activation module types that pass relevance on unchanged")
     batch_size = Param(32, "images per forward+backward pass")
 
@@ -194,9 +220,8 @@ class LRP(Method):
 
     def compute(self, session, x, target):
         composite = self._composite()
-        merged = merge_batchnorms(session, x[:1]) if self.canonize else []
-        state = {"first": False, "seen": set()}
-        install_rules(session, composite, tuple(self.activations or ()), state)
+        state = {"first": False, "seen": set(), "calls": {}, "merged": {}}
+        install_rules(session, composite, tuple(self.activations or ()), state, canonize=self.canonize)
         relevance, outputs, classes = clean_gradients(session, x, target, self.batch_size)
         return Explanation(maps=relevance, targets=classes, outputs=outputs,
-                           extras={"merged": merged, "composite": composite.name})
+                           extras={"merged": list(state["merged"]), "composite": composite.name})

@@ -1,0 +1,92 @@
+"""Speed of LRP against its pass bound, and against Captum's LRP, on the embedded model.
+
+LRP takes one forward and one modified backward pass per image (plus one probe forward of one image
+to find the BatchNorm layers to merge). Its bound is the plain gradient's cost on the same images in
+this process: one forward+backward per image (`method="gradient"`), so
+
+    ratio = t(lrp) / t(gradient)
+
+and the issue's target is <= 1.5 for every composite. (Captum's LRP cannot run on this model: it has
+no rule for ReLU6 or for the "same"-padding convolution module, so no peer ratio is given.) Times are the median of `--repeats` runs, wall clock and this process's CPU time.
+
+Usage:  python benchmarks/propagation.py [--images 4] [--batch-size 4] [--repeats 3] [--threads 0]
+                                         [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import saliencylab as sl
+from saliencylab import images as sample_images
+from saliencylab import models
+from saliencylab.methods.propagation import COMPOSITES
+
+warnings.filterwarnings("ignore")
+
+
+def timed(fn, repeats):
+    walls, cpus = [], []
+    for _ in range(repeats):
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        walls.append(time.perf_counter() - w)
+        cpus.append(time.process_time() - c)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = models.load()
+    model = loaded.model
+    photos = list(sample_images.samples().values())[: args.images]
+    x = torch.stack([loaded.preprocess(p.image) for p in photos])
+    low, high = loaded.input_bounds()
+    bs = args.batch_size
+
+    sl.explain(model, x[:1], "gradient")  # warm-up
+    base_wall, base_cpu = timed(lambda: sl.explain(model, x, "gradient", batch_size=bs), args.repeats)
+    rows = []
+    for name in COMPOSITES:
+        extra = {"low": low, "high": high} if name == "epsilon_gamma_box" else {}
+        e = sl.explain(model, x[:1], "lrp", composite=name, batch_size=bs, **extra)
+        wall, cpu = timed(lambda: sl.explain(model, x, "lrp", composite=name, batch_size=bs, **extra), args.repeats)
+        rows.append({"composite": name, "wall_s": wall, "cpu_s": cpu, "ratio_wall": wall / base_wall,
+                     "ratio_cpu": cpu / base_cpu, "passes": e.cost.as_dict()})
+        print(f"{name:28s} {wall:7.2f} s  x{wall / base_wall:.2f} of the gradient's forward+backward "
+              f"(cpu x{cpu / base_cpu:.2f})", flush=True)
+    result = {"images": len(photos), "batch_size": bs, "gradient_wall_s": base_wall, "gradient_cpu_s": base_cpu,
+              "rows": rows, "torch": torch.__version__, "python": sys.version.split()[0],
+              "machine": platform.machine(), "threads": torch.get_num_threads()}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "propagation.json").write_text(json.dumps(result, indent=1))
+    lines = ["# LRP against its pass bound (the gradient's forward+backward), embedded EfficientNet-Lite0", "",
+             f"{len(photos)} photos at 224x224, batch {bs}, median of {args.repeats}, torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads. Command: `python benchmarks/propagation.py`.", "",
+             f"Bound: `gradient` {base_wall:.2f} s wall, {base_cpu:.2f} s CPU.", "",
+             "| composite | wall s | x bound (wall) | x bound (CPU) |", "|---|---|---|---|"]
+    lines += [f"| {r['composite']} | {r['wall_s']:.2f} | {r['ratio_wall']:.2f} | {r['ratio_cpu']:.2f} |" for r in rows]
+    (out / "propagation.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
