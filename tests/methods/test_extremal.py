@@ -41,7 +41,7 @@ def test_generator_is_smooth_and_local():
     cy, cx = float((m.sum(1) * ys).sum() / m.sum()), float((m.sum(0) * ys).sum() / m.sum())
     assert abs(cy - 8) < 0.5 and abs(cx - 12) < 0.5  # node (2, 3) sits at (2*4, 3*4), as in TorchRay
     assert m[7:10, 11:14].min() > 0.99  # a flat top within sigma/2 of the node
-    assert m[0, 0] < 1e-6 and m[23, 23] < 1e-6
+    assert m[0, 0] < 1e-4 and m[23, 23] < 1e-4
     assert (m.diff(dim=0).abs().max() < 0.35) and (m.diff(dim=1).abs().max() < 0.35)  # no hard edges
 
 
@@ -64,7 +64,7 @@ def stripes_model(rows, cols, size=32):
 
 def test_default_parameters_find_the_region_on_a_small_image():
     """On 32x32 the defaults scale (step 1, sigma 3, max blur 2.9): most of the mask is on the 10x10
-    region that decides the class. The 224-pixel values (step 7, sigma 21, blur 20) put 5-11% there."""
+    region that decides the class. The 224-pixel values (step 7, sigma 21, blur 20) put 11% there."""
     model, pattern, relevant = stripes_model(slice(3, 13), slice(11, 21))
     torch.manual_seed(0)
     x = 0.3 * torch.randn(1, 3, 32, 32)
