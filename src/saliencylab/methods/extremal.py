@@ -173,6 +173,7 @@ class ExtremalPerturbation(Method):
     name = "extremal_perturbation"
     description = "Extremal perturbation: smooth masks of fixed areas that best preserve (or delete) the score."
     stochastic = False  # no random draws: the jitter is a deterministic flip every other step
+    revision = 1  # 1: TorchRay's canvas, node positions, area target and blur pyramid; scaled defaults (issue 13)
 
     areas = Param((0.1,), "mask areas (fractions of the canvas, as TorchRay), one mask per area level")
     steps = Param(800, "optimizer steps")
