@@ -39,25 +39,27 @@ def gradcam_combine(acts: torch.Tensor, grads: torch.Tensor, positive_gradients:
     return (weights * acts).sum(dim=1)
 
 
-def gradcam_plus_plus_combine(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+def gradcam_plus_plus_combine(acts: torch.Tensor, grads: torch.Tensor, positive_gradients: bool = True) -> torch.Tensor:
     """Grad-CAM++ (Chattopadhay et al. 2018) in the closed form used by pytorch-grad-cam.
 
     alpha = g^2 / (2 g^2 + sum_ij(A) g^3), weights = sum_ij alpha * relu(g). The paper derives alpha
     for an exponentiated score; like pytorch-grad-cam we use the raw score's gradients. Where the
     denominator is zero alpha is set to 0 (pytorch-grad-cam adds an epsilon instead).
+    `positive_gradients=False` sums alpha * gradient instead (no positive aggregation; Khakzar et al.).
     """
     g2 = grads * grads
     g3 = g2 * grads
     denom = 2 * g2 + acts.sum(dim=(2, 3), keepdim=True) * g3
     nonzero = denom != 0
     alpha = torch.where(nonzero, g2 / torch.where(nonzero, denom, torch.ones_like(denom)), torch.zeros_like(g2))
-    weights = (alpha * grads.clamp(min=0)).sum(dim=(2, 3), keepdim=True)
+    weights = (alpha * (grads.clamp(min=0) if positive_gradients else grads)).sum(dim=(2, 3), keepdim=True)
     return (weights * acts).sum(dim=1)
 
 
-def layercam_combine(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-    """LayerCAM (Jiang et al. 2021): every activation weighted by its own positive gradient."""
-    return (grads.clamp(min=0) * acts).sum(dim=1)
+def layercam_combine(acts: torch.Tensor, grads: torch.Tensor, positive_gradients: bool = True) -> torch.Tensor:
+    """LayerCAM (Jiang et al. 2021): every activation weighted by its own positive gradient
+    (`positive_gradients=False`: by its signed gradient)."""
+    return ((grads.clamp(min=0) if positive_gradients else grads) * acts).sum(dim=1)
 
 
 class _CAM(Method):
@@ -142,15 +144,17 @@ class GradCAM(_CAM):
 class GradCAMPlusPlus(_CAM):
     name = "gradcam_plus_plus"
     description = "Grad-CAM++: channel weights from higher-order gradient terms (pytorch-grad-cam form)."
+    positive_gradients = Param(True, "weights from relu(gradient) as the paper; False: signed gradients")
 
     def combine(self, acts, grads):
-        return gradcam_plus_plus_combine(acts, grads)
+        return gradcam_plus_plus_combine(acts, grads, self.positive_gradients)
 
 
 @register
 class LayerCAM(_CAM):
     name = "layercam"
     description = "LayerCAM: activations weighted element-wise by their positive gradients, then ReLU."
+    positive_gradients = Param(True, "weight by relu(gradient) as the paper; False: signed gradients")
 
     def combine(self, acts, grads):
-        return layercam_combine(acts, grads)
+        return layercam_combine(acts, grads, self.positive_gradients)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.errors import ConfigError
 from ..core.explanation import Explanation
 from ..core.session import ModelSession
 from ..core.targets import Target, TargetSpec, resolve_target, slice_target
@@ -103,23 +104,32 @@ def full_gradients(model_or_session, x: torch.Tensor, target: TargetSpec | Targe
     return FullGradients(grads[0], bias_grads, [names[m] for m, _ in calls], out.detach(), resolved)
 
 
-def postprocess(t: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """psi: absolute value, then each image's tensor min-max rescaled to [0, 1] (as in the reference code)."""
-    t = t.abs()
+POSTPROCESS = ("abs", "relu", "signed")
+
+
+def postprocess(t: torch.Tensor, eps: float = 1e-6, mode: str = "abs") -> torch.Tensor:
+    """psi: absolute value, then each image's tensor min-max rescaled to [0, 1] (as in the reference code).
+
+    `mode="relu"` keeps the positive part instead of the magnitude (then the same rescaling);
+    `mode="signed"` keeps the sign: the tensor divided by its largest magnitude, in [-1, 1]. The two
+    are the toggles of Khakzar et al.'s positive-aggregation study."""
+    if mode == "signed":
+        return t / (t.flatten(1).abs().amax(dim=1).view((-1,) + (1,) * (t.dim() - 1)) + eps)
+    t = t.abs() if mode == "abs" else t.clamp(min=0)
     flat = t.flatten(1)
     shape = (-1,) + (1,) * (t.dim() - 1)
     t = t - flat.amin(dim=1).view(shape)
     return t / (t.flatten(1).amax(dim=1).view(shape) + eps)
 
 
-def fullgrad_map(terms: FullGradients, x: torch.Tensor) -> torch.Tensor:
+def fullgrad_map(terms: FullGradients, x: torch.Tensor, mode: str = "abs") -> torch.Tensor:
     """(B, H, W) FullGrad saliency from the decomposition terms (see the module docstring)."""
     size = tuple(x.shape[-2:])
-    saliency = postprocess(terms.input_gradient * x).sum(dim=1)
+    saliency = postprocess(terms.input_gradient * x, mode=mode).sum(dim=1)
     for bias_grad in terms.bias_gradients:
         if bias_grad.dim() == 4:  # spatial layers only, as in the paper
             # Upsampling is linear, so summing channels first gives the same map far more cheaply.
-            summed = postprocess(bias_grad).sum(dim=1, keepdim=True)
+            summed = postprocess(bias_grad, mode=mode).sum(dim=1, keepdim=True)
             saliency = saliency + F.interpolate(summed, size=size, mode="bilinear", align_corners=True)[:, 0]
     return saliency
 
@@ -130,16 +140,19 @@ class FullGrad(Method):
     description = "FullGrad: input-gradient plus every layer's bias-gradient, each rescaled to [0, 1]."
     input_space = False
     batch_size = Param(32, "images per forward+backward pass")
+    postprocess = Param("abs", "psi's first step: 'abs' (the authors'), 'relu' or 'signed' (see postprocess)")
 
     def check(self):
         check_batch_size(self.batch_size)
+        if self.postprocess not in POSTPROCESS:
+            raise ConfigError(f"unknown postprocess {self.postprocess!r}; choose one of {', '.join(POSTPROCESS)}")
 
     def compute(self, session, x, target):
         maps, outputs, classes = [], [], []
         for start in range(0, x.shape[0], self.batch_size):
             chunk = x[start : start + self.batch_size]
             terms = full_gradients(session, chunk, slice_target(target, start, start + len(chunk), len(x)))
-            maps.append(fullgrad_map(terms, chunk))
+            maps.append(fullgrad_map(terms, chunk, self.postprocess))
             outputs.append(terms.outputs)
             classes.append(terms.target.classes)
         return Explanation(maps=torch.cat(maps), targets=None if classes[0] is None else torch.cat(classes),
