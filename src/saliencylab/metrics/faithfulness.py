@@ -6,8 +6,33 @@ over the fraction of units acted on is the metric.
 
 Protocols (reproducible through parameters):
 - RISE / InputIBA: deletion to "zero", insertion from "blur"; InputIBA uses per_step=10 pixels.
-- I-GOS: blurred baseline Blur(sigma=50, kernel_size=51) for both, ranking at 28x28 (tile=8 on 224),
-  about 50 steps, right Riemann sum (auc="right"). `protocol="igos"` sets all of these.
+- I-GOS (`protocol="igos"`), as the authors' evaluation, khorrams/IGOS_pp methods_helper.py `metric`
+  (the same code scores I-GOS and I-GOS++; zhongangqi/IGOS has only a video demo, Deletion_Insertion
+  in IGOS_generate_video.py, with no area): cells of a 28x28 ranking (tile=8 on 224x224), most salient
+  first, `step = max(1, num_pixels // 50)` cells per step (15 of 784, 53 steps, the last of 4 cells:
+  step_rule="floor", steps=50); the binary 28x28 keep grid is upsampled to the image by
+  torch.nn.UpsamplingBilinear2d, i.e. bilinear with align_corners=True (`upscale`, sized by
+  `init(args.input_size)` in main.py): soft tents, mask_upsampling="bilinear"; deletion shows
+  image * m + blur * (1 - m), insertion blur * m + image * (1 - m), with the same blurred image for
+  both (utils.ImageSet: cv2.GaussianBlur, kernel 51, sigmaX = 50 below 500 px: Blur(sigma=50,
+  kernel_size=51)); the score is the softmax probability of the label (`score_output`); the area adds
+  score x (cells in the step) / cells over the steps, a right Riemann sum (auc="right").
+  `mask_upsampling="nearest"` keeps hard 8x8 tiles (this protocol's behaviour before) and
+  `step_rule="even"` evenly spread checkpoints. The demo presets' `steps=25` give 784 // 25 = 31 cells
+  per step. Where we differ from their code:
+  - their last step is mis-scored: `del_scores += outputs * step if pixels + step < num_pixels else
+    num_pixels - pixels` (the same for ins_scores) parses as `+= (outputs * step) if ... else
+    (num_pixels - pixels)`, so the last step (always the else branch) adds its cell count, as if its
+    score were 1. Not reproduced: theirs = ours + (last step's cells / cells) x (1 - last score), e.g.
+    4/784 x (1 - s) at 224x224.
+  - they blur the resized uint8 RGB image (PIL resize, while the image itself goes through
+    torchvision's Resize) and round it to uint8; we blur the model input. The blur is linear with
+    unit gain and both use reflect-101 borders, so this equals theirs up to that rounding and resize.
+  - they rank the I-GOS mask itself at 28x28 (ascending: a low keep value is important) and always
+    use a 28x28 grid (args.size); we rank 8x8 tile sums of the image-size map (a 28x28 grid at 224 px,
+    ceil(H/8) x ceil(W/8) otherwise), with seeded random tie-breaks (theirs: torch.argsort's order).
+  - their figure captions use utils.auc, (sum - first/2 - last/2) / len(curve), a trapezoid divided
+    by the number of points, and an x axis ending at (780 + 15) / 784 > 1; we report the area above.
 - IBA degradation: tiles 8 or 14, "mean" baseline, 100 checkpoints: `morf`, `lerf`, `morf_lerf`.
 - ROAD: the same with noisy linear imputation (baseline="road"): `road_morf`, `road_lerf`, `road`.
 """
@@ -80,7 +105,7 @@ class RankedCurveMetric(Metric):
     insertion = False
     least_first = False
 
-    steps = Param(50, "checkpoints (the curve has steps + 1 points)")
+    steps = Param(50, "checkpoints (step_rule even: the curve has steps + 1 points)")
     per_step = Param(None, "units acted on per checkpoint (overrides steps)")
     step_rule = Param("even", "checkpoints from steps: even (round(k * units / steps)) or floor "
                               "(max(1, units // steps) units per step, the last takes the rest: I-GOS)")
