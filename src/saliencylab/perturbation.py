@@ -215,7 +215,7 @@ def ranked_masks(positions: torch.Tensor, counts: torch.Tensor, shape: tuple[int
         keep = (acted if insertion else ~acted).view(-1, 1, h, w)
         if upsampling == "bilinear":
             # the binary grid first, then the interpolation: an insertion mask is then exactly one
-            # minus the deletion mask of the same step (bilinear weights sum to one)
+            # minus the deletion mask of the same step (bilinear weights sum to one, up to rounding)
             return fit_masks(keep.to(dtype), size, "bilinear")
         return keep
 
