@@ -1,4 +1,5 @@
-"""The perturbation engine's batch size: automatic per device when None, validated when given."""
+"""The perturbation engine's batch size (automatic per device when None, validated when given) and its
+ranked masks (checkpoint counts, hard tiles or I-GOS's bilinear soft masks)."""
 
 import pytest
 import torch
@@ -6,7 +7,8 @@ import torch
 import saliencylab as sl
 from conftest import make_small_cnn
 from saliencylab.core.errors import ConfigError
-from saliencylab.perturbation import AUTO_BATCH_SIZE, Perturber, auto_batch_size
+from saliencylab.perturbation import (AUTO_BATCH_SIZE, Perturber, auto_batch_size, fit_masks, rank_positions,
+                                      ranked_masks, step_counts)
 
 
 def test_auto_batch_size_per_device_and_image_size():
@@ -75,3 +77,47 @@ def test_random_baselines_are_keyed_by_image():
         with pytest.raises(sl.InputError, match="images="):
             perturber.scores(session, x[1:], target, 1, everything)
     torch.testing.assert_close(last_two, all_three[1:])
+
+
+def test_step_counts_even_and_floor_rules():
+    # even: steps + 1 checkpoints spread over the units (the default)
+    assert step_counts(10, 4).tolist() == [0, 2, 5, 8, 10]
+    # floor: I-GOS's max(1, units // 50) units per step, the last step takes the rest: on the 28x28
+    # grid 15 cells per step, 53 steps, the last of 4 cells
+    igos = step_counts(784, 50, rule="floor")
+    assert igos[:3].tolist() == [0, 15, 30] and igos[-2:].tolist() == [780, 784] and len(igos) == 54
+    assert step_counts(49, 50, rule="floor").tolist() == list(range(50))  # fewer units than steps: one each
+    assert step_counts(10, 7, per_step=3).tolist() == step_counts(10, 3, rule="floor").tolist() == [0, 3, 6, 9, 10]
+    with pytest.raises(ConfigError, match="step rule"):
+        step_counts(10, 4, rule="ceil")
+    with pytest.raises(ConfigError, match="steps"):
+        step_counts(10, 0, rule="floor")
+
+
+def test_bilinear_masks_are_torchs_upsampling_bilinear2d():
+    # I-GOS upsamples its binary 28x28 keep-grid with nn.UpsamplingBilinear2d (align_corners=True)
+    grid = (torch.rand(3, 1, 7, 7, generator=torch.Generator().manual_seed(0)) > 0.5)
+    soft = fit_masks(grid, (56, 60), "bilinear")
+    torch.testing.assert_close(soft, torch.nn.UpsamplingBilinear2d(size=(56, 60))(grid.float()))
+    assert ((soft > 0) & (soft < 1)).any()  # soft edges, not tiles
+    hard = fit_masks(grid, (56, 56))
+    assert torch.equal(hard, grid.repeat_interleave(8, -2).repeat_interleave(8, -1))
+    with pytest.raises(ConfigError, match="upsampling"):
+        fit_masks(grid, (56, 56), "bicubic")
+
+
+def test_ranked_bilinear_masks_insertion_is_one_minus_deletion():
+    values = torch.rand(2, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    positions, counts = rank_positions(values), torch.tensor([0, 3, 7, 16])
+    image, k = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 2, 3])
+    args = (positions, counts, (4, 4))
+    deletion = ranked_masks(*args, insertion=False, size=(32, 32), upsampling="bilinear", dtype=torch.float64)
+    insertion = ranked_masks(*args, insertion=True, size=(32, 32), upsampling="bilinear", dtype=torch.float64)
+    d, i = deletion(image, k), insertion(image, k)
+    assert d.shape == (4, 1, 32, 32) and d.dtype == torch.float64
+    torch.testing.assert_close(i, 1 - d, rtol=0, atol=1e-15)
+    # nothing acted on, everything acted on (bilinear weights sum to one up to rounding)
+    assert ((d[0] - 1).abs() < 1e-15).all() and ((d[3]).abs() < 1e-15).all()
+    # the binary grid under the tents is the hard one
+    hard = ranked_masks(*args, insertion=False)(image, k)
+    torch.testing.assert_close(d, fit_masks(hard.double(), (32, 32), "bilinear"))

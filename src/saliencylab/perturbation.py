@@ -138,14 +138,29 @@ class Perturber:
         return out
 
 
-def fit_masks(masks: torch.Tensor, size) -> torch.Tensor:
-    """Bring (N, c, h, w) masks to the image size: nearest upsampling of tiles, then crop."""
+MASK_UPSAMPLING = ("nearest", "bilinear")
+
+
+def fit_masks(masks: torch.Tensor, size, mode: str = "nearest") -> torch.Tensor:
+    """Bring (N, c, h, w) masks to the image size.
+
+    "nearest": hard tiles (each cell repeated ceil(H/h) x ceil(W/w) times, then cropped).
+    "bilinear": soft tents, bilinear interpolation with align_corners=True, i.e. what
+    torch.nn.UpsamplingBilinear2d does (the I-GOS evaluation's `upscale`): the grid's corner cells sit
+    on the image's corner pixels. Bilinear masks come back in float (bool masks as float32).
+    """
     if masks.dim() == 3:
         masks = masks[:, None]
     H, W = size
     h, w = masks.shape[-2:]
     if (h, w) == (H, W):
         return masks
+    if mode == "bilinear":
+        if not masks.is_floating_point():
+            masks = masks.float()
+        return F.interpolate(masks, size=(H, W), mode="bilinear", align_corners=True)
+    if mode != "nearest":
+        raise ConfigError(f"unknown mask upsampling '{mode}'; choose one of {', '.join(MASK_UPSAMPLING)}")
     th, tw = math.ceil(H / h), math.ceil(W / w)
     if h * th < H or w * tw < W:
         raise ConfigError(f"masks of size {h}x{w} cannot tile images of size {H}x{W}")
@@ -179,30 +194,56 @@ def rank_positions(values: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 
 def ranked_masks(positions: torch.Tensor, counts: torch.Tensor, shape: tuple[int, int], *,
-                 insertion: bool) -> MaskFn:
+                 insertion: bool, size: tuple[int, int] | None = None, upsampling: str = "nearest",
+                 dtype: torch.dtype = torch.float32) -> MaskFn:
     """Masks that remove (deletion) or reveal (insertion) the `counts[k]` top-ranked units.
 
     positions: (B, U) from rank_positions; counts: (K,) number of units acted on at step k;
     shape: the unit grid (h, w) with h * w = U.
+    upsampling "nearest" returns the binary (N, 1, h, w) grid (the engine repeats it into hard tiles);
+    "bilinear" upsamples each chunk's binary grid to the image `size` with `fit_masks(..., "bilinear")`
+    (soft tents, in `dtype`), as the I-GOS deletion/insertion evaluation does.
     """
     h, w = shape
+    if upsampling not in MASK_UPSAMPLING:
+        raise ConfigError(f"unknown mask upsampling '{upsampling}'; choose one of {', '.join(MASK_UPSAMPLING)}")
+    if upsampling == "bilinear" and size is None:
+        raise ConfigError("bilinear mask upsampling needs the image size")
 
     def make(image, k):
         acted = positions[image] < counts[k][:, None]
-        keep = acted if insertion else ~acted
-        return keep.view(-1, 1, h, w)
+        keep = (acted if insertion else ~acted).view(-1, 1, h, w)
+        if upsampling == "bilinear":
+            # the binary grid first, then the interpolation: an insertion mask is then exactly one
+            # minus the deletion mask of the same step (bilinear weights sum to one, up to rounding)
+            return fit_masks(keep.to(dtype), size, "bilinear")
+        return keep
 
     return make
 
 
-def step_counts(units: int, steps: int | None = None, per_step: int | None = None) -> torch.Tensor:
-    """How many units are acted on at each checkpoint, from 0 to all units inclusive."""
-    if per_step is not None:
-        counts = torch.arange(0, units + per_step, per_step).clamp(max=units)
-        return torch.unique_consecutive(counts)
-    if steps is None or steps < 1:
-        raise ConfigError(f"steps must be a positive int, got {steps!r}")
-    return torch.round(torch.linspace(0, units, steps + 1)).long()
+STEP_RULES = ("even", "floor")
+
+
+def step_counts(units: int, steps: int | None = None, per_step: int | None = None,
+                rule: str = "even") -> torch.Tensor:
+    """How many units are acted on at each checkpoint, from 0 to all units inclusive.
+
+    per_step: that many units per checkpoint, the last one takes the rest. Otherwise `steps` by `rule`:
+    "even" spreads steps + 1 checkpoints evenly (round(k * units / steps)); "floor" acts on
+    max(1, units // steps) units per checkpoint, the last one taking the rest (I-GOS's
+    `step = max(1, num_pixels // 50)`: 15 of 784 cells, 53 steps, the last of 4 cells).
+    """
+    if per_step is None:
+        if steps is None or steps < 1:
+            raise ConfigError(f"steps must be a positive int, got {steps!r}")
+        if rule == "even":
+            return torch.round(torch.linspace(0, units, steps + 1)).long()
+        if rule != "floor":
+            raise ConfigError(f"unknown step rule '{rule}'; choose one of {', '.join(STEP_RULES)}")
+        per_step = max(1, int(units // steps))
+    counts = torch.arange(0, units + per_step, per_step).clamp(max=units)
+    return torch.unique_consecutive(counts)
 
 
 # -- seeded randomness keyed by row ----------------------------------------------------------------

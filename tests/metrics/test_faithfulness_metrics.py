@@ -14,7 +14,7 @@ from saliencylab.core.randomness import KeyedRandom
 from saliencylab.perturbation import random_subsets, row_normal, row_uniform
 from saliencylab.metrics.sensitivity import INFIDELITY_NOISE, SUBSETS, draw_noise, draw_subsets, pearson
 
-from conftest import SmallCNN
+from conftest import SmallCNN, make_small_cnn
 
 
 class Linear(nn.Module):
@@ -71,6 +71,100 @@ def test_deletion_auc_on_a_2x2_image_with_softmax_by_hand():
     assert curves["scores"][0].tolist() == pytest.approx(expected)
     assert curves["fraction"].tolist() == [0, 0.25, 0.5, 0.75, 1]
     assert d.item() == pytest.approx(0.25 * (expected[0] / 2 + sum(expected[1:4]) + expected[4] / 2))
+
+
+# -- the I-GOS protocol against a port of the authors' evaluation ---------------------------------------
+def igos_reference(model, x, baseline, grid, label, divisor=50, upsample="bilinear"):
+    """The semantics of khorrams/IGOS_pp, methods_helper.py `metric` (MIT), for a classifier.
+
+    Cells of the (h, w) grid are acted on from the most salient (theirs argsorts the I-GOS mask
+    ascending; a saliency map descending), `max(1, cells // divisor)` per step, the last step taking
+    the rest; the binary keep grid goes to the image by nn.UpsamplingBilinear2d (align_corners=True);
+    deletion shows image * m + baseline * (1 - m), insertion baseline * m + image * (1 - m), both
+    with the same baseline; the score is the softmax probability of the label; the area adds
+    score * (cells in the step) / cells. Returns the curves and the areas, also with the authors'
+    last-step bug (the step's cell count added instead of score * count).
+    """
+    B, (h, w) = x.shape[0], grid.shape[-2:]
+    cells, rows = h * w, torch.arange(B)
+    step = max(1, cells // divisor)
+    if upsample == "bilinear":
+        up = nn.UpsamplingBilinear2d(size=x.shape[-2:])
+    else:  # hard tiles
+        def up(m):
+            return m.repeat_interleave(x.shape[-2] // h, -2).repeat_interleave(x.shape[-1] // w, -1)
+
+    def score(images):
+        return torch.softmax(model(images), 1)[rows, label]
+
+    order = torch.argsort(grid.flatten(1), dim=1, descending=True)
+    keep = torch.ones(B, cells, dtype=x.dtype)
+    curves = {"deletion": [score(x)], "insertion": [score(baseline)]}
+    areas = {k: torch.zeros(B, dtype=x.dtype) for k in ("deletion", "insertion", "deletion_bug", "insertion_bug")}
+    with torch.no_grad():
+        for start in range(0, cells, step):
+            keep[rows[:, None], order[:, start:start + step]] = 0
+            m = up(keep.view(B, 1, h, w))
+            for name, image in (("deletion", x * m + baseline * (1 - m)), ("insertion", baseline * m + x * (1 - m))):
+                s = score(image)
+                curves[name].append(s)
+                count = min(step, cells - start)
+                areas[name] += s * count / cells
+                areas[name + "_bug"] += (s * step if start + step < cells else cells - start) / cells
+    return {k: torch.stack(v, 1) for k, v in curves.items()}, areas
+
+
+def igos_setup():
+    """A 56x56 image ranked on a 7x7 grid (the protocol's 8-pixel tiles), a sharp small CNN."""
+    model = make_small_cnn(dtype=torch.float64)
+    with torch.no_grad():
+        model.fc.weight.mul_(25)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 56, 56, generator=g, dtype=torch.float64)
+    grid = torch.rand(2, 7, 7, generator=g, dtype=torch.float64)  # distinct values: no ties
+    maps = grid.repeat_interleave(8, -2).repeat_interleave(8, -1)  # tile sums rank as the grid
+    label = torch.tensor([1, 3])
+    baseline = saliencylab.baselines.gaussian_blur(x, 50.0, 51)
+    return model.eval(), x, maps, grid, label, baseline
+
+
+@pytest.mark.parametrize("name", ["deletion", "insertion"])
+@pytest.mark.parametrize("params,divisor", [({}, 50), ({"steps": 10}, 10), ({"per_step": 4}, 10)])
+def test_igos_protocol_matches_the_authors_evaluation(name, params, divisor):
+    model, x, maps, grid, label, baseline = igos_setup()
+    curves, areas = igos_reference(model, x, baseline, grid, label, divisor)
+    metric = saliencylab.metrics.build(name, protocol="igos", batch_size=16, **params)
+    measured = metric.measure(model, x, maps, label)
+    # 49 cells: one per step (50 points) or 49 // 10 = 4 per step, the last step 1 cell (14 points)
+    steps = 49 if divisor == 50 else 13
+    assert measured.curves["scores"].shape == (2, steps + 1)
+    torch.testing.assert_close(measured.curves["scores"], curves[name], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(measured.scores, areas[name], rtol=1e-10, atol=1e-12)
+    # the authors' last step adds its cell count instead of score x count (not reproduced)
+    last, width = measured.curves["scores"][:, -1], measured.curves["fraction"].diff()[-1]
+    torch.testing.assert_close(areas[name + "_bug"], measured.scores + width * (1 - last))
+    # every checkpoint of both images goes through the engine in batches of 16 rows (after one clean
+    # pass for the targets), and the scores do not depend on the batches
+    rows = 2 * (steps + 1)
+    assert (measured.cost.forward_images, measured.cost.forward_calls) == (2 + rows, 1 + -(-rows // 16))
+    torch.testing.assert_close(saliencylab.metrics.build(name, protocol="igos", batch_size=5, **params)
+                               .measure(model, x, maps, label).scores, measured.scores, rtol=1e-12, atol=0)
+    # hard tiles stay available, and differ from the soft masks
+    hard = saliencylab.metrics.build(name, protocol="igos", mask_upsampling="nearest", **params)
+    hard_curves, hard_areas = igos_reference(model, x, baseline, grid, label, divisor, upsample="nearest")
+    hard_scores = hard.measure(model, x, maps, label)
+    torch.testing.assert_close(hard_scores.scores, hard_areas[name], rtol=1e-10, atol=1e-12)
+    assert (hard_scores.scores - measured.scores).abs().min() > 1e-4
+
+
+def test_igos_blur_baseline_is_opencvs_gaussian_blur():
+    # I-GOS blurs the resized image with cv2.GaussianBlur(img, (51, 51), 50) (reflect-101 borders); the
+    # blur is linear with unit gain, so blurring the normalized input is the same up to their uint8 rounding
+    cv2 = pytest.importorskip("cv2")
+    x = torch.rand(1, 3, 56, 60, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ours = saliencylab.metrics.faithfulness.PROTOCOLS["igos"]["baseline"](x)
+    theirs = cv2.GaussianBlur(x[0].permute(1, 2, 0).numpy(), (51, 51), 50)
+    np.testing.assert_allclose(ours[0].permute(1, 2, 0).numpy(), theirs, rtol=0, atol=1e-12)
 
 
 # -- closed forms on a linear model --------------------------------------------------------------------
