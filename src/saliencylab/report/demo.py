@@ -152,7 +152,7 @@ def run_demo(out_dir, *, methods: Sequence[str] | None = None, preset: str = "de
         tables.append(MetricsTable.from_records(
             records, title="Faithfulness of each method's maps",
             note=f"Mean over the {len(items)} photos, 95% bootstrap interval in brackets; I-GOS protocol "
-                 f"(28x28 ranking, blurred baseline, {'/'.join(steps)} steps). Best mean in bold; "
+                 f"(28x28 ranking upsampled bilinearly, blurred baseline, {'/'.join(steps)} steps). Best mean in bold; "
                  "with this few images, overlapping intervals mean no reliable difference.",
             figures=figures))
         meta["notes"].append(f"Metric tables: {out_dir / 'metrics.md'}")
