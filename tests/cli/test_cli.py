@@ -30,9 +30,12 @@ def test_version_and_methods(capsys):
     assert main(["--version"]) == 0
     assert __version__ in capsys.readouterr().out
     assert main(["methods"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    listed, _, composites = capsys.readouterr().out.strip().partition("\n\n")
+    lines = listed.splitlines()
     assert [line.split()[0] for line in lines] == methods.available()
     assert all(len(line.split(None, 1)) == 2 for line in lines)  # name and description
+    from saliencylab.methods.propagation import COMPOSITES
+    assert composites.startswith("lrp composites") and all(name in composites for name in COMPOSITES)
 
 
 def test_demo_quick_end_to_end(tmp_path, capsys):

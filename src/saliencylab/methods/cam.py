@@ -158,3 +158,59 @@ class LayerCAM(_CAM):
 
     def combine(self, acts, grads):
         return layercam_combine(acts, grads, self.positive_gradients)
+
+
+@register
+class ScoreCAM(_CAM):
+    """Score-CAM (Wang et al. 2020; authors' code haofanwang/Score-CAM, cam/scorecam.py): each channel
+    k of the layer's activations, upsampled bilinearly to the image and min-max scaled to [0, 1], masks
+    the image (x * mask); its weight is the target's softmax probability on that masked image, and
+    the map is relu(sum_k weight_k * upsampled A_k). Channels that are constant are skipped (weight 0),
+    as the authors. All channels of all images are scored in shared forward passes (the perturbation
+    engine), one row per (image, channel): C + 1 forward passes per image, no backward pass (a probe
+    finds the default layer when none is given). Where we differ: the authors rescale the final map
+    to [0, 1]; we keep its scale (weights are probabilities, so the map is in the activations' units).
+    `lowres` is relu(sum_k weight_k A_k) at the layer's resolution."""
+
+    name = "score_cam"
+    description = "Score-CAM: channels weighted by the target's probability on the image masked by each channel."
+    differentiable = False
+    uses_gradients = False
+    batch_size = Param(64, "masked images per forward pass")
+
+    def compute(self, session, x, target):
+        from ..perturbation import Perturber
+        from .base import clean_outputs
+
+        if self.layer is not None:
+            spec = self.layer
+        else:
+            spec = find_default_layer(session, x[:1], slice_target(target, 0, 1, len(x)), self.default_layer)
+        ((name, module),) = resolve_layers(session.model, spec)
+        hw = tuple(x.shape[-2:])
+        with session.scope():
+            store = session.capture({name: module}, make_differentiable=False)
+            resolved, outputs = clean_outputs(session, x, target)
+            if name not in store:
+                raise ConfigError(f"layer '{name}' did not produce a tensor during the forward pass; choose another layer")
+            acts = to_grid(store[name].detach(), hw, declared_layout(module, self.layout))
+        B, C = acts.shape[:2]
+        lo = acts.amin(dim=(2, 3))
+        hi = acts.amax(dim=(2, 3))
+        varying = hi > lo  # constant channels: skipped, as the authors
+
+        def make_masks(image, k):
+            up = torch.nn.functional.interpolate(acts[image, k][:, None], size=hw, mode="bilinear", align_corners=False)
+            lo_up = up.amin(dim=(2, 3), keepdim=True)
+            span = (up.amax(dim=(2, 3), keepdim=True) - lo_up).clamp(min=torch.finfo(up.dtype).tiny)
+            return (up - lo_up) / span
+
+        scores = Perturber("zero", "softmax", self.batch_size).scores(session, x, resolved, C, make_masks,
+                                                                       desc=self.name)
+        weights = torch.where(varying, scores, torch.zeros_like(scores))
+        lowres = (weights[:, :, None, None] * acts).sum(1)
+        maps = torch.nn.functional.interpolate(lowres[:, None], size=hw, mode="bilinear", align_corners=False)[:, 0]
+        if self.relu:
+            lowres, maps = lowres.clamp(min=0), maps.clamp(min=0)
+        return Explanation(maps=maps, targets=resolved.classes, outputs=outputs, lowres=lowres,
+                           extras={"layer": name, "weights": weights})
