@@ -45,6 +45,7 @@ from ..evaluation import Record, markdown_table, run_evaluation
 from .local import resolve_targets
 from .stats import cost_rows, significance_against_best, summarize
 from .store import Row, RunStore
+from . import positive_aggregation as _positive_aggregation
 
 
 # Methods run by default: the baselines and the research methods that work on any model without a
@@ -107,6 +108,8 @@ def slug(name: str) -> str:
 
 
 def resolve_methods(text: str | Sequence[str] | None, suite: str = "groundtruth", full: bool = False) -> list[str]:
+    if suite == "positive-aggregation" and text in (None, "", "default"):
+        return _positive_aggregation.study_methods()
     if text is None or text == "" or text == "default":
         return list(DEFAULT_METHODS if suite == "groundtruth" or full else PHOTO_DEFAULT_METHODS)
     names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
@@ -372,7 +375,9 @@ for _suite in (
         _groups_suite("groundtruth", groundtruth_groups, "designed and trained environments; ground-truth metrics"),
         Suite("knows-best", lambda names, out, **kw: [knows_best_group(names, out, **kw)],
               "model-knows-best patches: class sensitivity, null player, symmetry"),
-        _groups_suite("faithfulness", faithfulness_groups, "the embedded model on photos; faithfulness metrics")):
+        _groups_suite("faithfulness", faithfulness_groups, "the embedded model on photos; faithfulness metrics"),
+        Suite("positive-aggregation", lambda names, out, **kw: _positive_aggregation.run(names, out, **kw),
+              "positive vs signed aggregation/propagation: class sensitivity and cascading randomization")):
     suites.register(_suite, name=_suite.name)
 SUITES = tuple(suites)  # the registered names, for help texts
 
