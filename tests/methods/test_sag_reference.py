@@ -150,8 +150,8 @@ class Port:
         return nodes, edges
 
 
-def run_both(x, **params):
-    model = ColourNet(scale=30.0).double().eval()
+def run_both(x, scale=30.0, **params):
+    model = ColourNet(scale=scale).double().eval()
     e = build("structured_attention_graph", model, mean=(0, 0, 0), std=(1, 1, 1), steps=5, **params).explain(x)
     ports = []
     for b in range(x.shape[0]):
@@ -161,9 +161,10 @@ def run_both(x, **params):
     return e, ports
 
 
-def test_search_roots_diversity_and_graph_match_the_port():
-    x = colour_patches(2)
-    e, ports = run_both(x)
+@pytest.mark.parametrize("scale", [30.0, 12.0])  # at 12, roots of 4 patches: the 3-children rule binds
+def test_search_roots_diversity_and_graph_match_the_port(scale):
+    x = colour_patches(2 if scale == 30.0 else 1)
+    e, ports = run_both(x, scale)
     pruned = 0
     for b, (g, port) in enumerate(zip(e.extras["graphs"], ports)):
         roots = port.search()
@@ -180,7 +181,11 @@ def test_search_roots_diversity_and_graph_match_the_port():
             assert ours[k]["relative"] == pytest.approx(rel, rel=1e-9)
         assert {(tuple(g.nodes[d["parent"]]["patches"]), tuple(g.nodes[d["child"]]["patches"]), d["removed"])
                 for d in g.edges} == edges
-        assert len(g.found) > 3 and len(g.diverse) > 1 and max(len(r) for r in shown) >= 2
+        assert len(g.found) > 3 and max(len(r) for r in shown) >= 2
+        if scale == 12.0:
+            assert max(len(r) for r in shown) >= 4
+        else:
+            assert len(g.diverse) > 1
     assert pruned > 0  # the pruning step was exercised
 
 
