@@ -101,12 +101,27 @@ class UniformNoise(Baseline):
 
 
 class Tensor(Baseline):
-    """A user-given tensor, broadcast to the batch."""
+    """A user-given tensor, broadcast to the batch: one image (C, H, W) / (1, C, H, W) for all, or one
+    per image (B, C, H, W). A method that works on a subset of its images passes their indices
+    (`baseline_images(..., images=)`), so a per-image baseline follows its image."""
 
     name = "tensor"
 
     def __init__(self, value: torch.Tensor):
         self.value = value
+
+    @property
+    def per_image(self) -> bool:
+        return self.value.dim() == 4 and self.value.shape[0] > 1
+
+    def rows(self, images: torch.Tensor) -> "Tensor":
+        """The baseline of the call's images `images` (indices), for a subset of the batch."""
+        if not self.per_image:
+            return self
+        if int(images.max()) >= self.value.shape[0]:
+            raise InputError(f"a per-image baseline of {self.value.shape[0]} images cannot serve image "
+                             f"{int(images.max())}: give one baseline per image")
+        return Tensor(self.value[images.to(self.value.device)])
 
     def __call__(self, x, rng=None):
         try:
@@ -143,6 +158,8 @@ def baseline_images(baseline: Baseline, x: torch.Tensor, session=None, images=No
 
     `images`: the indices, among the call's images, of the rows of `x` (default: x holds all of them,
     in order). Deterministic baselines (and user baselines without a `seed`) are called as `baseline(x)`."""
+    if isinstance(baseline, Tensor) and images is not None:
+        return baseline.rows(torch.as_tensor(images))(x)
     seed = getattr(baseline, "seed", None)
     if seed is None or session is None or not getattr(baseline, "stochastic", True):
         return baseline(x)

@@ -263,30 +263,93 @@ class LinearImputer(Imputer):
     stay fixed: the solution of a sparse linear system per image (the authors solve it with
     scipy's spsolve, one image at a time). Here all images and channels are solved at once by
     conjugate gradients preconditioned with a geometric multigrid V-cycle (solve_linear_imputation).
-    Gaussian noise (std `noise`, in input units) is added to the imputed pixels, as in ROAD, to hide
-    the mask's shape; it is drawn per row from `seed` (row_normal), so it does not depend on
-    batch_size.
+    Gaussian noise (std `noise`) is added to the imputed pixels, as in ROAD, to hide the mask's
+    shape; it is drawn per row from `seed` (row_normal), so it does not depend on batch_size.
+
+    Units of the noise: the authors (tleemann/road_evaluation, road/imputed_dataset.py
+    `ImputedDataset.__getitem__`) impute images in [0, 1] pixel units and normalize afterwards (the
+    `transform` applied after `NoisyLinearImputer.__call__`), so their noise 0.01 is 0.01 / std per
+    channel in the model's input space. Give the model's normalization as `mean`, `std` (per channel,
+    or one number) and the imputation runs in pixel units, as theirs: x * std + mean is imputed, the
+    noise added, and the result normalized back (kept pixels are returned untouched, bit for bit).
+    The linear fill commutes with the per-channel affine map (its weights sum to 1), so only the
+    noise's scale changes, and an image with every pixel removed, which the authors' solve cannot
+    handle (a singular system), is filled with 0 in pixel units (black) rather than 0 in input units.
+    Without `std` the images are taken to be in pixel units already (noise `noise` in input units).
     """
 
     name = "road"
 
-    def __init__(self, noise: float = 0.01, iterations: int = 50, tol: float = 1e-6, seed: int = 0):
+    def __init__(self, noise: float = 0.01, iterations: int = 50, tol: float = 1e-6, seed: int = 0,
+                 mean=None, std=None):
         self.noise = float(noise)
         self.iterations = int(iterations)
         self.tol = float(tol)
         self.seed = int(seed)
+        self.mean, self.std = check_normalization(mean, std)
 
     def __repr__(self) -> str:
-        return f"LinearImputer(noise={self.noise}, iterations={self.iterations}, tol={self.tol}, seed={self.seed})"
+        extra = "" if self.std is None else f", mean={self.mean}, std={self.std}"
+        return (f"LinearImputer(noise={self.noise}, iterations={self.iterations}, tol={self.tol}, "
+                f"seed={self.seed}{extra})")
 
     def impute(self, x, masks, seed_rows=None):
+        rows = seed_rows if seed_rows is not None else torch.arange(x.shape[0], device=x.device)
+        return self.fill(x, masks, lambda: row_normal(self.seed, rows.to(x.device), x.shape[1:], x.dtype))
+
+    def fill(self, x, masks, draw: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The imputation of `x` under keep-`masks` (kept from 0.5 up), with standard normal noise
+        `draw()` (N, C, H, W) scaled by `noise` in pixel units (see the class docstring)."""
         keep = (masks >= 0.5).to(x.dtype).expand(-1, 1, -1, -1)[:, :1]
-        filled = solve_linear_imputation(x, keep, self.iterations, self.tol)
+        if self.std is None:
+            filled = solve_linear_imputation(x, keep, self.iterations, self.tol)
+            if self.noise > 0:
+                filled = filled + (1 - keep) * self.noise * draw()
+            return filled
+        mean, std = channel_stats(self.mean, self.std, x)
+        pixels = x * std + mean
+        filled = solve_linear_imputation(pixels, keep, self.iterations, self.tol)
         if self.noise > 0:
-            rows = seed_rows if seed_rows is not None else torch.arange(x.shape[0], device=x.device)
-            noise = row_normal(self.seed, rows.to(x.device), x.shape[1:], x.dtype)
-            filled = filled + (1 - keep) * self.noise * noise
-        return filled
+            filled = filled + (1 - keep) * self.noise * draw()
+        return torch.where(keep.bool(), x, (filled - mean) / std)
+
+
+def check_normalization(mean, std) -> tuple:
+    """(mean, std) as tuples of floats (None, None: no normalization); std > 0. One number stands for
+    every channel."""
+    if std is None:
+        if mean is not None:
+            raise ConfigError("a normalization mean needs its std")
+        return None, None
+
+    def floats(v, name):
+        values = (v,) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+        try:
+            values = tuple(float(f) for f in values)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"normalization {name} must be a number or a sequence of numbers, got {v!r}") from e
+        if not values or not all(math.isfinite(f) for f in values):
+            raise ConfigError(f"normalization {name} must be finite numbers, got {v!r}")
+        return values
+
+    std = floats(std, "std")
+    mean = floats(0.0 if mean is None else mean, "mean")
+    if any(s <= 0 for s in std):
+        raise ConfigError(f"normalization std must be positive, got {std!r}")
+    if len(mean) != len(std) and 1 not in (len(mean), len(std)):
+        raise ConfigError(f"normalization mean and std differ in length: {mean!r}, {std!r}")
+    return mean, std
+
+
+def channel_stats(mean, std, x: torch.Tensor):
+    """(1, C, 1, 1) tensors of `mean`, `std` (tuples, one value or one per channel) for images `x`."""
+    C = x.shape[1]
+    out = []
+    for values, name in ((mean, "mean"), (std, "std")):
+        if len(values) not in (1, C):
+            raise ConfigError(f"the normalization {name} has {len(values)} values for images of {C} channels")
+        out.append(torch.tensor(values, device=x.device, dtype=x.dtype).expand(C).view(1, C, 1, 1))
+    return out
 
 
 def _pool2(t: torch.Tensor, reduce: str = "sum", pad: float = 0.0) -> torch.Tensor:

@@ -1,4 +1,7 @@
-"""Designed environments: the ground truth is proven against the network by perturbation."""
+"""Designed environments: the ground truth is proven against the network by perturbation (and, for
+pattern_at_location, by brute-force Shapley values over every coalition)."""
+
+import math
 
 import pytest
 import torch
@@ -173,3 +176,66 @@ def test_additive_envs_recover_truth_with_ig_and_input_x_gradient(name, method):
     torch.testing.assert_close(maps, b.truth, atol=1e-4 * scale, rtol=0)
     precision = saliencylab.evaluate(None, b.x, maps, "gt_precision", truth=b.truth)
     assert bool((precision == 1).all())
+
+
+# -- pattern_at_location: the truth is the Shapley value, not the drop of one removal --------------------------
+def shapley_brute_force(values, n):
+    """Exact Shapley values of an n-player game given f on every coalition (values[mask], bit i = player i):
+    phi_i = sum over S without i of |S|! (n - |S| - 1)! / n! [f(S + i) - f(S)]."""
+    masks = torch.arange(2 ** n)
+    bits = (masks[:, None] >> torch.arange(n)) & 1                      # (2^n, n)
+    size = bits.sum(1)
+    weight = torch.tensor([math.factorial(s) * math.factorial(n - s - 1) / math.factorial(n) if s < n else 0.0
+                           for s in range(n + 1)], dtype=torch.float64)
+    phi = torch.empty(n, dtype=torch.float64)
+    for i in range(n):
+        without = bits[:, i] == 0
+        phi[i] = (weight[size[without]] * (values[masks[without] | (1 << i)] - values[without])).sum()
+    return phi
+
+
+def test_pattern_truth_is_the_brute_force_shapley_value():
+    """On images reduced to the target shape (9 pixels: plus or x) and 3 distractor pixels outside the
+    quadrant, every other pixel black (black = absent), f is evaluated on all 2^12 coalitions. Blackening
+    the other distractor pixels changes no logit (they are null players, which leaves every other
+    player's Shapley value unchanged), so these are the Shapley values of the full image."""
+    env = envs.load("pattern_at_location")
+    b = env.sample(64, seed=11)
+    picks = [int((b.labels == 0).nonzero()[0]), int((b.labels == 1).nonzero()[0])]   # plus, x: 9 pixels each
+    g = torch.Generator().manual_seed(0)
+    for i in picks:
+        coloured = b.x[i].sum(0) > 0
+        pattern = b.relevant[i]
+        assert int(pattern.sum()) == 9 and bool(coloured[pattern].all())
+        others = (coloured & b.null[i]).nonzero()
+        others = others[torch.randperm(len(others), generator=g)[:3]]
+        players = torch.cat([pattern.nonzero(), others])                  # (12, 2) rows, cols
+        rows, cols = players[:, 0], players[:, 1]
+        n = len(players)
+        reduced = torch.zeros_like(b.x[i])
+        reduced[:, rows, cols] = b.x[i][:, rows, cols]
+        torch.testing.assert_close(logits(env, reduced[None]), logits(env, b.x[i:i + 1]), atol=0, rtol=0)
+        present = ((torch.arange(2 ** n)[:, None] >> torch.arange(n)) & 1).to(torch.float32)   # (2^n, n)
+        x = torch.zeros(2 ** n, 3, *b.x.shape[-2:])
+        x[:, :, rows, cols] = present[:, None, :] * b.x[i][:, rows, cols][None]
+        f = torch.cat([target_logit(env, c, b.target[i].expand(len(c))) for c in x.split(1024)]).double()
+        phi = shapley_brute_force(f, n)
+        torch.testing.assert_close(phi, b.truth[i, rows, cols].double(), atol=1e-7, rtol=0)   # truth is float32
+        assert torch.allclose(phi[:9], torch.full((9,), 1 / 9, dtype=torch.float64)) and bool((phi[9:] == 0).all())
+
+
+def test_removing_any_pattern_pixel_drops_the_logit_by_one_not_by_its_truth():
+    """The README's "removing a truth pixel changes the target logit by exactly its value" holds for the
+    additive colour environments only: here the detection is all or nothing, so every removal drops the
+    logit from 1 to 0, while the pixel's truth (its Shapley value) is 1 / |shape|."""
+    env = envs.load("pattern_at_location")
+    b = env.sample(16, seed=12)
+    for i in range(len(b)):
+        rows, cols = b.relevant[i].nonzero(as_tuple=True)
+        x = b.x[i].expand(len(rows), -1, -1, -1).clone()
+        x[torch.arange(len(rows)), :, rows, cols] = 0.0                    # copy k lacks pattern pixel k
+        before = target_logit(env, b.x[i:i + 1], b.target[i:i + 1])
+        after = target_logit(env, x, b.target[i].expand(len(rows)))
+        assert float(before) == 1.0 and bool((before - after == 1).all())
+        size = len(rows)
+        assert size in (9, 15, 16) and bool((b.truth[i, rows, cols] == 1 / size).all())   # truth: 1 / |shape| < 1

@@ -186,8 +186,9 @@ def test_registered_method_and_authors_numbers(model, suite):
     for v in scores.values():
         assert bool(((v >= 0) & (v <= 1)).all())
     authors = kb.authors_scores(suite, maps, second)
-    assert abs(authors["class_sensitivity_overlap"] - (1 - float(scores["class_sensitivity"].mean()))) < 1e-6
-    assert -1 <= authors["symmetry_spearman"] <= 1 and authors["null_player_ratio"] >= 0
+    assert 0 <= authors["class_sensitivity_overlap"] <= 1 and -1 <= authors["symmetry_spearman"] <= 1
+    assert authors["class_sensitivity_overlap"] == pytest.approx(
+        reference_class_sensitivity(suite, maps, second), rel=1e-5)
     with pytest.raises(ConfigError):
         kb.evaluate_method(model, Oracle(model, suite), suite, steps=4)
 
@@ -218,3 +219,74 @@ def test_bad_arguments(model, patches):
     failed = generate(model, steps=0)
     with pytest.raises(ConfigError, match="converged"):
         kb.make_suite(model, failed)
+
+
+# -- the authors' numbers (Do-Explanations-Explain utils.py and Attribution_Methods_Submit.ipynb) -----------
+def saved(hm):
+    """Their `save_data_image`: the raw map, / 255 when max |h| > 1."""
+    return hm / 255 if float(hm.abs().max()) > 1 else hm
+
+
+def reference_class_sensitivity(suite, maps, second):
+    """`get_class_sensitivity` per image on the saved maps (patch crops), averaged as in their notebook."""
+    values = []
+    for k, i in enumerate(suite.indices("class_sensitivity").tolist()):
+        h0, h1 = saved(maps[i].detach()).abs(), saved(second[k].detach()).abs()
+        r0, r1 = suite.regions[i, 0], suite.regions[i, 1]
+        term0 = torch.minimum(h0, h1)[r0].sum() + torch.minimum(h0, h1)[r1].sum()
+        values.append(float(term0 / (h0[r0].sum() + h1[r1].sum())))
+    return sum(values) / len(values)
+
+
+def hand_suite(kinds, size=4):
+    """Images with region 0 = the top-left 2 x 2 block and region 1 = the bottom-right one."""
+    n = len(kinds)
+    regions = torch.zeros(n, 2, size, size, dtype=torch.bool)
+    regions[:, 0, :2, :2] = True
+    regions[:, 1, -2:, -2:] = True
+    boxes = torch.tensor([[0, 0, 2, 2], [size - 2, size - 2, size, size]]).expand(n, 2, 4).clone()
+    return kb.Suite(x=torch.zeros(n, 3, size, size), pixels=torch.zeros(n, 3, size, size),
+                    targets=torch.zeros(n, dtype=torch.long), region_classes=torch.tensor([[0, 1]] * n),
+                    regions=regions, boxes=boxes, kind=list(kinds), interaction=torch.zeros(n), independence={},
+                    patch_size=2)
+
+
+def two_region_maps(values, outside=None, size=4):
+    """(n, size, size) maps: values[k] = (on region 0, on region 1), `outside[k]` at pixel (0, 3)."""
+    m = torch.zeros(len(values), size, size)
+    for k, (a, b) in enumerate(values):
+        m[k, :2, :2], m[k, -2:, -2:] = a, b
+        if outside is not None:
+            m[k, 0, -1] = outside[k]
+    return m
+
+
+def test_authors_class_sensitivity_keeps_the_two_maps_scales():
+    suite = hand_suite(["class_sensitivity"] * 2)
+    maps = two_region_maps([(1.0, 0.2), (51.0, 25.5)])          # h0; the second is saved / 255: (0.2, 0.1)
+    second = two_region_maps([(0.1, 0.25), (0.05, -0.5)])      # h1 (|h| is taken)
+    # image 0: [4 min(1, .1) + 4 min(.2, .25)] / [4 * 1 + 4 * .25] = 1.2 / 5 = 0.24
+    # image 1: [4 min(.2, .05) + 4 min(.1, .5)] / [4 * .2 + 4 * .5] = 0.6 / 2.8
+    expected = (0.24 + 0.6 / 2.8) / 2
+    got = kb.authors_scores(suite, maps, second)["class_sensitivity_overlap"]
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert got == pytest.approx(reference_class_sensitivity(suite, maps, second), rel=1e-6)
+    # our per-image variant compares max-normalized maps: image 0 gives 1 - 2.4 / 8 = 0.7, not 0.76
+    ours = kb.score_maps(suite, maps, second)["class_sensitivity"]
+    assert float(ours[0]) == pytest.approx(0.7, rel=1e-6)
+
+
+def test_authors_null_player_is_signed_and_inverted_like_theirs():
+    suite = hand_suite(["null_player"] * 2)               # region 0: the target patch, region 1: the null one
+    maps = two_region_maps([(0.5, -0.1), (100.0, 10.0)])
+    # image 0: 1 / (2 / -0.4) = -0.2 (signed; |h| would give +0.2); image 1: 1 / (400 / 40) = 0.1
+    assert kb.authors_scores(suite, maps)["null_player_ratio"] == pytest.approx((-0.2 + 0.1) / 2, rel=1e-6)
+
+
+def test_authors_symmetry_uses_raw_maps_with_the_255_rule():
+    suite = hand_suite(["symmetry"] * 4)
+    maps = two_region_maps([(0.9, 0.3), (0.2, 0.1), (0.5, 0.45), (76.5, 51.0)], outside=[1.0, 0.25, 1.0, 0.0])
+    # saved copies' means: (.9, .3), (.2, .1), (.5, .45), (.3, .2) (the last / 255): ranks (4, 1, 3, 2) and
+    # (3, 1, 4, 2), rho = 1 - 6 * 2 / (4 * 15) = 0.8. Max-normalized maps would rank (.9, .3), (.8, .4),
+    # (.5, .45), (1, .667) instead: rho = 0.2.
+    assert kb.authors_scores(suite, maps)["symmetry_spearman"] == pytest.approx(0.8, rel=1e-9)

@@ -285,14 +285,45 @@ def test_most_positive_attribution_on_the_known_relevant_pixels():
 
 
 # -- variants -------------------------------------------------------------------------------------------------
+def chexplain_filtered_mask(maps, thresholds):
+    """CheXplain-IBA `filtered_mask` (evaluation/gen_attribution_map.py), one image: heatmap[0] is the
+    first block's map; each deeper map hm = hm / np.linalg.norm(hm), mask[mask < t] = 0,
+    mask[mask >= t] = 1; the result is the product."""
+    out = maps[0].clone()
+    for hm, t in zip(maps[1:], thresholds):
+        hm = hm / torch.linalg.norm(hm)
+        mask = hm.clone()
+        mask[hm < t] = 0
+        mask[hm >= t] = 1
+        out = out * mask
+    return out
+
+
 def test_combine_maps():
     a = torch.tensor([[[3.0, 4.0], [0.0, 0.0]]])  # norm 5
     b = torch.tensor([[[0.0, 0.0], [1.0, 0.0]]])  # norm 1
     assert torch.allclose(combine_maps([a, b], "sum"), a / 5 + b)
-    assert torch.allclose(combine_maps([a, a * 0 + torch.tensor([[[1.0, 0.1], [1.0, 1.0]]])], "filter", 0.5),
+    assert torch.allclose(combine_maps([a, a * 0 + torch.tensor([[[1.0, 0.1], [1.0, 1.0]]])], "filter_max", 0.5),
                           torch.tensor([[[3.0, 0.0], [0.0, 0.0]]]))
     with pytest.raises(ConfigError, match="combine"):
         combine_maps([a], "max")
+
+
+def test_filter_is_chexplains_absolute_level_on_l2_normalised_maps():
+    g = torch.Generator().manual_seed(0)
+    maps = [torch.rand(2, 24, 24, generator=g) ** 3 * s for s in (1.0, 7.0, 0.01)]  # different scales
+    got = combine_maps(maps, "filter")  # default: the authors' 0.006 for both deeper maps
+    for i in range(2):
+        ref = chexplain_filtered_mask([m[i] for m in maps], [0.006, 0.006])
+        assert torch.equal(got[i], ref)
+    # the level is absolute on the normalised map, not a fraction of the maximum: the two rules differ here
+    kept = (got != 0).float().mean()
+    assert 0.05 < float(kept) < 0.95 and not torch.equal(got, combine_maps(maps, "filter_max"))
+    # one level per deeper map, as their threshold=[t0, t1]
+    got = combine_maps(maps, "filter", [0.01, 0.03])
+    assert torch.equal(got[1], chexplain_filtered_mask([m[1] for m in maps], [0.01, 0.03]))
+    with pytest.raises(ConfigError, match="one value per deeper layer"):
+        combine_maps(maps, "filter", [0.01])
 
 
 def test_multilayer_orders_layers_and_combines(x, data):
@@ -398,6 +429,42 @@ def test_readout_trains_once_then_one_pass_per_image(x, data, tmp_path):
     assert torch.allclose(first.lowres, capacity_map(first.extras["capacity"], x.shape[-2:]))
     with pytest.raises(ConfigError, match="generator"):
         build("readout_iba", model, data=(b for b in [data]))
+
+
+def test_readout_alpha_is_clamped_to_five_like_the_authors(x, data, monkeypatch):
+    """BioroboticsLab/IBA `IBAReadout._generate_alpha` assigns alpha.clamp(-5, 5) (since 2020-05-31): a
+    network whose output is above 5 everywhere gives alpha = 5, no gradient, so training leaves it as
+    it is and the map is that of lambda = sigmoid(5), whatever the excess."""
+    from saliencylab.methods import readout_iba as ro
+
+    net = ro.ReadoutNet(4, 3)
+    with torch.no_grad():
+        net.conv3.bias.fill_(8.0)
+        net.conv3.weight.zero_()
+    readout = torch.randn(2, 4, 5, 5)
+    assert torch.equal(net(readout), torch.full((2, 3, 5, 5), 5.0))
+    with torch.no_grad():
+        net.conv3.bias.copy_(torch.tensor([-9.0, 0.5, 4.0]))
+    assert torch.equal(net(readout)[:, :, 0, 0], torch.tensor([[-5.0, 0.5, 4.0]] * 2))
+
+    model = small_cnn()
+    caps, trained, original = {}, {}, ro.ReadoutNet
+    for bias in (8.0, 50.0):
+        class Above(original):
+            def __init__(self, *args, _bias=bias):
+                super().__init__(*args)
+                with torch.no_grad():
+                    self.conv3.bias.fill_(_bias)
+                    self.conv3.weight.zero_()
+                trained[_bias] = self
+
+        monkeypatch.setattr(ro, "ReadoutNet", Above)
+        e = sl.explain(model, x, "readout_iba", layer="2", data=data, epochs=1, batch_size=16, lr=0.1, cache=False)
+        caps[bias] = e.extras["capacity"]
+    assert float(trained[8.0].conv3.bias.min()) == 8.0  # no gradient passed the clamp
+    # unclamped, lambda = sigmoid(8) and sigmoid(50) give different capacities; clamped both are sigmoid(5)'s
+    torch.testing.assert_close(caps[8.0], caps[50.0], rtol=0, atol=0)
+    assert float(caps[8.0].max()) > 0
 
 
 def test_generic_iterable_data_is_estimated_each_time_and_warns_nothing(x, data):

@@ -103,12 +103,13 @@ def test_sensitivity_n_is_one_for_input_x_gradient_on_a_linear_model():
 def test_faithfulness_correlation_is_one_for_input_x_gradient_on_a_linear_model():
     model, x, w, ixg, grad = linear_setup()
     s, curves = saliencylab.evaluate(model, x, ixg, "faithfulness_correlation", target=0, subset_size=20,
-                                     samples=16, return_curves=True)
+                                     samples=16, units="pixels", baseline="zero", return_curves=True)
     assert torch.allclose(s, torch.ones(3, dtype=torch.float64), atol=1e-12)
     # the drops are the attribution sums themselves (completeness of input x gradient)
     assert torch.allclose(curves["attribution_sum"], curves["score_drop"], atol=1e-10)
     assert curves["score_drop"].shape == (3, 16)
-    neg = saliencylab.evaluate(model, x, -ixg, "faithfulness_correlation", target=0, subset_size=20, samples=16)
+    neg = saliencylab.evaluate(model, x, -ixg, "faithfulness_correlation", target=0, subset_size=20, samples=16,
+                              units="pixels", baseline="zero")
     assert torch.allclose(neg, -torch.ones(3, dtype=torch.float64), atol=1e-12)
 
 
@@ -247,7 +248,7 @@ def test_faithfulness_correlation_agrees_with_quantus(monkeypatch):
     model, x, maps, y = quantus_setup()
     B, U, size, samples, seed = 3, 144, 20, 12, 2
     ours = saliencylab.evaluate(model, x, maps, "faithfulness_correlation", target=y, subset_size=size,
-                                samples=samples, seed=seed)
+                                samples=samples, seed=seed, baseline="zero")
     # Quantus draws np.random.choice(features, size, replace=False) per run, per image: hand it our subsets
     images, draws = torch.arange(B).repeat_interleave(samples), torch.arange(samples).repeat(B)
     removed = draw_subsets(KeyedRandom(seed, SUBSETS), images, draws, U, torch.full((B * samples,), size))

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import PatchModel
+from torch import nn
 
 import saliencylab
 from saliencylab.core.errors import ConfigError
@@ -179,7 +180,8 @@ def test_road_prefers_the_map_on_the_relevant_patch():
         r = saliencylab.evaluate(model, x, random, name, target=0)
         assert better(g, r).all(), (name, g, r)
     s, curves = saliencylab.evaluate(model, x, good, "road", target=0, return_curves=True)
-    assert torch.allclose(curves["fraction"], torch.tensor([0.0, 6, 13, 19, 26, 32, 38, 45, 51, 58]) / 64)
+    # the authors' counts, int(64 * p) (rounded down): 12, 25, 44, 57 where rounding gives 13, 26, 45, 58
+    assert torch.allclose(curves["fraction"], torch.tensor([0.0, 6, 12, 19, 25, 32, 38, 44, 51, 57]) / 64)
     assert curves["morf"].shape == curves["lerf"].shape == (4, 10)
     # the first checkpoint is the clean image
     p = model(x).softmax(1)[:, 0]
@@ -231,3 +233,202 @@ def test_keyed_imputation_noise_belongs_to_the_image_and_checkpoint():
     assert not torch.allclose(noise[0], noise[1]) and not torch.allclose(noise[0], noise[2])
     reseeded = KeyedImputer(0.01, 50, 1e-6, KeyedRandom(8, ROAD_NOISE, ids), n=2).impute(x, masks, torch.arange(4))
     assert not torch.allclose(reseeded, out)
+
+
+# -- the authors' noisy linear imputation: pixel units, then normalization -------------------------------
+# A port of the semantics of tleemann/road_evaluation (MIT): road/imputations.py
+# NoisyLinearImputer.setup_sparse_system / __call__ and road/imputed_dataset.py ImputedDataset.__getitem__.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def authors_noisy_linear(img, keep, z, noise=0.01):
+    """NoisyLinearImputer on img (C, H, W) float64 in pixel units, keep (H, W) bool: one equation per
+    missing pixel i (raster order), over the neighbours j inside the image:
+    -s_i y_i + sum_{j missing} w_j y_j = -sum_{j kept} w_j img_j, s_i = 1 - weights of the neighbours
+    outside the image; solved by spsolve, then `noise * z` added to the solution (z: the standard
+    normal draw of the imputed values, (C, H, W), read at the missing pixels)."""
+    from scipy.sparse import lil_matrix
+    from scipy.sparse.linalg import spsolve
+
+    C, H, W = img.shape
+    missing = np.flatnonzero(~keep.numpy().ravel())
+    var = -np.ones(H * W, dtype=int)
+    var[missing] = np.arange(len(missing))
+    flat = img.numpy().reshape(C, -1)
+    A, b, s = lil_matrix((len(missing), len(missing))), np.zeros((len(missing), C)), np.ones(len(missing))
+    rows, cols = missing // W, missing % W
+    for dr, dc, w in OFFSETS:
+        r, c = rows + dr, cols + dc
+        inside = (r >= 0) & (r < H) & (c >= 0) & (c < W)
+        s[~inside] -= w
+        j = (r * W + c)[inside]
+        eq = np.flatnonzero(inside)
+        known = var[j] < 0
+        b[eq[known]] -= w * flat[:, j[known]].T
+        A[eq[~known], var[j[~known]]] = w
+    A[np.arange(len(missing)), np.arange(len(missing))] = -s
+    out = flat.copy()
+    out[:, missing] = spsolve(A.tocsc(), b).reshape(len(missing), C).T + noise * z.numpy().reshape(C, -1)[:, missing]
+    return torch.from_numpy(out.reshape(C, H, W))
+
+
+def normalize(pixels, mean, std):
+    """torchvision's Normalize, the authors' transform after the imputation."""
+    mean, std = (torch.tensor(v, dtype=pixels.dtype).view(-1, 1, 1) for v in (mean, std))
+    return (pixels - mean) / std
+
+
+def test_imputation_runs_in_pixel_units_then_normalizes_as_the_authors():
+    from saliencylab.core.randomness import KeyedRandom
+    from saliencylab.metrics.road import ROAD_NOISE, KeyedImputer
+
+    H, W = 12, 14
+    pixels = torch.rand(3, 3, H, W, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x = torch.stack([normalize(p, IMAGENET_MEAN, IMAGENET_STD) for p in pixels])
+    keep = hole_masks(3, H, W, seed=11)
+    imputer = KeyedImputer(0.01, 200, 1e-12, KeyedRandom(7, ROAD_NOISE), n=4, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    images, draws = [0, 1, 2], [3, 1, 2]
+    ours = imputer.impute_rows(x, keep[:, None].double(), images, draws)
+    z = KeyedRandom(7, ROAD_NOISE).normal(images, draws, (3, H, W), dtype=torch.float64)
+    for i in range(3):
+        theirs = normalize(authors_noisy_linear(pixels[i], keep[i], z[i]), IMAGENET_MEAN, IMAGENET_STD)
+        np.testing.assert_allclose(ours[i].numpy(), theirs.numpy(), atol=1e-8)
+    assert torch.equal(ours[keep[:, None].expand_as(x)], x[keep[:, None].expand_as(x)])  # kept: bit for bit
+
+
+def noise_std_per_channel(noisy, clean):
+    """Per channel std of the differences where they are nonzero (the removed pixels)."""
+    d = (noisy - clean).transpose(0, 1).reshape(noisy.shape[1], -1)
+    return torch.stack([c[c != 0].std() for c in d])
+
+
+def test_noise_in_the_models_input_space_is_sigma_over_std():
+    from saliencylab.core.randomness import KeyedRandom
+    from saliencylab.metrics.road import ROAD_NOISE, KeyedImputer
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 32, 32, generator=g)
+    masks = (torch.rand(4, 1, 32, 32, generator=g) > 0.6).float()
+    std = (0.5, 0.25, 0.125)
+
+    def impute(noise, **norm):
+        return KeyedImputer(noise, 50, 1e-6, KeyedRandom(7, ROAD_NOISE), n=1, **norm).impute(x, masks, torch.arange(4))
+
+    got = noise_std_per_channel(impute(0.01, mean=(0.1, 0.2, 0.3), std=std), impute(0.0, mean=(0.1, 0.2, 0.3), std=std))
+    want = 0.01 / torch.tensor(std)
+    assert torch.allclose(got, want, rtol=0.06), (got, want)
+    # no normalization: the inputs are pixel units, the noise 0.01 as given
+    assert torch.allclose(noise_std_per_channel(impute(0.01), impute(0.0)), torch.full((3,), 0.01), rtol=0.06)
+
+
+class Spy(nn.Module):
+    """A fixed linear model that keeps every batch it is fed."""
+
+    def __init__(self, channels=3, size=16):
+        super().__init__()
+        self.fc = nn.Linear(channels * size * size, 3)
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return self.fc(x.flatten(1))
+
+
+def fed(model, name, x, maps, **params):
+    model.seen.clear()
+    saliencylab.evaluate(model, x, maps, name, target=0, fractions=[0.0, 0.6], batch_size=64, **params)
+    return torch.cat(model.seen)
+
+
+def test_road_metrics_add_the_noise_in_pixel_units():
+    torch.manual_seed(0)
+    model = Spy().eval()
+    x, maps = torch.randn(6, 3, 16, 16), torch.rand(6, 16, 16)
+    std = (0.229, 0.224, 0.225)
+    for name in ("road_morf", "road_lerf", "road"):
+        noisy = fed(model, name, x, maps, normalization=(IMAGENET_MEAN, std))
+        clean = fed(model, name, x, maps, normalization=(IMAGENET_MEAN, std), noise=0.0)
+        got = noise_std_per_channel(noisy, clean)
+        assert torch.allclose(got, 0.01 / torch.tensor(std), rtol=0.08), (name, got)
+    # "none", like a model that is not the embedded one under "auto": the noise is 0.01 in input units
+    for normalization in ("none", "auto"):
+        got = noise_std_per_channel(fed(model, "road_morf", x, maps, normalization=normalization),
+                                    fed(model, "road_morf", x, maps, normalization=normalization, noise=0.0))
+        assert torch.allclose(got, torch.full((3,), 0.01), rtol=0.08), (normalization, got)
+    with pytest.raises(ConfigError):  # two channels of statistics for three-channel images
+        saliencylab.evaluate(model, x, maps, "road", target=0, normalization=((0.5, 0.5), (0.2, 0.2)))
+
+
+def test_auto_normalization_knows_the_embedded_model_only():
+    from saliencylab.metrics.road import resolve_normalization
+    from saliencylab.models import LITE_MEAN, LITE_STD, LoadedModel
+    from saliencylab.models.efficientnet_lite import EfficientNetLite
+
+    lite = EfficientNetLite(stages=[(1, 3, 1, 1, 32, 16)], head_channels=8, num_classes=3)
+    assert resolve_normalization("auto", lite) == (LITE_MEAN, LITE_STD)
+    # wrapped (e.g. behind the user's own normalization layer), or another network: unknown, none
+    assert resolve_normalization("auto", nn.Sequential(lite)) == (None, None)
+    assert resolve_normalization("auto", PatchModel(torch.zeros(1, 4, 4))) == (None, None)
+    assert resolve_normalization(None) == resolve_normalization("none") == (None, None)
+    bundle = LoadedModel(name="m", model=lite, labels=["a", "b", "c"], mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.4))
+    assert resolve_normalization(bundle) == ((0.4, 0.5, 0.6), (0.2, 0.3, 0.4))
+    assert resolve_normalization((0.5, 0.25)) == ((0.5,), (0.25,))
+    for bad in ("imagenet", (0.5,), ((0.5,), (0.0,)), ((0.5, 0.5), (0.2, 0.2, 0.2)), ((1.0,), None)):
+        with pytest.raises(ConfigError):
+            saliencylab.metrics.build("road", normalization=bad)
+    # the embedded network under "auto": the noise is 0.01 in pixel units, 0.01 / (128 / 255) in its inputs
+    class SpyLite(EfficientNetLite):
+        seen = []
+
+        def forward(self, x):
+            self.seen.append(x.detach().clone())
+            return super().forward(x)
+
+    model = SpyLite(stages=[(1, 3, 1, 1, 32, 16)], head_channels=8, num_classes=3).eval()
+    x, maps = torch.randn(4, 3, 16, 16), torch.rand(4, 16, 16)
+    got = noise_std_per_channel(fed(model, "road_morf", x, maps), fed(model, "road_morf", x, maps, noise=0.0))
+    assert torch.allclose(got, 0.01 / torch.tensor(LITE_STD), rtol=0.1), got
+
+
+# -- LeRF: fraction removed (default) or kept (the authors') ---------------------------------------------
+def reference_lerf(model, x, maps, fractions, kept, seed=0, noise=0.01):
+    """ImputedDataset.__getitem__ with remove=False per image: pixels sorted by decreasing attribution
+    (the maps have no ties), the authors' LeRF at p removes order[int(U * p):] (keeps the int(U * p)
+    most relevant); ours at p removes the int(U * p) least relevant. Scores: the target's softmax."""
+    from saliencylab.core.randomness import KeyedRandom
+    from saliencylab.metrics.road import ROAD_NOISE, KeyedImputer
+
+    imputer = KeyedImputer(noise, 50, 1e-6, KeyedRandom(seed, ROAD_NOISE), n=len(fractions))
+    B, _, H, W = x.shape
+    U = H * W
+    out = torch.empty(B, len(fractions))
+    for i in range(B):
+        order = torch.argsort(maps[i].flatten(), descending=True)
+        for k, p in enumerate(fractions):
+            removed = order[int(U * p):] if kept else order[U - int(U * p):]
+            keep = torch.ones(U)
+            keep[removed] = 0
+            img = imputer.impute_rows(x[i:i + 1], keep.view(1, 1, H, W), images=[i], draws=[k])
+            with torch.no_grad():
+                out[i, k] = model(img).softmax(1)[0, 0]
+    return out
+
+
+@pytest.mark.parametrize("lerf_fraction", ["removed", "kept"])
+def test_lerf_fraction_counts_removed_or_kept_pixels(lerf_fraction):
+    model, x, good, _ = patch_setup()
+    fractions = [0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9]  # the authors' percentages (RoadBenchmarkDemo.ipynb)
+    s, curves = saliencylab.evaluate(model, x, good, "road_lerf", target=0, fractions=fractions,
+                                     lerf_fraction=lerf_fraction, return_curves=True)
+    ref = reference_lerf(model, x, good, fractions, kept=lerf_fraction == "kept")
+    assert torch.allclose(curves["scores"], ref, atol=1e-5)
+    assert torch.allclose(curves["fraction"], torch.tensor([6.0, 12, 19, 25, 32, 44, 57]) / 64)
+    # the curves are mirror images: the authors' LeRF at p is ours at 1 - p
+    other = "kept" if lerf_fraction == "removed" else "removed"
+    mirrored = saliencylab.evaluate(model, x, good, "road_lerf", target=0, fractions=[0.0, 0.5, 1.0],
+                                    lerf_fraction=other, return_curves=True, noise=0.0)[1]["scores"]
+    direct = saliencylab.evaluate(model, x, good, "road_lerf", target=0, fractions=[0.0, 0.5, 1.0],
+                                  lerf_fraction=lerf_fraction, return_curves=True, noise=0.0)[1]["scores"]
+    assert torch.allclose(mirrored, direct.flip(1), atol=1e-5)
+    with pytest.raises(ConfigError):
+        saliencylab.metrics.build("road", lerf_fraction="both")

@@ -18,7 +18,8 @@ def make_row(**change):
 def test_key_covers_every_identity_field_and_nothing_else():
     base = make_row()
     changed = {"image_id": "b.jpg", "image_digest": "d1", "model": "m1", "method": "smoothgrad",
-               "method_params": {"x": 2}, "metric": "insertion", "metric_params": {"steps": 5}, "target": 4}
+               "method_params": {"x": 2}, "metric": "insertion", "metric_params": {"steps": 5}, "target": 4,
+               "settings": "s1"}
     assert set(changed) == set(IDENTITY)
     keys = {base.key} | {make_row(**{k: v}).key for k, v in changed.items()}
     assert len(keys) == len(IDENTITY) + 1
@@ -28,6 +29,23 @@ def test_key_covers_every_identity_field_and_nothing_else():
     assert row_key(**base.identity()) == base.key
     with pytest.raises(TypeError):
         row_key(image_id="a")
+
+
+def test_settings_digest_follows_defaults_and_revisions(monkeypatch):
+    """A changed default or a bumped revision gives rows another key: old rows are not served as current."""
+    from saliencylab import metrics
+    from saliencylab.runs.store import settings_digest
+
+    cls = metrics.get("road")
+    before = settings_digest("gradient", {}, "road", {})
+    assert settings_digest("gradient", {}, "road", {}) == before
+    assert settings_digest("gradient", {"batch_size": 4}, "road", {}) != before
+    monkeypatch.setattr(cls, "revision", getattr(cls, "revision", 0) + 1)
+    assert settings_digest("gradient", {}, "road", {}) != before
+    monkeypatch.undo()
+    from saliencylab.core.registry import Param
+    monkeypatch.setattr(cls, "noise", Param(0.02, "a changed default"))
+    assert settings_digest("gradient", {}, "road", {}) != before
 
 
 def test_tensor_and_callable_settings_are_told_apart():

@@ -46,6 +46,8 @@ class Method:
     differentiable: ClassVar[bool] = False  # supports create_graph=True
     stochastic: ClassVar[bool] = False  # draws random numbers (keyed to the images: see core.randomness)
     needs_data: ClassVar[bool] = False  # needs feature statistics or training data (`data=`)
+    # Bumped when results change for the same parameters: stored rows of an older revision are not reused.
+    revision: ClassVar[int] = 0
 
     def __init__(self, model: nn.Module, **params):
         if not isinstance(model, nn.Module):

@@ -8,8 +8,12 @@ Instead of fitting alpha per image, a small network predicts it from the clean f
 - the network is three 1x1 convolutions (in -> in/2 -> 2C -> C, ReLU between), the last one
   initialised with bias 5 and weights x 1e-3 (alpha starts near the per-sample bottleneck's 5);
 - training minimises CE(label) + beta * mean(C) (beta 10) with Adam on the readout network only, the
-  model frozen, one noisy copy per image. The authors' `alpha.clamp(-5, 5)` discards its result, so
-  alpha is effectively unclamped; we keep that behaviour.
+  model frozen, one noisy copy per image;
+- alpha is clamped to [-5, 5] right after the last convolution, in training and at inference
+  (`IBAReadout._generate_alpha`, `alpha = alpha.clamp(-self._alpha_bound, self._alpha_bound)` with
+  `_alpha_bound = 5`, assigned since their commit 762d802 of 2020-05-31, their issue #19; before it
+  the clamp's result was discarded). Where the network's output leaves [-5, 5] the clamp also stops
+  its gradient, as in theirs. Per-sample IBA (`IBA/pytorch.py`) never clamps alpha, nor do we.
 
 Our choices, documented: without labels in the data source, each training image is labelled with the
 model's own prediction (the class a user would explain); the authors trained with lr 1e-5 for 10
@@ -50,8 +54,12 @@ from .iba import Adam, BottleneckHook, IBAMethod, capacity, capacity_map, is_nch
 from .iba.methods import _check_int, _check_number
 
 
+ALPHA_BOUND = 5.0  # the authors' `_alpha_bound`: alpha is clamped to [-5, 5]
+
+
 class ReadoutNet(nn.Module):
-    """Three 1x1 convolutions from the stacked readout maps to alpha (the authors' readout network)."""
+    """Three 1x1 convolutions from the stacked readout maps to alpha, clamped to [-ALPHA_BOUND,
+    ALPHA_BOUND] (the authors' readout network and clamp, `IBAReadout._generate_alpha`)."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
@@ -64,7 +72,8 @@ class ReadoutNet(nn.Module):
             self.conv3.weight.mul_(1e-3)
 
     def forward(self, readout: torch.Tensor) -> torch.Tensor:
-        return self.conv3(F.relu(self.conv2(F.relu(self.conv1(readout)))))
+        alpha = self.conv3(F.relu(self.conv2(F.relu(self.conv1(readout)))))
+        return alpha.clamp(-ALPHA_BOUND, ALPHA_BOUND)  # keeps alpha (and lambda) in a useful range, as theirs
 
 
 def readout_input(feats: dict, names, stats: dict, min_std: float, size, input_hw) -> torch.Tensor:
@@ -134,7 +143,8 @@ class ReadoutIBA(IBAMethod):
         if dkey is None:
             return None
         settings = (_features.model_fingerprint(session.model), layer, tuple(readout), dkey, self.beta, self.epochs,
-                    self.lr, self.sigma, self.min_std, self.active_threshold, self.relu, self.seed, self.batch_size, 1)
+                    self.lr, self.sigma, self.min_std, self.active_threshold, self.relu, self.seed, self.batch_size,
+                    2)  # format 2: alpha clamped (networks trained unclamped are not reused)
         digest = hashlib.sha1(repr(settings).encode()).hexdigest()[:24]
         return _features.cache_dir() / "readout" / f"{digest}.pt"
 

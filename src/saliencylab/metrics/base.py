@@ -117,6 +117,8 @@ class Metric:
     needs_model: ClassVar[bool] = True
     requires: ClassVar[tuple] = ()
     stochastic: ClassVar[bool] = False
+    # Bumped when results change for the same parameters: stored rows of an older revision are not reused.
+    revision: ClassVar[int] = 0
 
     def __init__(self, **params):
         declared = declared_params(type(self))

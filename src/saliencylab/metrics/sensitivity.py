@@ -8,8 +8,18 @@ touches with how much the target's score changes; all run on the perturbation en
   summed attribution of the removed units and the drop of the target's logit, averaged over the
   sizes (`n` in units, or `fraction` of the units). A map whose sums track the drops (completeness
   for every subset, as input x gradient on a linear model with a zero baseline) scores 1.
-- `faithfulness_correlation` (Bhatt et al. 2020, as quantus.FaithfulnessCorrelation): the same
-  correlation for one subset size, `subset_size` pixels (Quantus' default 224), `samples` = 100.
+- `faithfulness_correlation` (Bhatt et al. 2020, as quantus.FaithfulnessCorrelation 0.6,
+  quantus/metrics/faithfulness/faithfulness_correlation.py `evaluate_batch`): `samples` (Quantus's
+  nr_runs, 100) random subsets of `subset_size` (224) values of the flattened (C, H, W) image
+  (np.random.choice(C*H*W, 224, replace=False) per image and run) are set to the image's minimum
+  over all its values (perturb_baseline="black", batch_baseline_replacement_by_indices); the score
+  is the Pearson correlation between the logit drops (softmax=False) and the attribution summed
+  over the chosen values, the pixel map broadcast over the channels (so a pixel counts once per
+  chosen channel). Quantus's normalise=True (the map divided by its maximum |value|) and abs=False
+  do not change a correlation. `units="pixels"` (whole pixels, or `tile` x `tile` tiles, with all
+  their channels) and `baseline="zero"` give our former metric. Where Quantus's correlation is NaN
+  (constant attribution sums or drops: scipy's pearsonr) ours is 0; its check requires
+  subset_size < H * W, ours subset_size < the number of units.
 - `infidelity` (Yeh et al. 2019, as captum.metrics.infidelity): the mean over perturbations I of
   (I . map - (f(x) - f(x - I)))^2, lower is better. `perturbation="noise"` (default): I ~ N(0, sigma^2)
   per pixel, shared by the channels (maps are per pixel), for local maps (gradients);
@@ -37,6 +47,7 @@ from ..core.errors import ConfigError
 from ..core.randomness import KeyedRandom
 from ..core.registry import Param
 from ..core.targets import SCORES
+from ..baselines import Baseline
 from ..perturbation import Perturber, tile_sums
 from .base import Measurement, Metric, register
 
@@ -77,30 +88,50 @@ def clean_scores(perturber: Perturber, session, x: torch.Tensor, target) -> torc
 
 
 def subset_drops(session, x, maps, target, *, sizes: Sequence[int], samples: int, tile: int, baseline, score: str,
-                 batch_size: int, seed: int, desc: str = ""):
+                 batch_size: int, seed: int, desc: str = "", elements: bool = False):
     """Remove `samples` random subsets of each size (in units of `tile` x `tile` pixels); subset
     k = size index * samples + sample of image i is drawn by (i, k) from `session.random(seed, SUBSETS)`.
+
+    `elements=True`: the units are the values of the (C, h, w) grid, channel by channel (Quantus's
+    indices into the flattened (C, H, W) image), each carrying its pixel's attribution (the map
+    broadcast over the channels); else a unit is a pixel (or tile) with all its channels.
 
     Returns the summed attribution of the removed units and the drop of the score, both
     (B, len(sizes), samples).
     """
     units = tile_sums(maps, tile)
     B, h, w = units.shape
-    values = units.flatten(1)
+    c = x.shape[1] if elements else 1
+    values = units[:, None].expand(B, c, h, w).flatten(1)
     S, n = len(sizes), len(sizes) * samples
     size_of = torch.as_tensor(list(sizes)).repeat_interleave(samples)  # (n,) size of sample k
     attribution = torch.empty(B, n, device=x.device, dtype=x.dtype)
     rng = session.random(seed, SUBSETS)
 
     def make_masks(image, k):
-        removed = draw_subsets(rng, image, k, h * w, size_of[k.cpu()], device=x.device)
+        removed = draw_subsets(rng, image, k, c * h * w, size_of[k.cpu()], device=x.device)
         attribution[image, k] = (values[image] * removed).sum(1)
-        return (~removed).view(-1, 1, h, w)
+        return (~removed).view(-1, c, h, w)
 
-    perturber = Perturber(baseline, score, batch_size)
+    perturber = Perturber(subset_baseline(baseline), score, batch_size)
     clean = clean_scores(perturber, session, x, target)
     scores = perturber.scores(session, x, target, n, make_masks, desc=desc)
     return attribution.view(B, S, samples), (clean[:, None] - scores).view(B, S, samples)
+
+
+class ImageMinimum(Baseline):
+    """Quantus's perturb_baseline="black": each image's minimum over all its values (channels
+    included), `get_baseline_dict(...)["black"] = arr.min()` in quantus/helpers/utils.py."""
+
+    name = "black"
+
+    def __call__(self, x, rng=None):
+        return x.flatten(1).amin(1).view(-1, *([1] * (x.dim() - 1))).expand_as(x)
+
+
+def subset_baseline(spec):
+    """A baseline spec, plus "black" (`ImageMinimum`, Quantus's name) for the random-subset metrics."""
+    return ImageMinimum() if isinstance(spec, str) and spec == "black" else spec
 
 
 def _check_int(value, name: str, low: int = 1) -> int:
@@ -115,9 +146,9 @@ def _check_score(score) -> str:
     return score
 
 
-def _units(x: torch.Tensor, tile: int) -> int:
+def _units(x: torch.Tensor, tile: int, elements: bool = False) -> int:
     H, W = x.shape[-2:]
-    return -(-H // tile) * -(-W // tile)
+    return -(-H // tile) * -(-W // tile) * (x.shape[1] if elements else 1)
 
 
 class _RandomSubsets(Metric):
@@ -187,31 +218,42 @@ class SensitivityN(_RandomSubsets):
         return Measurement(corr.mean(1), {"n": sizes_t, "fraction": sizes_t.to(x.dtype) / units, "correlation": corr})
 
 
+UNITS = ("elements", "pixels")
+
+
 @register
 class FaithfulnessCorrelation(_RandomSubsets):
     name = "faithfulness_correlation"
-    description = ("Faithfulness correlation (Bhatt et al.): correlation between the attribution of random "
-                   "224-pixel subsets and the score drop when they are removed (higher is better).")
+    description = ("Faithfulness correlation (Bhatt et al., as Quantus): correlation between the attribution of "
+                   "random subsets of 224 image values and the logit drop when they are set to the image's "
+                   "minimum (higher is better).")
     category = "faithfulness"
     higher_is_better = True
     stochastic = True
 
     subset_size = Param(224, "units per random subset")
     samples = Param(100, "random subsets per image")
+    units = Param("elements", "what a subset draws: elements (values of the (C, H, W) image, Quantus) or pixels")
+    baseline = Param("black", "what removed units become: black (each image's minimum, Quantus) or a "
+                              "saliencylab.baselines spec")
 
     def check(self):
         super().check()
         _check_int(self.subset_size, "subset_size")
         _check_int(self.samples, "samples", 2)
+        if self.units not in UNITS:
+            raise ConfigError(f"units must be one of {', '.join(UNITS)}, got {self.units!r}")
 
     def compute(self, session, x, maps, target, **data):
         target = self.resolve(session, x, target)
-        units = _units(x, self.tile)
+        elements = self.units == "elements"
+        units = _units(x, self.tile, elements)
         if self.subset_size >= units:
             raise ConfigError(f"subset_size ({self.subset_size}) must be smaller than the number of units ({units})")
         attribution, drops = subset_drops(session, x, maps, target, sizes=[self.subset_size], samples=self.samples,
                                           tile=self.tile, baseline=self.baseline, score=self.score,
-                                          batch_size=self.batch_size, seed=self.seed, desc=self.name)
+                                          batch_size=self.batch_size, seed=self.seed, desc=self.name,
+                                          elements=elements)
         return Measurement(pearson(attribution[:, 0], drops[:, 0]).to(x.dtype),
                            {"attribution_sum": attribution[:, 0], "score_drop": drops[:, 0]})
 

@@ -250,7 +250,7 @@ def knows_best_group(methods: Sequence[str], out_dir: Path, *, full: bool, seed:
     from ..envs import knows_best as kb
     from ..report.bench_figures import example_grid
     from .local import image_digests, share_cost
-    from .store import row_key, spec_value
+    from .store import row_key, settings_digest, spec_value
 
     if model is None:
         from .. import models
@@ -291,9 +291,10 @@ def knows_best_group(methods: Sequence[str], out_dir: Path, *, full: bool, seed:
     for method in progress(methods, desc="knows-best", unit="method"):
         table = method_params if method_params is not None else (_PHOTO_PARAMS_FULL if full else _PHOTO_PARAMS)
         params = dict(table.get(method, {}))
+        settings = settings_digest(method, params, None, {})
         identity = [dict(image_id=ids[i], image_digest=digests[i], model=fingerprint, method=method,
                          method_params=spec_value(params), metric=suite.kind[i], metric_params={},
-                         target=targets[i]) for i in range(len(suite))]
+                         target=targets[i], settings=settings) for i in range(len(suite))]
         keys = [row_key(**d) for d in identity]
         if all(k in store for k in keys):
             rows += [store.get(k) for k in keys]

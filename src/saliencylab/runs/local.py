@@ -17,7 +17,7 @@ from ..api import explain
 from ..core.errors import ConfigError
 from ..core.session import Cost, ModelSession, model_fingerprint
 from ..core.targets import resolve_target
-from .store import Row, RunStore, callable_description, row_key, spec_value, tensor_digest
+from .store import Row, RunStore, callable_description, row_key, settings_digest, spec_value, tensor_digest
 
 # Curve entries that are axes common to a batch (one value per step, not per image).
 SHARED_CURVES = ("fraction", "quantile", "ratio", "n", "layers")
@@ -147,9 +147,10 @@ def run_rows(model, x: torch.Tensor, method_names: Sequence[str], metric_names: 
             if "method" in _metrics.requirements(metric):
                 params.setdefault("method", method)
                 params.setdefault("method_params", mparams)
+            settings = settings_digest(method, mparams, metric, params)
             identity = [dict(image_id=ids[i], image_digest=digests[i], model=fingerprint, method=method,
                              method_params=spec_value(mparams), metric=metric, metric_params=spec_value(params),
-                             target=spec_value(row_targets[i])) for i in range(n)]
+                             target=spec_value(row_targets[i]), settings=settings) for i in range(n)]
             keys = [row_key(**d) for d in identity]
             plan.append((metric, params, identity, keys))
         pending = sorted({i for _, _, _, keys in plan for i, k in enumerate(keys) if k not in store})

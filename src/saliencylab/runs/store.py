@@ -27,7 +27,8 @@ import torch
 from ..core.explanation import jsonable
 
 FILENAME = "rows.jsonl"
-IDENTITY = ("image_id", "image_digest", "model", "method", "method_params", "metric", "metric_params", "target")
+IDENTITY = ("image_id", "image_digest", "model", "method", "method_params", "metric", "metric_params", "target",
+            "settings")
 
 
 def spec_value(value):
@@ -40,6 +41,25 @@ def spec_value(value):
     if isinstance(value, dict):
         return {str(k): spec_value(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
     return jsonable(value)
+
+
+def settings_digest(method: str | None, method_params: dict, metric: str | None, metric_params: dict) -> str:
+    """Digest (16 hex digits) of what the given parameters leave implicit: every declared default of the
+    method and the metric, and their `revision` (bumped when results change for the same parameters).
+    A row computed before a default or an implementation changed has another key, so a store never
+    serves it as current."""
+    from .. import methods as _methods, metrics as _metrics
+
+    def full(registry, name, given):
+        if name is None or name not in registry.available():
+            return None
+        cls = registry.get(name)
+        return {"revision": getattr(cls, "revision", 0),
+                "params": spec_value({**registry.parameters(name), **(given or {})})}
+
+    text = json.dumps([full(_methods, method, method_params), full(_metrics, metric, metric_params)],
+                      sort_keys=True, separators=(",", ":"), default=repr)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 def tensor_digest(t: torch.Tensor) -> str:
@@ -95,6 +115,7 @@ class Row:
     higher_is_better: bool = True
     category: str = ""
     curves: dict | None = None
+    settings: str = ""  # settings_digest: the defaults and revisions behind the given parameters
     key: str = ""
 
     def __post_init__(self):

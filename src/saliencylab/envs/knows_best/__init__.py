@@ -29,12 +29,15 @@ What the authors do (github.com/CAMP-eXplain-AI/Do-Explanations-Explain)
   null player for class j, and trains patch j toward probability 0.95; the map for class j is scored.
 - Stop (`main.py`): after iteration 50, when on the current sample every patch's softmax
   probability is > 0.94 and every interaction tanh(|dz| / min(|z_both|, |z_alone|)) < 0.14.
-- Scores (`utils.py`, `Attribution_Methods_Submit.ipynb`), heatmaps divided by their max:
+- Scores (`utils.py`, `Attribution_Methods_Submit.ipynb`) on the heatmaps as saved by
+  `save_data_image`: raw (3-channel maps averaged over channels), divided by 255 only when their
+  max |h| exceeds 1, never normalized otherwise, so the relative scale of the two class maps counts:
   class sensitivity = [sum_P0 min(|h0|, |h1|) + sum_P1 min(|h0|, |h1|)] / [sum_P0 |h0| + sum_P1 |h1|]
-  (`get_class_sensitivity`, lower is better); null player = sum_null h / sum_target h
-  (`get_null_player`, signed, lower is better); symmetry: the same patch at fixed (5, 5) and
-  (133, 133), Spearman correlation over the data set of the mean |h| on the two copies
-  (`two_patch_corr_score`).
+  (`get_class_sensitivity`, lower is better); null player = 1 / (sum_target h / sum_null h)
+  (their null-player cell inverts `get_null_player`; signed, lower is better); symmetry: the same
+  patch at fixed (5, 5) and (133, 133), Spearman correlation over the data set of the mean |h| on
+  the two copies (`two_patch_corr_score`). Each is averaged over the images (no guard against a
+  zero denominator).
 
 What we do (this package, src/saliencylab/envs/knows_best/; tests tests/envs/test_knows_best.py)
 --------------------------------------------------------------------------------------------
@@ -67,13 +70,16 @@ What we do (this package, src/saliencylab/envs/knows_best/; tests tests/envs/tes
   authors use a patch of another class optimized not to move the target logit). `make_suite`
   measures, rather than assumes, independence: for every image it forwards the image without each
   patch and reports logit changes (`Suite.independence`, `Suite.interaction`).
-- Scores are per image, in [0, 1], higher is better; maps are |map| (max-normalized per map):
+- `score_maps` (what `evaluate_method` and the leaderboard report) scores per image, in [0, 1],
+  higher is better, on |map| divided by its own maximum (the authors score raw maps: a method
+  whose two class maps differ in scale scores differently here):
     class_sensitivity = 1 - [sum_R0 min(h0, h1) + sum_R1 min(h0, h1)] / [sum_R0 h0 + sum_R1 h1]
                         (h0, h1: maps for the classes of patches R0, R1; 0 if the denominator is 0)
     null_player       = clamp(1 - sum_null h / sum_target h, 0, 1)   (0 if sum_target h = 0)
     symmetry          = min(m0, m1) / max(m0, m1), m_k = mean of h over copy k   (0 if both are 0)
-  i.e. 1 - the authors' class sensitivity, 1 - their null-player ratio (on |h|), and a per-image
-  symmetry instead of a data-set rank correlation (`authors_scores` gives their three numbers).
+  i.e. 1 - the authors' class sensitivity and 1 - their null-player ratio but on max-normalized
+  |h|, and a per-image symmetry instead of a data-set rank correlation. `authors_scores` gives their
+  three numbers exactly as they compute them (raw maps, / 255 rule, signed null-player sums).
 """
 
 from __future__ import annotations

@@ -19,8 +19,10 @@ def _sums(h: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
 
 
 def score_maps(suite: Suite, maps: torch.Tensor, maps_second: torch.Tensor | None = None) -> dict:
-    """Scores from maps already computed: `maps` (N, H, W) for `suite.targets` on every image,
-    `maps_second` (N_cs, H, W) for `region_classes[:, 1]` on the class-sensitivity images."""
+    """Our per-image scores in [0, 1] (higher is better) from maps already computed: `maps` (N, H, W)
+    for `suite.targets` on every image, `maps_second` (N_cs, H, W) for `region_classes[:, 1]` on the
+    class-sensitivity images. Each map is |map| divided by its own maximum (ours: the authors score
+    raw maps, see `authors_scores`), so a method's two class maps are compared in shape, not in scale."""
     if maps.shape[0] != len(suite) or tuple(maps.shape[-2:]) != tuple(suite.regions.shape[-2:]):
         raise InputError(
             f"maps must have shape ({len(suite)}, H, W) matching the suite, got {tuple(maps.shape)}")
@@ -67,21 +69,47 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum().item() / den) if den > 0 else float("nan")
 
 
+def _authors_scale(maps: torch.Tensor) -> torch.Tensor:
+    """The heatmaps the authors save (`Attribution_Methods_Submit.ipynb`, `save_data_image`): raw, each
+    divided by 255 only when its max |h| exceeds 1; no other normalization."""
+    h = maps.detach().float().cpu()
+    big = h.abs().flatten(1).amax(dim=1) > 1
+    return torch.where(big[:, None, None], h / 255, h)
+
+
 def authors_scores(suite: Suite, maps: torch.Tensor, maps_second: torch.Tensor | None = None) -> dict:
-    """The authors' data-set numbers: mean class-sensitivity overlap (lower is better), mean null-player
-    ratio sum_null |h| / sum_target |h| (lower is better), and the Spearman correlation over the
-    symmetry images of the mean |h| on the two copies (higher is better)."""
-    s = score_maps(suite, maps, maps_second)
+    """The authors' data-set numbers, from their saved heatmaps (`_authors_scale`: raw maps, / 255 when
+    max |h| > 1; the two class maps keep their relative scale), `utils.py` and the scoring cells of
+    `Attribution_Methods_Submit.ipynb`:
+
+    - "class_sensitivity_overlap" (`get_class_sensitivity`, lower is better): mean over the images of
+      [sum_P0 min(|h0|, |h1|) + sum_P1 min(|h0|, |h1|)] / [sum_P0 |h0| + sum_P1 |h1|];
+    - "null_player_ratio" (their null-player cell: 1 / `get_null_player`, lower is better): mean of
+      1 / (sum_target h / sum_null h), i.e. sum_null h / sum_target h on the signed map;
+    - "symmetry_spearman" (`two_patch_corr_score` then `scipy.stats.spearmanr`, higher is better):
+      Spearman correlation over the symmetry images of the mean |h| on the two copies.
+
+    Divisions are plain, as theirs: a zero denominator gives inf or nan. `score_maps` is our per-image
+    variant (max-normalized maps, scores in [0, 1])."""
     out = {}
-    if "class_sensitivity" in s:
-        out["class_sensitivity_overlap"] = float((1 - s["class_sensitivity"]).mean())
+    regions = suite.regions.float()
+    cs = suite.indices("class_sensitivity")
+    if len(cs):
+        if maps_second is None or maps_second.shape[0] != len(cs):
+            raise InputError(f"class sensitivity needs maps_second for {len(cs)} images")
+        h0, h1, reg = _authors_scale(maps[cs]).abs(), _authors_scale(maps_second).abs(), regions[cs]
+        both = _sums(torch.minimum(h0, h1), reg)
+        term0 = both[:, 0] + both[:, 1]
+        term1 = _sums(h0, reg)[:, 0] + _sums(h1, reg)[:, 1]
+        out["class_sensitivity_overlap"] = float((term0 / term1).mean())
     npl = suite.indices("null_player")
     if len(npl):
-        sums = _sums(_abs_maxnorm(maps[npl]), suite.regions[npl].float())
-        out["null_player_ratio"] = float((sums[:, 1] / sums[:, 0].clamp_min(1e-30)).mean())
+        sums = _sums(_authors_scale(maps[npl]), regions[npl])  # signed: region 0 target, region 1 null
+        out["null_player_ratio"] = float((1 / (sums[:, 0] / sums[:, 1])).mean())
     sym = suite.indices("symmetry")
     if len(sym) > 1:
-        means = _sums(_abs_maxnorm(maps[sym]), suite.regions[sym].float())
+        reg = regions[sym]
+        means = _sums(_authors_scale(maps[sym]).abs(), reg) / reg.flatten(2).sum(dim=2)
         out["symmetry_spearman"] = _spearman(means[:, 0], means[:, 1])
     return out
 

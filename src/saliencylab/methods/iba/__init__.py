@@ -19,8 +19,10 @@ Extensions (CAMP-eXplain-AI/CheXplain-IBA):
   `minimal_deviation()` (score -(y - y_clean)^2, the output on the clean image); the IBA loss uses
   -score as its model loss.
 - `multilayer_iba`: per-sample IBA at several layers, combined as the sum of L2-normalised maps
-  (`combine="sum"`) or the shallowest map kept where every deeper map is above `threshold` x its
-  maximum (`combine="filter"`).
+  (`combine="sum"`, their `norm_concat_heatmaps`) or the shallowest map kept where every deeper map,
+  divided by its L2 norm, is >= 0.006 (`combine="filter"`, their `filtered_mask`, both in
+  `evaluation/gen_attribution_map.py`). Ours, `combine="filter_max"`: kept where every deeper map is
+  >= 0.3 x its maximum (a level that does not depend on the image size, unlike 0.006).
 
 Batching: all images are optimised together. alpha has shape (B, C, h, w) and one Adam optimiser;
 Adam is element-wise, so this is exactly B independent optimisers with their own state. Every step,

@@ -220,21 +220,48 @@ class InverseIBA(IBA):
     beta = Param(30.0, "weight of the capacity term in the loss")
 
 
-COMBINERS = ("sum", "filter")
+COMBINERS = ("sum", "filter", "filter_max")
+# CheXplain-IBA `evaluation/gen_attribution_map.py::filtered_mask(..., threshold=[0.006, 0.006])`
+FILTER_THRESHOLD = 0.006
+FILTER_MAX_THRESHOLD = 0.3  # ours: a fraction of each deeper map's maximum
 
 
-def combine_maps(maps: list[torch.Tensor], how: str = "sum", threshold: float = 0.3) -> torch.Tensor:
-    """Combine (B, H, W) maps ordered shallow to deep.
+def _l2_normalised(m: torch.Tensor) -> torch.Tensor:
+    return m / m.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1)
 
-    "sum": sum of the maps, each divided by its per-image L2 norm. "filter": the shallowest map, kept
-    where every deeper map is at least `threshold` times its per-image maximum (zero elsewhere)."""
+
+def _thresholds(threshold, deeper: int, default: float) -> list[float]:
+    if threshold is None:
+        return [default] * deeper
+    if isinstance(threshold, (list, tuple)):
+        if len(threshold) != deeper:
+            raise ConfigError(f"threshold needs one value per deeper layer ({deeper}), got {len(threshold)}")
+        return [float(t) for t in threshold]
+    return [float(threshold)] * deeper
+
+
+def combine_maps(maps: list[torch.Tensor], how: str = "sum", threshold=None) -> torch.Tensor:
+    """Combine (B, H, W) maps ordered shallow to deep (CheXplain-IBA, `evaluation/gen_attribution_map.py`).
+
+    "sum" (`norm_concat_heatmaps`, weights 1): the sum of the maps, each divided by its per-image L2 norm.
+    "filter" (`filtered_mask`): the shallowest map, unnormalised, times a binary mask per deeper map:
+    1 where the deeper map divided by its per-image L2 norm is >= `threshold` (an absolute value,
+    default 0.006), else 0. `threshold` may be one value per deeper map (theirs: a list of two).
+    "filter_max" (ours): the shallowest map, kept where every deeper map is >= `threshold` (default
+    0.3) times its per-image maximum. The authors' 0.006 was set for 224 x 224 maps, where a uniform
+    L2-normalised map is 1/224 = 0.0045 per pixel; the level scales as 1 / sqrt(H W), so at other
+    sizes the same number keeps a different share, whereas a fraction of the maximum does not."""
     if how == "sum":
-        return sum(m / m.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1) for m in maps)
-    if how == "filter":
+        return sum(_l2_normalised(m) for m in maps)
+    if how in ("filter", "filter_max"):
+        default = FILTER_THRESHOLD if how == "filter" else FILTER_MAX_THRESHOLD
         out = maps[0]
-        for m in maps[1:]:
-            peak = m.flatten(1).amax(1).view(-1, 1, 1)
-            out = out * (m >= threshold * peak).to(out.dtype)
+        for m, t in zip(maps[1:], _thresholds(threshold, len(maps) - 1, default)):
+            if how == "filter":
+                keep = _l2_normalised(m) >= t
+            else:
+                keep = m >= t * m.flatten(1).amax(1).view(-1, 1, 1)
+            out = out * keep.to(out.dtype)
         return out
     raise ConfigError(f"unknown combine '{how}'; choose one of {', '.join(COMBINERS)}")
 
@@ -243,7 +270,10 @@ def combine_maps(maps: list[torch.Tensor], how: str = "sum", threshold: float = 
 class MultiLayerIBA(PerSampleIBA):
     """Multi-layer IBA (CheXplain-IBA): `optimize_bottleneck` at each layer (the public building block
     of `iba`, with the same keyed noise, so each layer's map equals `iba`'s or `inverse_iba`'s there),
-    maps upsampled to the input and combined.
+    maps upsampled to the input and combined by `combine_maps`: "sum" and "filter" are the authors'
+    (`norm_concat_heatmaps`, `filtered_mask`: deeper maps L2-normalised and binarised at the absolute
+    level 0.006); "filter_max" (ours, formerly called "filter") thresholds at 0.3 x each deeper map's
+    maximum, which does not depend on the image size.
 
     extras: "layer" (the layers, shallow to deep), "maps" ({layer: (B, H, W) map}), "capacity"
     ({layer: capacity}), "result" ({layer: BottleneckResult}). lowres: the combined map."""
@@ -252,15 +282,20 @@ class MultiLayerIBA(PerSampleIBA):
     description = "Multi-layer IBA (CheXplain-IBA): per-sample IBA at several layers, maps combined (sum or filter)."
     layers_wanted = 3
 
-    combine = Param("sum", "how the per-layer maps are combined: 'sum' or 'filter'")
-    threshold = Param(0.3, "'filter': fraction of each deeper map's maximum a location must reach")
+    combine = Param("sum", "how the per-layer maps are combined: 'sum', 'filter' or 'filter_max'")
+    threshold = Param(None, "'filter': level of each L2-normalised deeper map (None: the authors' 0.006); "
+                            "'filter_max': fraction of each deeper map's maximum (None: 0.3); a number or one "
+                            "per deeper layer")
     inverse = Param(False, "fit inverse bottlenecks (inverse_iba) instead")
 
     def check(self) -> None:
         super().check()
         if self.combine not in COMBINERS:
             raise ConfigError(f"unknown combine '{self.combine}'; choose one of {', '.join(COMBINERS)}")
-        _check_number("threshold", self.threshold, 0.0)
+        if self.threshold is not None:
+            values = self.threshold if isinstance(self.threshold, (list, tuple)) else [self.threshold]
+            for t in values:
+                _check_number("threshold", t, 0.0)
 
     def compute(self, session, x, target) -> Explanation:
         hw = x.shape[-2:]
