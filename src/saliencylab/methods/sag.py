@@ -74,7 +74,6 @@ import torch.nn.functional as F
 
 from ..baselines import Tensor, baseline_images, make_baseline
 from ..core.errors import ConfigError
-from ..core.randomness import image_keys
 from ..core.explanation import Explanation
 from ..perturbation import Perturber, fit_masks
 from .base import Method, Param, check_batch_size, clean_outputs, register
@@ -403,30 +402,11 @@ class StructuredAttentionGraph(Method):
         # are added to this call's cost
         options = {"alpha": 200.0, **(self.igos or {})}
         classes = target if resolved.classes is None else resolved.classes
-        per_image = isinstance(self._base, Tensor) and self._base.value.dim() == 4 and self._base.value.shape[0] > 1
-        if not per_image:
-            igos = IGOS(self.model, size=self.size, steps=self.steps, iterations=self.iterations, baseline=self._base,
-                        score=self.score, seed=self.seed, batch_size=self.batch_size, **options)
-            coarse = igos.explain(x, classes, image_ids=session.image_ids)
-            session.charge(coarse.cost)
-            importance, igos_mask = coarse.lowres, coarse.extras["mask"]
-            igos_maps = coarse.maps
-        else:
-            # I-GOS scores subsets of its images, which a (B, C, H, W) baseline tensor cannot follow: one
-            # image at a time, each with its own baseline and its own key (the same noise as batched)
-            keys = image_keys(B, session.image_ids)
-            parts = []
-            for b in range(B):
-                igos = IGOS(self.model, size=self.size, steps=self.steps, iterations=self.iterations,
-                            baseline=base[b:b + 1], score=self.score, seed=self.seed, batch_size=self.batch_size,
-                            **options)
-                t = classes if not isinstance(classes, torch.Tensor) or classes.dim() == 0 else classes[b:b + 1]
-                parts.append(igos.explain(x[b:b + 1], t, image_ids=[keys[b]]))
-                session.charge(parts[-1].cost)
-            importance = torch.cat([e.lowres for e in parts])
-            igos_mask = torch.cat([e.extras["mask"] for e in parts])
-            igos_maps = torch.cat([e.maps for e in parts])
-        low_imp = importance.reshape(B, -1).to(x.dtype)  # 1 - mask: higher = more important
+        igos = IGOS(self.model, size=self.size, steps=self.steps, iterations=self.iterations, baseline=self._base,
+                    score=self.score, seed=self.seed, batch_size=self.batch_size, **options)
+        coarse = igos.explain(x, classes, image_ids=session.image_ids)
+        session.charge(coarse.cost)
+        low_imp = coarse.lowres.reshape(B, -1).to(x.dtype)  # 1 - mask: higher = more important
         order = torch.argsort(-low_imp, dim=1, stable=True).tolist()
         need = [self.threshold * float(f) for f in full]
         cache: list[dict] = [{} for _ in range(B)]
@@ -502,4 +482,4 @@ class StructuredAttentionGraph(Method):
                            extras={"graphs": graphs,
                                    "roots": [[self._entry(r, cache[b][r], float(full[b])) for r in roots]
                                              for b, roots in enumerate(kept)],
-                                   "igos": igos_maps, "igos_mask": igos_mask})
+                                   "igos": coarse.maps, "igos_mask": coarse.extras["mask"]})
