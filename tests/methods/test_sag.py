@@ -28,7 +28,7 @@ def one_thread():
 # mask of patch r * 7 + c is exactly 1 and every other patch's is 0. One bright pixel per chosen grid
 # point on black: revealing a set S shows exactly its dots.
 SIDE = 43
-BLACK = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}  # black = 0
+BLACK = {"normalization": "none"}  # black = 0
 # The answers are found within 5 beam steps (the authors' search would go on to 49 while <= 10 roots are
 # found). The coarse I-GOS without noise (the whole-image mean amplifies it) and without TV (which pulls
 # the dots' neighbours along) ranks the dots first.
@@ -116,15 +116,25 @@ def test_the_map_ranks_root_patches_first():
 
 
 def test_black_is_minus_mean_over_std_and_the_default_is_imagenet():
+    from types import SimpleNamespace
+
+    from saliencylab.methods.sag import black
+    from saliencylab.models.efficientnet_lite import EfficientNetLite
+
     model = counting_model(1.0, 2.0)
     x = dots([8, 25, 37])
-    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
-    black = (-mean / std).double().view(1, 3, 1, 1)
-    a = build("structured_attention_graph", model, **FAST).explain(x, target=1)
-    b = build("structured_attention_graph", model, baseline=black, **FAST).explain(x, target=1)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    imagenet = (-torch.tensor(mean) / torch.tensor(std)).double().view(1, 3, 1, 1)
+    a = build("structured_attention_graph", model, **FAST).explain(x, target=1)  # auto: ImageNet's
+    b = build("structured_attention_graph", model, baseline=imagenet, **FAST).explain(x, target=1)
+    c = build("structured_attention_graph", model, normalization=SimpleNamespace(mean=mean, std=std), **FAST)
     assert torch.equal(a.maps, b.maps) and a.extras["roots"] == b.extras["roots"]
+    assert torch.equal(a.maps, c.explain(x, target=1).maps)
     assert a.extras["roots"] != build("structured_attention_graph", model, **FAST, **BLACK).explain(
         x, target=1).extras["roots"]  # a different black: different probabilities
+    # the embedded network's own normalization, (x * 255 - 127) / 128
+    assert torch.allclose(black("auto", EfficientNetLite()), torch.full((1, 3, 1, 1), -127 / 128))
+    assert torch.equal(black(((0.5,), (0.25,))), torch.full((1, 1, 1, 1), -2.0))
 
 
 def test_per_image_baseline_tensor():
@@ -213,6 +223,7 @@ def test_options_and_errors():
     tiles = build("structured_attention_graph", model, steps=5, upsample="nearest", **BLACK).explain(x, target=1)
     assert tiles.maps.shape == (1, SIDE, SIDE)
     for bad in ({"max_overlap": 0.5}, {"upsample": "bicubic"}, {"beam": "wide"}, {"threshold": 1.5},
-                {"max_children": 0}, {"igos": 3}, {"mean": (0, 0), "std": (1, 1, 1)}):
+                {"max_children": 0}, {"igos": 3}, {"normalization": "imagenet"},
+                {"normalization": ((0, 0), (1, 1, 1))}):
         with pytest.raises(ConfigError):
             build("structured_attention_graph", model, **bad)

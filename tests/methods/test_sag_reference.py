@@ -159,7 +159,7 @@ class Port:
 
 def run_both(x, scale=30.0, **params):
     model = ColourNet(scale=scale).double().eval()
-    e = build("structured_attention_graph", model, mean=(0, 0, 0), std=(1, 1, 1), steps=5, **params).explain(x)
+    e = build("structured_attention_graph", model, normalization="none", steps=5, **params).explain(x)
     ports = []
     for b in range(x.shape[0]):
         port = Port(model, x[b], int(e.targets[b]), e.extras["igos_mask"][b],
@@ -203,8 +203,8 @@ def test_authors_beam_keeps_one_more_state_and_repeats():
     e, (port,) = run_both(x, beam_width=1, candidates=4)
     roots = port.search()
     assert [tuple(f["patches"]) for f in e.extras["graphs"][0].found] == [r for r, _ in roots]
-    distinct = build("structured_attention_graph", ColourNet(scale=30.0).double().eval(), mean=(0, 0, 0),
-                     std=(1, 1, 1), steps=5, beam_width=1, candidates=4, beam="distinct").explain(x)
+    distinct = build("structured_attention_graph", ColourNet(scale=30.0).double().eval(), normalization="none",
+                     steps=5, beam_width=1, candidates=4, beam="distinct").explain(x)
     assert distinct.cost.forward_images < e.cost.forward_images  # one state per step, not two
 
 

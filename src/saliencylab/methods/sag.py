@@ -11,7 +11,8 @@ the baseline; "relative" is p(S) / p(full image).
 2. Patch masks (`search.get_mask_insertion_prob`): a set S is a binary `size` x `size` grid upsampled
    *bilinearly* (align_corners=True, torch's UpsamplingBilinear2d) to the image: x * M + b * (1 - M)
    with the black image b (`baseline="black"`: 0 in pixel space, i.e. -mean/std in the model's input
-   space; `mean`/`std` default to the ImageNet normalization of the authors' VGG-19).
+   space; `normalization="auto"` knows the embedded EfficientNet-Lite0's, else takes the ImageNet
+   normalization of the authors' VGG-19; give `(mean, std)` or a `LoadedModel` for another model).
 3. Beam search (`search.beamSearch_topKSuccessors_roots`): from the empty set, every beam state
    grows by each of its `candidates` (15) best *remaining* patches (`beamSearch_get_successor_indices`:
    the ranking without the state's own patches). All successors are sorted by p (stable); those with
@@ -75,7 +76,7 @@ import torch.nn.functional as F
 from ..baselines import Tensor, baseline_images, make_baseline
 from ..core.errors import ConfigError
 from ..core.explanation import Explanation
-from ..perturbation import Perturber, fit_masks
+from ..perturbation import Perturber, check_normalization, fit_masks
 from .base import Method, Param, check_batch_size, clean_outputs, register
 from .igos import IGOS, igos_baseline
 
@@ -83,6 +84,31 @@ UPSAMPLES = ("bilinear", "nearest")
 BEAMS = ("authors", "distinct")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def black(normalization, model=None) -> torch.Tensor:
+    """The black image (0 in pixel space) in the model's input space, (1, C, 1, 1): -mean / std.
+
+    normalization: "auto" (the embedded EfficientNet-Lite0's when `model` is it, else ImageNet's, the
+    authors' VGG-19 preprocessing), (mean, std), an object with `mean` and `std` (a `models.LoadedModel`),
+    or "none"/None (inputs in pixel units: black = 0)."""
+    if normalization is None or (isinstance(normalization, str) and normalization == "none"):
+        return torch.zeros(1, 1, 1, 1)
+    if isinstance(normalization, str):
+        if normalization != "auto":
+            raise ConfigError(f"normalization must be 'auto', 'none', (mean, std) or a model bundle, got {normalization!r}")
+        from ..models import LITE_MEAN, LITE_STD
+        from ..models.efficientnet_lite import EfficientNetLite
+
+        mean, std = (LITE_MEAN, LITE_STD) if isinstance(model, EfficientNetLite) else (IMAGENET_MEAN, IMAGENET_STD)
+    elif hasattr(normalization, "mean") and hasattr(normalization, "std") and not isinstance(normalization, (tuple, list)):
+        mean, std = normalization.mean, normalization.std
+    elif isinstance(normalization, (tuple, list)) and len(normalization) == 2:
+        mean, std = normalization
+    else:
+        raise ConfigError(f"normalization must be 'auto', 'none', (mean, std) or a model bundle, got {normalization!r}")
+    mean, std = check_normalization(mean, std)
+    return (-torch.tensor(mean, dtype=torch.float64) / torch.tensor(std, dtype=torch.float64)).float().view(1, -1, 1, 1)
 
 
 def grid_masks(low: torch.Tensor, size, upsample: str = "bilinear") -> torch.Tensor:
@@ -256,8 +282,8 @@ class StructuredAttentionGraph(Method):
     depth = Param(None, "graph levels below the roots (None: until single patches or the node threshold)")
     upsample = Param("bilinear", "patch masks: 'bilinear' (align_corners=True, the authors') or 'nearest' tiles")
     baseline = Param("black", "what hidden patches become: 'black' (-mean/std), None (the I-GOS blur), any baseline")
-    mean = Param(IMAGENET_MEAN, "the model's input normalization mean, for baseline='black'")
-    std = Param(IMAGENET_STD, "the model's input normalization std, for baseline='black'")
+    normalization = Param("auto", "the model's input normalization, for baseline='black': 'auto' (the embedded "
+                                  "model's, else ImageNet's), (mean, std), a model bundle, or 'none' (black = 0)")
     igos = Param(None, "extra coarse I-GOS parameters (dict), e.g. {'line_search': 'authors'}")
     score = Param("softmax", "score explained: 'softmax' (the authors'), 'logit' or 'log_softmax'")
     seed = Param(0, "coarse I-GOS noise seed")
@@ -287,10 +313,7 @@ class StructuredAttentionGraph(Method):
         if self.batch_size is not None:
             check_batch_size(self.batch_size)
         if isinstance(self.baseline, str) and self.baseline == "black":
-            mean, std = torch.tensor(self.mean, dtype=torch.float64), torch.tensor(self.std, dtype=torch.float64)
-            if mean.dim() != 1 or mean.shape != std.shape or not (std > 0).all():
-                raise ConfigError(f"mean and std must be equal-length sequences, std > 0; got {self.mean!r}, {self.std!r}")
-            self._base = Tensor((-mean / std).float().view(1, -1, 1, 1))
+            self._base = Tensor(black(self.normalization, self.model))
         elif self.baseline is None:
             self._base = igos_baseline()
         else:
