@@ -50,6 +50,10 @@ Deliberate differences (and the option that restores the authors' behaviour wher
 - The target: the authors explain the top-1 class; any target works here, p(full) is its probability.
 - An image with no root keeps an empty graph (the authors skip it).
 
+Cost, measured (EfficientNet-Lite0, the bundled chelsea and coffee photos, defaults): 2334 forward
+images and 80 forward+backward for the two (the coarse I-GOS: 40 of each per image), 13 and 12 roots
+found, one diverse root each (their roots of 11 and 7 patches share more than one patch).
+
 The map (Explanation.maps): the sum of the shown roots' bilinear patch masks (what the search scored),
 plus 1e-3 x the normalized coarse I-GOS importance so that pixels outside every root are still ranked;
 lowres is the same at the patch grid (count of shown roots containing the patch + tie-break). An image
@@ -265,6 +269,7 @@ class StructuredAttentionGraph(Method):
     description = "SAG: diverse minimal patch sets that keep the probability (beam search on coarse I-GOS), as a graph."
     stochastic = True  # the coarse I-GOS's path-point noise (keyed to the images)
     uses_gradients = True  # the coarse I-GOS
+    revision = 1  # 1: the authors' search, pruning, diverse roots and graph (issue 13)
 
     size = Param(7, "patch grid side (and the coarse I-GOS mask's)")
     iterations = Param(2, "coarse I-GOS iterations")
