@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from saliencylab.methods import build
+from saliencylab.methods.igos import IGOS
 from zoo import ColourNet
 
 
@@ -191,6 +192,10 @@ def test_search_roots_diversity_and_graph_match_the_port(scale):
         assert len(g.found) > 3 and max(len(r) for r in shown) >= 2
         if scale == 12.0:
             assert max(len(r) for r in shown) >= 4
+            # one image: every pass is the clean image, the coarse I-GOS's, or a distinct set the port scored
+            igos = IGOS(ColourNet(scale=scale).double().eval(), size=7, steps=5, iterations=2, alpha=200.0,
+                        baseline=torch.zeros(1, 3, 1, 1)).explain(x, target=e.targets)
+            assert e.cost.forward_images == igos.cost.forward_images + port.passes
         else:
             assert len(g.diverse) > 1
     assert pruned > 0  # the pruning step was exercised

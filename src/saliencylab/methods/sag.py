@@ -51,7 +51,7 @@ Deliberate differences (and the option that restores the authors' behaviour wher
 - An image with no root keeps an empty graph (the authors skip it).
 
 Cost, measured (EfficientNet-Lite0, the bundled chelsea and coffee photos, defaults): 2334 forward
-images and 80 forward+backward for the two (the coarse I-GOS: 40 of each per image), 13 and 12 roots
+images and 80 backward for the two (the coarse I-GOS's gradient passes, 40 per image), 13 and 12 roots
 found, one diverse root each (their roots of 11 and 7 patches share more than one patch).
 
 The map (Explanation.maps): the sum of the shown roots' bilinear patch masks (what the search scored),
