@@ -47,6 +47,8 @@ Deliberate differences (and the option that restores the authors' behaviour wher
 - `depth` caps the graph's levels (None, default: unbounded as the authors).
 - The coarse I-GOS is ours (`igos.py`: keyed noise, its own line-search schedule; `igos={...}` passes
   extra I-GOS parameters, e.g. {"line_search": "authors"}).
+- Ties in the coarse I-GOS mask (patches it did not move) rank by patch index (a stable sort); the
+  authors' `np.argsort` (quicksort) leaves their order unspecified.
 - The target: the authors explain the top-1 class; any target works here, p(full) is its probability.
 - An image with no root keeps an empty graph (the authors skip it).
 
