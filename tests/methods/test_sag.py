@@ -190,7 +190,8 @@ def test_passes_are_counted_and_a_beam_step_is_one_batch():
     runs = {}
     for name, xs in (("both", x), ("first", x[:1]), ("second", x[1:])):
         model = Counting(counting_model(1.0, 2.0))
-        e = sl.explain(model, xs, "structured_attention_graph", target=1, steps=5, max_patches=6, batch_size=10_000, **BLACK)
+        e = sl.explain(model, xs, "structured_attention_graph", target=1, steps=5, max_patches=6, batch_size=10_000,
+                       **BLACK)
         assert e.cost.forward_images == model.rows and e.cost.forward_calls == model.calls
         assert e.cost.backward_images == 2 * 5 * xs.shape[0]  # the coarse I-GOS gradient passes
         runs[name] = model.calls

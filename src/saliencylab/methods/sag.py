@@ -98,21 +98,22 @@ def black(normalization, model=None) -> torch.Tensor:
     normalization: "auto" (the embedded EfficientNet-Lite0's when `model` is it, else ImageNet's, the
     authors' VGG-19 preprocessing), (mean, std), an object with `mean` and `std` (a `models.LoadedModel`),
     or "none"/None (inputs in pixel units: black = 0)."""
+    wrong = ConfigError(f"normalization must be 'auto', 'none', (mean, std) or a model bundle, got {normalization!r}")
     if normalization is None or (isinstance(normalization, str) and normalization == "none"):
         return torch.zeros(1, 1, 1, 1)
     if isinstance(normalization, str):
         if normalization != "auto":
-            raise ConfigError(f"normalization must be 'auto', 'none', (mean, std) or a model bundle, got {normalization!r}")
+            raise wrong
         from ..models import LITE_MEAN, LITE_STD
         from ..models.efficientnet_lite import EfficientNetLite
 
         mean, std = (LITE_MEAN, LITE_STD) if isinstance(model, EfficientNetLite) else (IMAGENET_MEAN, IMAGENET_STD)
-    elif hasattr(normalization, "mean") and hasattr(normalization, "std") and not isinstance(normalization, (tuple, list)):
+    elif hasattr(normalization, "mean") and hasattr(normalization, "std") and not isinstance(normalization, tuple):
         mean, std = normalization.mean, normalization.std
     elif isinstance(normalization, (tuple, list)) and len(normalization) == 2:
         mean, std = normalization
     else:
-        raise ConfigError(f"normalization must be 'auto', 'none', (mean, std) or a model bundle, got {normalization!r}")
+        raise wrong
     mean, std = check_normalization(mean, std)
     return (-torch.tensor(mean, dtype=torch.float64) / torch.tensor(std, dtype=torch.float64)).float().view(1, -1, 1, 1)
 
