@@ -32,14 +32,45 @@ line search, each test with fresh noise):
 - Warm start: the search starts from the step accepted at the previous iteration (times
   `ls_growth`) instead of from `alpha` every time; one candidate is usually enough.
 - Candidates of all images still searching go through the engine together, in full chunks.
-`line_search="authors"` restores the authors' schedule (fresh noise for every evaluation, a
-separate evaluation of the current mask, restart from `alpha`) to measure what the savings cost;
-its fresh draws are counted per image (iteration, evaluation), so images stay independent.
+`line_search="authors"` restores the iGOS++ code's schedule (khorrams/IGOS_pp, methods_helper.py
+`line_search`: fresh noise for every evaluation, a separate evaluation of the current mask, restart
+from `alpha`) to measure what the savings cost; its fresh draws are counted per image (iteration,
+evaluation), so images stay independent.
+
+`line_search="aaai"` is the original AAAI 2020 code's search (zhongangqi/IGOS,
+IGOS_generate_video.py, `Integrated_Mask`): the gradient is the same noisy integrated gradient, but
+the Armijo test compares l1 mean|1-M| + l2 TV(M) + the *clean deletion score* softmax(f(x U(M) +
+b (1 - U(M)))) (one forward pass per image, no noise, no path) of the current mask and of each
+candidate clamp(M - step g, 0, 1); the step restarts from 200 (`alpha=None` resolves to 200 here,
+1000 otherwise) at every iteration, decays by 0.2, c = 1e-4 on |g|^2, and the first candidate whose
+step fell below 1e-5 is taken unchecked (their `if step < 0.00001: break` after the evaluation).
+Update M <- clamp(M - step g, 0, 1). I-GOS only (iGOS++ has no clean-score search: ConfigError).
+With it `adaptive_l1=None` turns the AAAI demo's L1 rule on, as that code always applies it.
+The AAAI code also scores a top-40-pixel mask every iteration for its curves; that pass changes
+nothing in the optimization and is not spent here.
+
+Adaptive L1 (`_AdaptiveL1`, the AAAI rule, per image) follows their timing: the clean score of the
+mask at the start of iteration i-1 decides, at the end of iteration i = int(T/2) (int(T/1.25)),
+whether L1 is divided by 10 (5) from iteration i+1 on.
+
+Baselines: each image's baseline is computed once per call (`baseline_images`) and sliced with the
+images of every evaluation, so a per-image (B, C, H, W) tensor baseline works although the line
+search scores subsets of the images.
+
+`seeds=k` averages the masks of k noise draws (cost x k): replica r is exactly the single-seed run
+with seed `seed + r` (same keys), the k replicas are optimized together as k B independent rows, and
+the returned mask is their mean (`extras["seed_masks"]` (k, B, h, w) keeps each). Measured
+seed-to-seed agreement: docs/igos.md. Our addition; the authors' code has one draw.
+
+Other differences from the authors' code, deliberate: the integrated score is the mean over the N
+path points (the AAAI code divides by a hard-coded 20.0, the same at its N = 20); the noise is keyed
+(above) instead of cv2.randn / torch.randn from a global generator.
 
 `explain(...)` returns maps = 1 - upsampled M (higher = more important), lowres = 1 - M, and extras:
-"mask" (B, h, w) M itself (1 = keep, the authors' convention), "masks" {"deletion", "insertion"}
-(the separate iGOS++ masks), "history" (per iteration and image: "loss", "alpha" accepted steps,
-"candidates" tried, "l1").
+"mask" (B, h, w) M itself (1 = keep, the authors' convention; the mean over seeds), "masks"
+{"deletion", "insertion"} (the separate iGOS++ masks), "seed_masks" (k, B, h, w), "seeds" the seeds
+used, "history" (per iteration, one entry per row r B + i = seed seed + r, image i: "loss", "alpha"
+accepted steps, "candidates" tried, "l1").
 """
 
 from __future__ import annotations
