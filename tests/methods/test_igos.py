@@ -248,6 +248,8 @@ def test_bad_parameters():
         build("igos_plus_plus", model, opt="adam")
     with pytest.raises(ConfigError, match="size"):
         build("igos", model, size=0)
+    with pytest.raises(ConfigError, match="imputer"):  # mask gradients need a fixed baseline
+        build("igos", model, baseline="road")
 
 
 # -- a model whose relevant pixels are known by construction ---------------------------------------
