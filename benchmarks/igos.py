@@ -11,12 +11,15 @@ What it measures (all in one process, on this machine):
   (`--variants igos@authors`, expensive) and our other line searches (`igos@reuse`);
 - seconds per image against the pass bound: backward_images * t(fwd+bwd) + forward-only images *
   t(fwd), unit costs measured on the same model at the method's batch size;
-- batched (B images in one call) against B single-image calls, seconds per image.
+- batched (B images in one call) against B single-image calls, seconds per image;
+- `--stability`: seed-to-seed agreement of the 28x28 masks (Spearman) on the bundled photos, for single
+  noise draws and for `seeds=k` averages (see `stability`).
 
 Usage (the figures in docs/igos.md):
     python benchmarks/igos.py --images chelsea,coffee,rocket,astronaut --threads 2 \
         --variants igos@reuse,igos@authors,igos_plus_plus@reuse --batched 8 --batched-iterations 3 \
         --out benchmarks/results
+    python benchmarks/igos.py --stability --stability-seeds 4 --iterations 8 --threads 1
 """
 
 from __future__ import annotations
@@ -120,6 +123,50 @@ def run_method(model, x, name, params, units):
     return e.maps, e.targets, info
 
 
+def stability(model, x, names, *, method="igos", seeds=4, params=None):
+    """Seed-to-seed agreement of the mask at its own resolution (28x28), per photo.
+
+    One call with `seeds=S` (S even): its `extras["seed_masks"]` are the S single-seed masks (replica r
+    is exactly the single-seed run with seed r; tested), and `seeds=k` returns the mean of the first k
+    of them (tested), so one call yields both: k = 1: the mean Spearman over the pairs of single seeds
+    (r, S/2 + r); k > 1 (k <= S/2): Spearman of the seeds=k mask of seeds 0..k-1 and the one of seeds
+    S/2..S/2+k-1 (disjoint draws). Returns {"per_photo": {name: {k: rho}}, "mean": {k: rho}, cost}."""
+    from saliencylab.metrics.similarity import spearman
+
+    params = dict(params or {})
+    half = seeds // 2
+    t0 = time.perf_counter()
+    e = sl.explain(model, x, method, image_ids=names, seed=0, seeds=seeds, **params)
+    seconds = time.perf_counter() - t0
+    masks = e.extras["seed_masks"].double()  # (S, B, h, w)
+    out = {}
+    for k in range(1, half + 1):
+        if k == 1:
+            rho = torch.stack([spearman(masks[r], masks[half + r]) for r in range(half)]).mean(0)
+        else:
+            rho = spearman(masks[:k].mean(0), masks[half:half + k].mean(0))
+        out[k] = rho.tolist()
+    return {"method": method, "params": params, "seeds": seeds, "images": names,
+            "per_photo": {n: {k: out[k][j] for k in out} for j, n in enumerate(names)},
+            "mean": {k: float(np.mean(v)) for k, v in out.items()},
+            "seconds": seconds, "forward_images": e.cost.forward_images, "backward_images": e.cost.backward_images,
+            "seed_masks": masks.tolist()}
+
+
+def stability_markdown(r, command):
+    ks = sorted(r["mean"], key=int)
+    lines = [f"Command: `{command}`", "",
+             f"{r['method']} {r['params']}, {r['seeds']} noise draws in one call ({r['seconds']:.0f} s, "
+             f"{r['forward_images']} forward / {r['backward_images']} backward images); Spearman of the "
+             "28x28 masks between disjoint draws.", "",
+             "| photo | " + " | ".join("1 seed" if int(k) == 1 else f"seeds={k}" for k in ks) + " |",
+             "|---|" + "---|" * len(ks)]
+    for name, row in r["per_photo"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[k]:.2f}" for k in ks) + " |")
+    lines.append("| mean | " + " | ".join(f"{r['mean'][k]:.2f}" for k in ks) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", default="chelsea,coffee,rocket,astronaut")
@@ -132,6 +179,12 @@ def main(argv=None):
     ap.add_argument("--batched-iterations", type=int, default=15)
     ap.add_argument("--batched-line-search", default="reuse")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--stability", action="store_true", help="only the seed-to-seed agreement (see `stability`)")
+    ap.add_argument("--stability-seeds", type=int, default=4, help="noise draws (even): half against half")
+    ap.add_argument("--stability-method", default="igos")
+    ap.add_argument("--iterations", type=int, default=0, help="--stability: optimizer iterations (0: default)")
+    ap.add_argument("--steps", type=int, default=0, help="--stability: path points (0: default)")
+    ap.add_argument("--line-search", default="", help="--stability: line_search (empty: default)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -140,6 +193,21 @@ def main(argv=None):
     photos = sample_images.samples()
     names = args.images.split(",")
     x = loaded.preprocess_batch([photos[n].image for n in names])
+    if args.stability:
+        params = {"batch_size": args.batch_size}
+        params.update({k: v for k, v in (("iterations", args.iterations), ("steps", args.steps),
+                                          ("line_search", args.line_search)) if v})
+        r = stability(model, x, names, method=args.stability_method, seeds=args.stability_seeds, params=params)
+        r["threads"] = torch.get_num_threads()
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        tag = "_".join(f"{k}{v}" for k, v in params.items() if k != "batch_size")
+        stem = f"igos_stability_{args.stability_method}{'_' + tag if tag else ''}"
+        (out / f"{stem}.json").write_text(json.dumps(r, indent=1))
+        md = stability_markdown(r, "python benchmarks/igos.py " + " ".join(sys.argv[1:]))
+        (out / f"{stem}.md").write_text(md)
+        print(md)
+        return
     units = unit_costs(model, x, args.batch_size)
     (t_f, t_fb), (c_f, c_fb) = units
     print(f"unit costs: forward {t_f * 1e3:.1f} ms/image, forward+backward {t_fb * 1e3:.1f} ms/image "

@@ -248,6 +248,8 @@ def test_bad_parameters():
         build("igos_plus_plus", model, opt="adam")
     with pytest.raises(ConfigError, match="size"):
         build("igos", model, size=0)
+    with pytest.raises(ConfigError, match="imputer"):  # mask gradients need a fixed baseline
+        build("igos", model, baseline="road")
 
 
 # -- a model whose relevant pixels are known by construction ---------------------------------------
@@ -269,3 +271,146 @@ def test_positive_attribution_falls_on_the_relevant_pixels(name):
     pos = maps.clamp(min=0)
     share = (pos * relevant).sum((1, 2)) / pos.sum((1, 2))
     assert (share > 0.55).all(), share  # the region is 14% of the image
+
+
+# -- line_search="aaai": the AAAI 2020 code's search ------------------------------------------------
+def aaai_reference(model, x1, cls, *, image, size, steps, iterations, seed, l1, noise=0.2, l2=20.0):
+    """A port of the semantics of `Integrated_Mask` in zhongangqi/IGOS (IGOS_generate_video.py), one
+    image: integrated noisy gradient; Armijo on regularizer + clean deletion score (no noise, no path),
+    step 200 at every iteration, decay 0.2, c = 1e-4, stop after the first step below 1e-5; update,
+    then clamp; the L1 weight divided by 10 (5) at the end of iteration T/2 (T/1.25) if the clean score
+    curve2 barely moved. Returns the mask, the accepted steps, the candidates tried, the L1 weights."""
+    H, W = x1.shape[-2:]
+    b1 = Blur(sigma=50.0, kernel_size=51)(x1)
+
+    def up(m):
+        return F.interpolate(m, size=(H, W), mode="bilinear", align_corners=True)
+
+    def reg(M):
+        m = M[0, 0]
+        tv = ((m[:-1] - m[1:]).abs() ** 2).mean() + ((m[:, :-1] - m[:, 1:]).abs() ** 2).mean()
+        return l1 * (1 - M).abs().mean() + l2 * tv
+
+    def clean(M):
+        u = up(M)
+        return model(x1 * u + b1 * (1 - u)).softmax(1)[0, cls]
+
+    mask = torch.ones(1, 1, size, size, dtype=x1.dtype)
+    curve2, steps_taken, tried, l1s = [], [], [], []
+    for i in range(iterations):
+        l1s.append(l1)
+        eps = igos_noise(KeyedRandom(seed, "igos"), [image], [i], steps, x1.shape[1:], noise, dtype=x1.dtype)[0]
+        m = mask.clone().requires_grad_(True)
+        u = up(m)
+        total = reg(m)
+        for k in range(steps):
+            integ = (k + 1.0) / steps * u
+            total = total + model(x1 * integ + b1 * (1 - integ) + eps[k]).softmax(1)[0, cls] / steps
+        (g,) = torch.autograd.grad(total, m)
+        with torch.no_grad():
+            s_ori = clean(mask)
+            loss_ori = float(reg(mask) + s_ori)
+            if i == 0:
+                curve2.append(float(s_ori))
+            curve2.append(float(s_ori))
+            step, n = 200.0, 1
+            cand = (mask - step * g).clamp(0, 1)
+            loss_ls = float(reg(cand) + clean(cand))
+            while loss_ls > loss_ori - 1e-4 * step * float((g ** 2).sum()):
+                step *= 0.2
+                cand = (mask - step * g).clamp(0, 1)
+                loss_ls, n = float(reg(cand) + clean(cand)), n + 1
+                if step < 0.00001:
+                    break
+            mask = (mask - step * g).clamp(0, 1)
+        steps_taken.append(step)
+        tried.append(n)
+        if iterations > 3:
+            if i == int(iterations / 2):
+                if abs(curve2[0] - curve2[i]) <= 0.001:
+                    l1 = l1 / 10
+            elif i == int(iterations / 1.25):
+                if abs(curve2[0] - curve2[i]) <= 0.01:
+                    l1 = l1 / 5
+    return mask[0, 0], steps_taken, tried, l1s
+
+
+def test_aaai_line_search_matches_the_aaai_code(images):
+    model = tiny_cnn()
+    # a heavy L1 keeps the weak model's score from moving: the adaptive rule fires at its exact iterations
+    kw = {**SMALL, "iterations": 9, "l1": 2.0}
+    e = build("igos", model, line_search="aaai", batch_size=4, **kw).explain(images)
+    hist = e.extras["history"]
+    for j in range(len(images)):
+        mask, steps, tried, l1s = aaai_reference(model, images[j:j + 1], int(e.targets[j]), image=j,
+                                                 size=kw["size"], steps=kw["steps"], iterations=kw["iterations"],
+                                                 seed=kw["seed"], l1=kw["l1"])
+        assert torch.allclose(e.extras["mask"][j], mask, atol=1e-8), (j, (e.extras["mask"][j] - mask).abs().max())
+        assert [a[j] for a in hist["alpha"]] == pytest.approx(steps, rel=1e-12)
+        assert [c[j] for c in hist["candidates"]] == tried
+        assert [w[j] for w in hist["l1"]] == pytest.approx(l1s, rel=1e-12)
+    # every search restarts from the AAAI step 200: the accepted step is 200 * 0.2^(candidates - 1)
+    for steps, tried in zip(hist["alpha"], hist["candidates"]):
+        assert steps == pytest.approx([200.0 * 0.2 ** (c - 1) for c in tried], rel=1e-12)
+    assert hist["l1"][-1] == pytest.approx([kw["l1"] / 50] * 3)  # the L1 rule fired twice
+    # a clean-score search: each candidate is one forward pass per image
+    cost = sl.explain(model, images, build("igos", model, line_search="aaai", batch_size=4, **kw)).cost
+    tried = sum(map(sum, hist["candidates"]))
+    B, T, N = len(images), kw["iterations"], kw["steps"]
+    assert cost.backward_images == B * T * N
+    assert cost.forward_images == B + B * T * N + B * T + tried  # clean outputs, gradients, current masks, candidates
+
+
+def test_aaai_line_search_options():
+    model = tiny_cnn()
+    with pytest.raises(ConfigError, match="aaai"):
+        build("igos_plus_plus", model, line_search="aaai")
+    m = build("igos", model, line_search="aaai", alpha=50.0, adaptive_l1=False, size=4, steps=2, iterations=2)
+    torch.manual_seed(0)
+    e = m.explain(torch.randn(1, 3, 8, 8, dtype=torch.float64))
+    assert e.extras["history"]["alpha"][0][0] <= 50.0
+
+
+# -- per-image baselines ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,line_search", [("igos", "reuse"), ("igos", "authors"), ("igos", "aaai"),
+                                              ("igos_plus_plus", "lookahead")])
+def test_per_image_baseline_equals_each_image_alone(name, line_search, images):
+    """A (B, C, H, W) baseline gives every image its own baseline, also in the line search's subsets."""
+    model = tiny_cnn()
+    torch.manual_seed(5)
+    base = 0.5 * torch.randn_like(images)
+    ids = ["a", "b", "c"]
+    kw = {**SMALL, "iterations": 4, "line_search": line_search}
+    e = build(name, model, baseline=base, batch_size=7, **kw).explain(images, image_ids=ids)
+    for j in range(len(images)):
+        alone = build(name, model, baseline=base[j:j + 1], batch_size=7, **kw).explain(images[j:j + 1],
+                                                                                    image_ids=ids[j:j + 1])
+        assert torch.allclose(e.maps[j], alone.maps[0], atol=1e-9), j
+    shared = build(name, model, baseline=base[:1], batch_size=7, **kw).explain(images, image_ids=ids)
+    assert not torch.allclose(shared.maps[1:], e.maps[1:])  # the baseline matters
+    with pytest.raises(sl.InputError, match="broadcast"):
+        build(name, model, baseline=base[:2], **kw).explain(images)
+
+
+# -- seeds=k: the mean of k keyed noise draws ---------------------------------------------------------
+@pytest.mark.parametrize("name", ["igos", "igos_plus_plus"])
+def test_seeds_average_single_seed_runs(name, images):
+    model = tiny_cnn()
+    kw = {**SMALL, "iterations": 3}
+    ids = ["a", "b", "c"]
+    avg = build(name, model, seeds=3, batch_size=7, **kw).explain(images, image_ids=ids)
+    singles = [build(name, model, **{**kw, "seed": kw["seed"] + r}).explain(images, image_ids=ids)
+               for r in range(3)]
+    assert avg.extras["seeds"] == [kw["seed"], kw["seed"] + 1, kw["seed"] + 2]
+    for r, s in enumerate(singles):
+        assert torch.allclose(avg.extras["seed_masks"][r], s.extras["mask"], atol=1e-9), r
+    assert torch.allclose(avg.extras["mask"], torch.stack([s.extras["mask"] for s in singles]).mean(0), atol=1e-9)
+    assert torch.allclose(avg.maps, torch.stack([s.maps for s in singles]).mean(0), atol=1e-9)
+    assert torch.allclose(avg.lowres, 1 - avg.extras["mask"])
+    assert not torch.allclose(singles[0].maps, singles[1].maps)  # the draws differ: averaging does something
+    # batch invariance: the whole batch equals its halves
+    m = build(name, model, seeds=3, batch_size=5, **kw)
+    halves = [m.explain(images[:1], image_ids=ids[:1]), m.explain(images[1:], image_ids=ids[1:])]
+    assert torch.allclose(avg.maps, torch.cat([h.maps for h in halves]), atol=1e-9)
+    with pytest.raises(ConfigError, match="seeds"):
+        build(name, model, seeds=0)

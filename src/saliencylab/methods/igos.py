@@ -32,14 +32,45 @@ line search, each test with fresh noise):
 - Warm start: the search starts from the step accepted at the previous iteration (times
   `ls_growth`) instead of from `alpha` every time; one candidate is usually enough.
 - Candidates of all images still searching go through the engine together, in full chunks.
-`line_search="authors"` restores the authors' schedule (fresh noise for every evaluation, a
-separate evaluation of the current mask, restart from `alpha`) to measure what the savings cost;
-its fresh draws are counted per image (iteration, evaluation), so images stay independent.
+`line_search="authors"` restores the iGOS++ code's schedule (khorrams/IGOS_pp, methods_helper.py
+`line_search`: fresh noise for every evaluation, a separate evaluation of the current mask, restart
+from `alpha`) to measure what the savings cost; its fresh draws are counted per image (iteration,
+evaluation), so images stay independent.
+
+`line_search="aaai"` is the original AAAI 2020 code's search (zhongangqi/IGOS,
+IGOS_generate_video.py, `Integrated_Mask`): the gradient is the same noisy integrated gradient, but
+the Armijo test compares l1 mean|1-M| + l2 TV(M) + the *clean deletion score* softmax(f(x U(M) +
+b (1 - U(M)))) (one forward pass per image, no noise, no path) of the current mask and of each
+candidate clamp(M - step g, 0, 1); the step restarts from 200 (`alpha=None` resolves to 200 here,
+1000 otherwise) at every iteration, decays by 0.2, c = 1e-4 on |g|^2, and the first candidate whose
+step fell below 1e-5 is taken unchecked (their `if step < 0.00001: break` after the evaluation).
+Update M <- clamp(M - step g, 0, 1). I-GOS only (iGOS++ has no clean-score search: ConfigError).
+With it `adaptive_l1=None` turns the AAAI demo's L1 rule on, as that code always applies it.
+The AAAI code also scores a top-40-pixel mask every iteration for its curves; that pass changes
+nothing in the optimization and is not spent here.
+
+Adaptive L1 (`_AdaptiveL1`, the AAAI rule, per image) follows their timing: the clean score of the
+mask at the start of iteration i-1 decides, at the end of iteration i = int(T/2) (int(T/1.25)),
+whether L1 is divided by 10 (5) from iteration i+1 on.
+
+Baselines: each image's baseline is computed once per call (`baseline_images`) and sliced with the
+images of every evaluation, so a per-image (B, C, H, W) tensor baseline works although the line
+search scores subsets of the images.
+
+`seeds=k` averages the masks of k noise draws (cost x k): replica r is exactly the single-seed run
+with seed `seed + r` (same keys), the k replicas are optimized together as k B independent rows, and
+the returned mask is their mean (`extras["seed_masks"]` (k, B, h, w) keeps each). Measured
+seed-to-seed agreement: docs/igos.md. Our addition; the authors' code has one draw.
+
+Other differences from the authors' code, deliberate: the integrated score is the mean over the N
+path points (the AAAI code divides by a hard-coded 20.0, the same at its N = 20); the noise is keyed
+(above) instead of cv2.randn / torch.randn from a global generator.
 
 `explain(...)` returns maps = 1 - upsampled M (higher = more important), lowres = 1 - M, and extras:
-"mask" (B, h, w) M itself (1 = keep, the authors' convention), "masks" {"deletion", "insertion"}
-(the separate iGOS++ masks), "history" (per iteration and image: "loss", "alpha" accepted steps,
-"candidates" tried, "l1").
+"mask" (B, h, w) M itself (1 = keep, the authors' convention; the mean over seeds), "masks"
+{"deletion", "insertion"} (the separate iGOS++ masks), "seed_masks" (k, B, h, w), "seeds" the seeds
+used, "history" (per iteration, one entry per row r B + i = seed seed + r, image i: "loss", "alpha"
+accepted steps, "candidates" tried, "l1").
 """
 
 from __future__ import annotations
@@ -49,20 +80,23 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..baselines import Blur
+from ..baselines import Baseline, Blur, baseline_images
 from ..core.errors import ConfigError
 from ..core.explanation import Explanation
 from ..core.randomness import KeyedRandom
-from ..perturbation import Perturber
+from ..perturbation import Imputer, Perturber
 from .base import Method, Param, check_batch_size, clean_outputs, register
 from .optimizers import armijo_search, nesterov_step
 
-LINE_SEARCHES = ("lookahead", "reuse", "authors")
+LINE_SEARCHES = ("lookahead", "reuse", "authors", "aaai")
 OPTIMIZERS = ("ls", "nag")
 NOISE_PURPOSE = "igos"
 # line_search="authors": noise draw of evaluation e of iteration t is t * _AUTHORS_STRIDE + e
 # (e = 0 gradient pass, 1 current mask, 2 + i the i-th candidate).
 _AUTHORS_STRIDE = 1 << 20
+# First trial step of every search: the iGOS++ code's `alpha`, the AAAI code's `step = 200.0`.
+DEFAULT_ALPHA = 1000.0
+AAAI_ALPHA = 200.0
 
 
 def igos_baseline() -> Blur:
@@ -85,6 +119,43 @@ def igos_noise(rng: KeyedRandom, images, draws, rows: int, shape, sigma: float, 
     noise = rng.normal(images.repeat_interleave(rows), (draws[:, None] * rows + k).flatten(), tuple(shape),
                        device=device, dtype=dtype)
     return (noise * sigma).view(n, rows, *shape)
+
+
+class _BaselineRows(Baseline):
+    """Baseline images computed once for the rows of a call (an image's own baseline, whatever the
+    subset of images an evaluation scores: the line search scores the images still searching)."""
+
+    name = "igos rows"
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __call__(self, x, rng=None):
+        return self.images
+
+    def __repr__(self) -> str:
+        return f"_BaselineRows(shape={tuple(self.images.shape)})"
+
+
+class SeedReplicas:
+    """The noise of `seeds=k`: row j of the stacked batch (k B rows, replica-major) is image j % B
+    drawing from `rngs[j // B]`, i.e. keyed exactly as a single-seed call with seed `seed + j // B`."""
+
+    def __init__(self, rngs, n_images: int):
+        self.rngs, self.n = list(rngs), int(n_images)
+
+    def normal(self, images, draws, shape, *, device="cpu", dtype=torch.float32) -> torch.Tensor:
+        images = torch.as_tensor(images).flatten().cpu()
+        draws = torch.as_tensor(draws).flatten().cpu()
+        if len(self.rngs) == 1:
+            return self.rngs[0].normal(images, draws, shape, device=device, dtype=dtype)
+        out = torch.empty((len(images), *shape), device=device, dtype=dtype)
+        replica = images // self.n
+        for r in replica.unique().tolist():  # k whole-row groups, not a loop over samples
+            rows = (replica == r).nonzero()[:, 0]
+            out[rows.to(out.device)] = self.rngs[r].normal(images[rows] % self.n, draws[rows], shape,
+                                                           device=device, dtype=dtype)
+        return out
 
 
 def upscale(masks: torch.Tensor, size) -> torch.Tensor:
@@ -154,12 +225,13 @@ class _Objective:
     # rows are drawn again per chunk (the same numbers, only slower).
     noise_cache_bytes = 256 * 2 ** 20
 
-    def __init__(self, session, x, target, perturber, terms, grad_scale, steps, noise, seed, l1, l2,
+    def __init__(self, session, x, target, base, score, batch_size, terms, grad_scale, steps, noise, rng, l1, l2,
                  bilateral_sigma, size):
-        self.session, self.x, self.target, self.perturber = session, x, target, perturber
+        self.session, self.x, self.target = session, x, target
+        self.base, self.score, self.batch_size = base, score, batch_size
         self.terms, self.grad_scale, self.steps = terms, grad_scale, steps
         self.noise_sigma = float(noise)
-        self.rng = session.random(seed, NOISE_PURPOSE, x.shape[0])
+        self.rng = rng
         self.l1 = torch.full((x.shape[0],), float(l1), dtype=x.dtype, device=x.device)
         self.l2 = float(l2)
         self.size = tuple(x.shape[-2:])
@@ -215,6 +287,11 @@ class _Objective:
 
     def _images(self, images):
         return torch.arange(self.x.shape[0], device=self.x.device) if images is None else images
+
+    def _engine(self, images: torch.Tensor) -> Perturber:
+        """The engine for a call on `images`, with their own baseline rows (per-image baselines work
+        for any subset the line search scores)."""
+        return Perturber(_BaselineRows(self.base[images]), self.score, self.batch_size)
 
     # -- pieces ------------------------------------------------------------------------------
     def up_masks(self, P: torch.Tensor) -> torch.Tensor:
@@ -278,8 +355,9 @@ class _Objective:
             coeff = dkeep[t] * self.points[i] / N
             acc.index_add_(0, image * T + t, grads[:, 0] * coeff.view(-1, 1, 1))
 
-        scores = self.perturber.scores_and_grads(self.session, x, target, self.rows, self._make_masks(up),
-                                                 reduce=reduce, perturb=self._perturb(images, draws), desc="igos")
+        scores = self._engine(images).scores_and_grads(self.session, x, target, self.rows, self._make_masks(up),
+                                                       reduce=reduce, perturb=self._perturb(images, draws),
+                                                       desc="igos")
         acc = acc.view(n, T, H, W)
         g_up = torch.zeros(n, K, H, W, dtype=self.x.dtype, device=self.x.device)
         for t, term in enumerate(self.terms):
@@ -297,16 +375,18 @@ class _Objective:
     def score_value(self, P: torch.Tensor, images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
         """Signed integrated score (n,) of masks P (n, K, h, w) for the given images, forward passes only."""
         up = self.up_masks(P)
-        scores = self.perturber.scores(self.session, self.x[images], self.target.for_images(images), self.rows,
-                                       self._make_masks(up), perturb=self._perturb(images, draws),
-                                       desc="igos line search", images=images)
+        scores = self._engine(images).scores(self.session, self.x[images], self.target.for_images(images),
+                                             self.rows, self._make_masks(up), perturb=self._perturb(images, draws),
+                                             desc="igos line search")
         return self.score_loss(scores)
 
-    def clean_scores(self, P: torch.Tensor) -> torch.Tensor:
-        """Score of the deletion-perturbed images x*U(M) + b*(1-U(M)), no noise (adaptive L1)."""
+    def clean_scores(self, P: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+        """Score (n,) of the deletion-perturbed images x*U(M) + b*(1-U(M)), M the combined mask, one
+        forward pass per image without noise or path (the AAAI line search, the adaptive L1)."""
+        images = self._images(images)
         up = self.up_masks(P)[:, 2:3]
-        return self.perturber.scores(self.session, self.x, self.target, 1, lambda image, k: up[image],
-                                     desc="igos")[:, 0]
+        return self._engine(images).scores(self.session, self.x[images], self.target.for_images(images), 1,
+                                           lambda image, k: up[image], desc="igos")[:, 0]
 
 
 def optimize_masks(obj: _Objective, B: int, K: int, *, iterations: int, alpha: float, armijo: float, decay: float,
@@ -318,6 +398,9 @@ def optimize_masks(obj: _Objective, B: int, K: int, *, iterations: int, alpha: f
     line-search candidate:
     - "reuse": draw d = the iteration for the gradient pass and every candidate; candidates forward only.
     - "authors": a fresh draw for the gradient pass, the current mask's loss and every candidate.
+    - "aaai": the AAAI code's search: draw d = the iteration for the gradient pass only; the current
+      mask and every candidate are scored on the clean deletion image x U(M) + b (1 - U(M)) (one
+      forward pass each, no noise, no path) plus the regularizer; restart from `alpha` every iteration.
     - "lookahead": one draw for the whole run, so the objective is one deterministic function and a
       candidate's evaluation is also the next iteration's gradient pass: the candidates of the middle
       iterations run forward+backward and the accepted one's score and gradient are reused; the first
@@ -333,6 +416,8 @@ def optimize_masks(obj: _Objective, B: int, K: int, *, iterations: int, alpha: f
     history = {"alpha": [], "loss": [], "candidates": [], "l1": []}
     lookahead = line_search == "lookahead" and opt == "ls"
     authors = line_search == "authors" and opt == "ls"
+    aaai = line_search == "aaai" and opt == "ls"
+    l1_rule = _AdaptiveL1(iterations, clean_score) if adaptive_l1 else None
 
     def draw_of(it: int, evaluation=0):
         """Each image's noise draw (n,) for an evaluation of iteration `it`."""
@@ -347,7 +432,10 @@ def optimize_masks(obj: _Objective, B: int, K: int, *, iterations: int, alpha: f
     if lookahead:
         s, gs = obj.score_value_and_grad(P, None, draw_of(0).expand(B))
     for it in range(iterations):
-        _adapt_l1(obj, P, it, iterations, adaptive_l1, clean_score)
+        # the clean deletion score of the current mask: the AAAI search's loss, the adaptive L1's record
+        clean_now = obj.clean_scores(P) if aaai or (l1_rule is not None and l1_rule.records(it)) else None
+        if l1_rule is not None:
+            obj.l1 = l1_rule.update(it, obj.l1, clean_now)
         if not lookahead:
             obj.forget_noise()
             s, gs = obj.score_value_and_grad(P, None, draw_of(it).expand(B))
@@ -363,6 +451,9 @@ def optimize_masks(obj: _Objective, B: int, K: int, *, iterations: int, alpha: f
         if authors:  # the authors evaluate the current mask again, with fresh noise, and restart from alpha
             a0 = torch.full((B,), float(alpha), dtype=x.dtype, device=dev)
             loss = obj.score_value(P, every, draw_of(it, 1).expand(B)) + obj.regularizer(P, obj.l1)
+        elif aaai:  # AAAI: loss_ori = regularizer + clean score; step = 200 at every iteration
+            a0 = torch.full((B,), float(alpha), dtype=x.dtype, device=dev)
+            loss = clean_now + r
         else:
             a0 = step.clone() if it == 0 else torch.clamp(step * ls_growth, max=float(alpha))
         slope = armijo * g.pow(2).reshape(B, -1).sum(1)
@@ -370,8 +461,10 @@ def optimize_masks(obj: _Objective, B: int, K: int, *, iterations: int, alpha: f
 
         def evaluate(rows, a, attempt, it=it, P=P, g=g, with_grad=with_grad):
             cand = (P[rows] - a.view(-1, 1, 1, 1) * g[rows]).clamp(0, 1)
-            draws = draw_of(it, 2 + attempt.to(dev)) if authors else draw_of(it).expand(len(rows))
             reg = obj.regularizer(cand, obj.l1[rows], rows)
+            if aaai:
+                return obj.clean_scores(cand, rows) + reg, ()
+            draws = draw_of(it, 2 + attempt.to(dev)) if authors else draw_of(it).expand(len(rows))
             if with_grad:
                 cs, cg = obj.score_value_and_grad(cand, rows, draws)
                 return cs + reg, (cs, cg)
@@ -389,12 +482,34 @@ def optimize_masks(obj: _Objective, B: int, K: int, *, iterations: int, alpha: f
     return P, history
 
 
-def _adapt_l1(obj: _Objective, P: torch.Tensor, it: int, iterations: int, adaptive_l1: bool, clean_score) -> None:
-    """The I-GOS demo's rule: at T/2 (T/1.25), if the score moved <= 0.001 (0.01), l1 /= 10 (5), per image."""
-    if adaptive_l1 and iterations > 3 and it in (int(iterations / 2), int(iterations / 1.25)):
-        moved = (clean_score - obj.clean_scores(P)).abs()
-        threshold, factor = (0.001, 10.0) if it == int(iterations / 2) else (0.01, 5.0)
-        obj.l1 = torch.where(moved <= threshold, obj.l1 / factor, obj.l1)
+class _AdaptiveL1:
+    """The AAAI demo's L1 rule (`IGOS_generate_video.py`, `Integrated_Mask`), per image.
+
+    Their loop, at the end of iteration i = int(T/2) (resp. int(T/1.25)), compares the clean score
+    of the initial mask, curve2[0], with curve2[i]: the clean score of the mask at the start of
+    iteration i-1 (curve2 holds the first score twice). If it moved <= 0.001 (0.01), l1 /= 10 (5),
+    which takes effect from iteration i+1. Here: the score is recorded at the start of iteration
+    i-1 and the weight changes at the start of iteration i+1, the same timing."""
+
+    def __init__(self, iterations: int, clean_score: torch.Tensor):
+        self.clean = clean_score
+        self.marks = {}
+        if iterations > 3:
+            self.marks[int(iterations / 2)] = (0.001, 10.0)
+            self.marks.setdefault(int(iterations / 1.25), (0.01, 5.0))  # their `elif`
+        self.recorded: dict = {}
+
+    def records(self, it: int) -> bool:
+        return it + 1 in self.marks
+
+    def update(self, it: int, l1: torch.Tensor, clean_now) -> torch.Tensor:
+        if self.records(it):
+            self.recorded[it + 1] = clean_now
+        if it - 1 in self.marks:
+            threshold, factor = self.marks[it - 1]
+            moved = (self.clean - self.recorded.pop(it - 1)).abs()
+            l1 = torch.where(moved <= threshold, l1 / factor, l1)
+        return l1
 
 
 class _IGOSBase(Method):
@@ -413,16 +528,17 @@ class _IGOSBase(Method):
     noise = Param(0.2, "std of the Gaussian noise added to every path point (input space)")
     l1 = Param(1.0, "L1 weight")
     l2 = Param(20.0, "TV weight")
-    alpha = Param(1000.0, "largest step")
+    alpha = Param(None, "first (largest) trial step; None: 1000 (iGOS++ code), 200 with line_search='aaai' (AAAI code)")
     armijo = Param(1e-4, "Armijo constant")
     decay = Param(0.2, "line-search step decay")
     alpha_min = Param(1e-5, "smallest step tried")
-    line_search = Param("reuse", "'reuse', 'lookahead' or 'authors' (see the module docstring)")
+    line_search = Param("reuse", "'reuse', 'lookahead', 'authors' or 'aaai' (see the module docstring)")
     ls_growth = Param(1.0, "factor on the last accepted step where the next search starts")
     opt = Param("ls", "'ls' (line search) or 'nag' (the authors' accelerated gradient)")
-    adaptive_l1 = Param(False, "the I-GOS demo's L1 lowering at T/2 and T/1.25")
+    adaptive_l1 = Param(None, "the AAAI demo's L1 lowering at T/2 and T/1.25; None: on with line_search='aaai'")
     score = Param("softmax", "score explained: 'softmax', 'logit' or 'log_softmax'")
     seed = Param(0, "noise seed")
+    seeds = Param(1, "average the masks of this many noise draws, seeds seed, seed+1, ... (cost x seeds)")
     batch_size = Param(10, "rows per pass (None: picked for the device)")
 
     def check(self):
@@ -438,30 +554,52 @@ class _IGOSBase(Method):
             raise ConfigError(f"decay must be in (0, 1), got {self.decay!r}")
         if self.noise < 0:
             raise ConfigError(f"noise must be >= 0, got {self.noise!r}")
+        if not isinstance(self.seeds, int) or isinstance(self.seeds, bool) or self.seeds < 1:
+            raise ConfigError(f"seeds must be a positive int, got {self.seeds!r}")
+        if self.line_search == "aaai" and self.K != 1:
+            raise ConfigError("line_search='aaai' is the AAAI I-GOS search (clean deletion score); "
+                              "iGOS++ has no such search: use 'reuse', 'lookahead' or 'authors'")
         if self.batch_size is not None:  # None: rows per pass picked for the device
             check_batch_size(self.batch_size)
         self._perturber = Perturber(igos_baseline() if self.baseline is None else self.baseline, self.score,
                                     self.batch_size)
+        if isinstance(self._perturber.baseline, Imputer):
+            raise ConfigError("I-GOS needs mask gradients, hence a fixed baseline, not a mask-dependent imputer")
 
     def compute(self, session, x, target):
-        H, W = x.shape[-2:]
+        B, H, W = x.shape[0], *x.shape[-2:]
+        k = self.seeds
         low = (min(self.size, H), min(self.size, W))
         resolved, outputs = clean_outputs(session, x, target)
-        clean = resolved.with_score(self.score)(outputs).detach() if self.adaptive_l1 else None
-        obj = _Objective(session, x, resolved, self._perturber, self.terms, self.grad_scale, self.steps,
-                         float(self.noise), self.seed, self.l1, self.l2,
+        aaai = self.line_search == "aaai"
+        adaptive = aaai if self.adaptive_l1 is None else bool(self.adaptive_l1)
+        alpha = (AAAI_ALPHA if aaai else DEFAULT_ALPHA) if self.alpha is None else float(self.alpha)
+        # each image's baseline, computed once for the whole call (a per-image tensor baseline included)
+        base = baseline_images(self._perturber.baseline, x, session)
+        # seeds=k: the k noise draws are k replicas of the batch (row r*B + i: image i, seed seed + r),
+        # optimized together; every row is independent, so replica r is the single-seed run with seed + r
+        rows = torch.arange(k * B, device=x.device) % B
+        xs, base = (x, base) if k == 1 else (x[rows], base[rows])
+        rng = SeedReplicas([session.random(self.seed + r, NOISE_PURPOSE, B) for r in range(k)], B)
+        clean = resolved.with_score(self.score)(outputs).detach()[rows] if adaptive else None
+        obj = _Objective(session, xs, resolved.for_images(rows), base, self.score, self.batch_size, self.terms,
+                         self.grad_scale, self.steps, float(self.noise), rng, self.l1, self.l2,
                          self.bilateral_sigma if self.bilateral else None, low)
         P, history = optimize_masks(
-            obj, x.shape[0], self.K, iterations=self.iterations, alpha=float(self.alpha), armijo=float(self.armijo),
+            obj, k * B, self.K, iterations=self.iterations, alpha=alpha, armijo=float(self.armijo),
             decay=float(self.decay), alpha_min=float(self.alpha_min), line_search=self.line_search,
-            ls_growth=float(self.ls_growth), opt=self.opt, adaptive_l1=self.adaptive_l1, clean_score=clean)
+            ls_growth=float(self.ls_growth), opt=self.opt, adaptive_l1=adaptive, clean_score=clean)
         P = P.detach()
+        seed_masks = obj.combined(P).view(k, B, *low)  # (k, B, h, w), 1 = keep, low = important (authors')
+        mask = seed_masks.mean(0)
+        P = P.view(k, B, self.K, *low).mean(0)
         masks = {"deletion": P[:, 0]}
         if self.K == 2:
             masks["insertion"] = P[:, 1]
-        mask = obj.combined(P)  # (B, h, w), 1 = keep, low = important (the authors' convention)
         return Explanation(maps=1 - upscale(mask[:, None], (H, W))[:, 0], targets=resolved.classes, outputs=outputs,
-                           lowres=1 - mask, extras={"mask": mask, "masks": masks, "history": history})
+                           lowres=1 - mask, extras={"mask": mask, "masks": masks, "seed_masks": seed_masks,
+                                                    "seeds": [self.seed + r for r in range(k)],
+                                                    "history": history})
 
 
 @register

@@ -5,8 +5,9 @@ level): a row's step size, acceptance and momentum never depend on another row, 
 does not depend on the batch it is in.
 
 - `armijo_search`: the backtracking (Armijo) line search of I-GOS / iGOS++, per row. Which pass
-  evaluates a candidate (forward only, or forward+backward whose gradient the next iteration reuses)
-  is the caller's `evaluate`; the loop is the same.
+  evaluates a candidate (forward only, or forward+backward whose gradient the next iteration reuses,
+  or the AAAI code's clean deletion score) is the caller's `evaluate`; the loop is the same, and its
+  stopping rule is both codes': a candidate whose step fell below `step_min` is taken unchecked.
 - `momentum_step`: heavy-ball SGD with dampening, exactly `torch.optim.SGD(momentum=m, dampening=d)`,
   written out so the state is an explicit tensor (TorchRay's extremal perturbation uses it).
 - `nesterov_step`: the I-GOS authors' accelerated gradient ("nag") step.
