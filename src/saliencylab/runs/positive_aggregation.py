@@ -51,7 +51,7 @@ def _groups(families, images: int | None, full: bool):
     loaded = models.load("efficientnet_lite0")
     photos = sample_images.samples()
     x = torch.stack([loaded.preprocess(p.path) for p in photos.values()])
-    x = torch.cat([x, x.flip(-1)])  # mirror images: 8 pairs, enough for a sign-flip test at 5%
+    x = torch.cat([x, x.flip(-1)])  # mirror images: 10 pairs, enough for a Holm-corrected sign-flip test at 5%
     if images:
         x = x[:images]
     metric_params = {"model_randomization": {"layers": LITE0_LAYERS}}
