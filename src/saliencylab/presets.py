@@ -41,6 +41,7 @@ _FULL = {
     "extremal_perturbation": {"steps": 200},
     "input_iba": {"steps": 20, "samples": 5, "gan_epochs": 2, "gan_size": 32, "gan_subset": 8, "gan_batch": 16},
     "structured_attention_graph": {"steps": 8},
+    "score_cam": {"top_channels": 128},  # the 128 most varying of the head's 1280 channels
 }
 
 _IBA_QUICK = {"steps": 2, "samples": 2}
@@ -67,6 +68,8 @@ PRESETS: dict[str, dict[str, dict]] = {
         "extremal_perturbation": {"steps": 4},
         "structured_attention_graph": {"steps": 2, "iterations": 1, "beam_width": 1, "candidates": 3,
                                        "max_patches": 2, "roots": 1, "depth": 1},
+        "score_cam": {"top_channels": 16},  # one forward per channel (1280 at the embedded model's head)
+        "prune_int": {"steps": 1},
     },
     "small-image": {
         "occlusion": {"window": 4, "stride": 2},

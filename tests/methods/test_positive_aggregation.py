@@ -135,3 +135,22 @@ def test_signed_toggles_follow_their_formulas():
     abs_map = sl.explain(model, x, "fullgrad").maps
     signed_map = sl.explain(model, x, "fullgrad", postprocess="signed").maps
     assert (signed_map < 0).any() and (abs_map >= 0).all()
+
+
+def test_score_cam_channels_keeps_the_most_varying_channels():
+    model = VGGLike().double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    full = sl.explain(model, x, "score_cam", layer="features.10")
+    few = sl.explain(model, x, "score_cam", layer="features.10", top_channels=3)
+    assert few.cost.forward_images == 2 * (3 + 1) and full.cost.forward_images == 2 * (16 + 1)
+    A = {}
+    h = model.features[10].register_forward_hook(lambda m, a, o: A.__setitem__("A", o.detach()))
+    model(x)
+    h.remove()
+    top = A["A"].flatten(2).var(2).topk(3, dim=1).indices
+    w_full, w_few = full.extras["weights"], few.extras["weights"]
+    for i in range(2):
+        assert torch.allclose(w_few[i, top[i]], w_full[i, top[i]])  # the same scores for the chosen channels
+        others = torch.ones(16, dtype=torch.bool)
+        others[top[i]] = False
+        assert (w_few[i, others] == 0).all()
