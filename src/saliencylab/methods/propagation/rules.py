@@ -83,14 +83,29 @@ class Epsilon(Rule):
         return layer.vjp(layer.weight, R / d)
 
 
+def _signs(x):
+    """(has positive inputs, has negative inputs): after a ReLU the negative terms vanish and are skipped."""
+    return bool((x > 0).any()), bool((x < 0).any())
+
+
+def _sum(*terms):
+    present = [t for t in terms if t is not None]
+    return sum(present[1:], present[0]) if present else 0.0
+
+
 class ZPlus(Rule):
     name = "zplus"
 
     def ratio(self, layer, x, z, R):
         W, b = layer.weight, layer.bias
+        pos, neg = _signs(x)
         xp, xn = x.clamp(min=0), x.clamp(max=0)
-        s = R / stabilize(layer.forward(xp, _pos(W), _pos(b)) + layer.forward(xn, _neg(W), None))
-        return (x > 0) * layer.vjp(_pos(W), s) + (x < 0) * layer.vjp(_neg(W), s)
+        d = layer.forward(xp, _pos(W), _pos(b))
+        if neg:
+            d = d + layer.forward(xn, _neg(W), None)
+        s = R / stabilize(d)
+        return _sum((x > 0) * layer.vjp(_pos(W), s) if pos else None,
+                    (x < 0) * layer.vjp(_neg(W), s) if neg else None) + torch.zeros_like(x)
 
 
 class AlphaBeta(Rule):
@@ -103,13 +118,16 @@ class AlphaBeta(Rule):
 
     def ratio(self, layer, x, z, R):
         W, b = layer.weight, layer.bias
+        pos, neg = _signs(x)
         xp, xn = x.clamp(min=0), x.clamp(max=0)
         Wp, Wn = _pos(W), _neg(W)
-        sp = R / stabilize(layer.forward(xp, Wp, _pos(b)) + layer.forward(xn, Wn, None))
-        sn = R / stabilize(layer.forward(xp, Wn, _neg(b)) + layer.forward(xn, Wp, None))
-        positive = (x > 0) * layer.vjp(Wp, sp) + (x < 0) * layer.vjp(Wn, sp)
-        negative = (x > 0) * layer.vjp(Wn, sn) + (x < 0) * layer.vjp(Wp, sn)
-        return self.alpha * positive - self.beta * negative
+        dp, dn = layer.forward(xp, Wp, _pos(b)), layer.forward(xp, Wn, _neg(b))
+        if neg:
+            dp, dn = dp + layer.forward(xn, Wn, None), dn + layer.forward(xn, Wp, None)
+        sp, sn = R / stabilize(dp), R / stabilize(dn)
+        positive = _sum((x > 0) * layer.vjp(Wp, sp) if pos else None, (x < 0) * layer.vjp(Wn, sp) if neg else None)
+        negative = _sum((x > 0) * layer.vjp(Wn, sn) if pos else None, (x < 0) * layer.vjp(Wp, sn) if neg else None)
+        return self.alpha * positive - self.beta * negative + torch.zeros_like(x)
 
 
 class Gamma(Rule):
@@ -125,10 +143,14 @@ class Gamma(Rule):
         Wa, Wb = W + g * W.clamp(min=0), W + g * W.clamp(max=0)
         ba = None if b is None else b + g * b.clamp(min=0)
         bb = None if b is None else b + g * b.clamp(max=0)
+        pos, neg = _signs(x)
         xp, xn = x.clamp(min=0), x.clamp(max=0)
-        sp = (z > 0) * R / stabilize(layer.forward(xp, Wa, ba) + layer.forward(xn, Wb, None))
-        sn = (z < 0) * R / stabilize(layer.forward(xp, Wb, bb) + layer.forward(xn, Wa, None))
-        return (x > 0) * (layer.vjp(Wa, sp) + layer.vjp(Wb, sn)) + (x < 0) * (layer.vjp(Wb, sp) + layer.vjp(Wa, sn))
+        dp, dn = layer.forward(xp, Wa, ba), layer.forward(xp, Wb, bb)
+        if neg:
+            dp, dn = dp + layer.forward(xn, Wb, None), dn + layer.forward(xn, Wa, None)
+        sp, sn = (z > 0) * R / stabilize(dp), (z < 0) * R / stabilize(dn)
+        return _sum((x > 0) * (layer.vjp(Wa, sp) + layer.vjp(Wb, sn)) if pos else None,
+                    (x < 0) * (layer.vjp(Wb, sp) + layer.vjp(Wa, sn)) if neg else None) + torch.zeros_like(x)
 
 
 class Flat(Rule):
