@@ -34,6 +34,19 @@ def test_deconvnet_matches_captum():
     assert not torch.allclose(ours, plain) and not torch.allclose(ours, guided)
 
 
+def test_deconvnet_on_in_place_relus_is_not_guided_backprop():
+    model = VGGLike().double().eval()  # torchvision's structure: ReLU(inplace=True)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    deconv = sl.explain(model, x, "deconvnet", channels=True).maps
+    guided = sl.explain(model, x, "guided_backprop", channels=True).maps
+    assert not torch.allclose(deconv, guided)
+    for m in model.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    assert torch.allclose(sl.explain(model, x, "deconvnet", channels=True).maps, deconv, atol=1e-14)
+    assert all(m.inplace for m in VGGLike().modules() if isinstance(m, nn.ReLU))
+
+
 def reference_rectgrad(model, x, q, zero_border):
     """One image at a time with tensor hooks: the gradient reaching each ReLU output is kept where
     output x gradient > its 'nearest' q-th percentile (numpy, per image); conv outputs of 'same'

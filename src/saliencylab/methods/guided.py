@@ -97,7 +97,9 @@ def _deconv_output(module, args, output):
 class Deconvnet(Method):
     """DeconvNet (Zeiler & Fergus 2014) as a backward rule: at every ReLU/ReLU6 module the gradient is
     relu(incoming gradient), ignoring where the forward input was positive (guided backprop keeps
-    both conditions, the plain gradient only the forward one). As captum.attr.Deconvolution."""
+    both conditions, the plain gradient only the forward one). As captum.attr.Deconvolution for
+    nn.ReLU; ReLU6 modules get the same rule (Captum leaves them alone). In-place ReLUs are switched
+    to out-of-place for the call (an edit), or the rule would be masked by the ReLU's own backward."""
 
     name = "deconvnet"
     description = "DeconvNet: gradients with the ReLU rule replaced by relu(incoming gradient)."
@@ -112,6 +114,8 @@ class Deconvnet(Method):
             if not modules:
                 raise ConfigError("deconvnet needs nn.ReLU or nn.ReLU6 modules to modify, and this model has none")
             for module in modules:
+                if getattr(module, "inplace", False):  # an in-place ReLU would overwrite the input we route to
+                    session.set_attr(module, "inplace", False)
                 session.add_forward_hook(module, _deconv_output)
             grads, outputs, classes = clean_gradients(session, x, target, self.batch_size)
         return Explanation(maps=grads, targets=classes, outputs=outputs)
@@ -207,6 +211,8 @@ class RectGrad(Method):
                 raise ConfigError("rectgrad needs activation modules to modify, and this model has none of "
                                   f"{', '.join(t.__name__ for t in self.activations)}")
             for module in modules:
+                if getattr(module, "inplace", False):  # the rule replaces the ReLU's backward: keep its input
+                    session.set_attr(module, "inplace", False)
                 session.add_forward_hook(module, rectify)
             if self.zero_border:
                 for module in session.model.modules():
