@@ -126,3 +126,13 @@ def test_in_memory_store_writes_nothing(tmp_path, monkeypatch):
     store = RunStore(None)
     store.append([make_row()])
     assert len(store) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_settings_digest_follows_what_a_protocol_expands_to(monkeypatch):
+    from saliencylab.metrics import faithfulness
+    from saliencylab.runs.store import settings_digest
+
+    before = settings_digest("gradient", {}, "deletion", {"protocol": "igos"})
+    changed = {**faithfulness.PROTOCOLS["igos"], "steps": 40}
+    monkeypatch.setitem(faithfulness.PROTOCOLS, "igos", changed)
+    assert settings_digest("gradient", {}, "deletion", {"protocol": "igos"}) != before

@@ -40,7 +40,10 @@ Deliberate differences (and the option that restores the authors' behaviour wher
 - Node expansion compares relative p > 0.4 exactly; the authors compare the displayed whole percent
   (int(100 * round(p, 3)) > 40, i.e. about >= 41%).
 - Every distinct set is scored once per image (cached): the authors rescore repeated sets (duplicate
-  successors, the roots again in the tree), so our pass count is at most theirs; the scores are the same.
+  successors, the roots again in the tree), so for one image our pass count is at most theirs; the
+  scores are the same. With several images, each step pads every image to the largest number of new
+  sets of that step (padding rows are scored too), so a batch can cost more passes than one image at a
+  time.
 - The passes are batched: all successors of all beam states of all images of a step in one
   Perturber call (then chunked by `batch_size`), the greedy pruning of all pending roots in lockstep
   (one patch test per root per call, the authors' sequential order), the graph one level at a time.

@@ -54,8 +54,14 @@ def settings_digest(method: str | None, method_params: dict, metric: str | None,
         if name is None or name not in registry.available():
             return None
         cls = registry.get(name)
-        return {"revision": getattr(cls, "revision", 0),
-                "params": spec_value({**registry.parameters(name), **(given or {})})}
+        params = {**registry.parameters(name), **(given or {})}
+        if registry is _metrics:  # what a preset such as protocol="igos" expands to, as the metric resolved it
+            try:
+                built = registry.build(name, **(given or {}))
+                params = {k: getattr(built, k, v) for k, v in params.items()}
+            except Exception:  # noqa: BLE001 - invalid settings fail later with their own clear error
+                pass
+        return {"revision": getattr(cls, "revision", 0), "params": spec_value(params)}
 
     text = json.dumps([full(_methods, method, method_params), full(_metrics, metric, metric_params)],
                       sort_keys=True, separators=(",", ":"), default=repr)
