@@ -18,7 +18,8 @@ to the input, where it is the map (channels kept, summed by `explain` unless cha
 
 Activations (the pass rule): y = f(x) hands its relevance to x unchanged (R_x = R_y, so c_x = c_y y/x),
 for the module types in `activations` (ReLU, ReLU6, LeakyReLU, ELU, SiLU, GELU, Hardswish, Mish, Tanh
-by default). ReLU called as a function (F.relu) gets its gradient, which for ReLU is the pass rule; other
+by default; ReLU and LeakyReLU are piecewise linear through 0, so their ordinary gradient already is
+y/x and they are left unhooked). ReLU called as a function (F.relu) gets its gradient, which for ReLU is the pass rule; other
 functional activations (F.silu, F.relu6 above 6) are not the pass rule: use modules. In-place activation
 modules are switched to out-of-place for the call (an edit).
 
@@ -53,6 +54,8 @@ from .canonizers import folded, mergeable
 from .composites import COMPOSITES, CONVOLUTIONS, LINEAR_LAYERS, make_composite
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Mish, nn.Tanh)
+# Piecewise linear through 0: the ordinary gradient already is the pass rule (y / x), so no hook is needed.
+GRADIENT_IS_PASS = (nn.ReLU, nn.LeakyReLU)
 
 
 class _Relevance(torch.autograd.Function):
@@ -81,8 +84,8 @@ class _Pass(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, y = ctx.saved_tensors
-        ratio = torch.where(x == 0, torch.zeros_like(x), y / torch.where(x == 0, torch.ones_like(x), x))
-        return grad * ratio, None
+        # every pass-rule activation has f(0) = 0, so y / x with x = 0 replaced by 1 gives 0 there
+        return (grad * y).div_(x.masked_fill(x == 0, 1)), None
 
 
 class LinearLayer:
@@ -119,7 +122,7 @@ def install_rules(session, composite, activations, state: dict, canonize: bool =
             hooked += 1
         elif canonize and mergeable(module):
             session.hook(module, _merge_batchnorm(name, state))
-        elif activations and isinstance(module, activations):
+        elif activations and isinstance(module, activations) and not isinstance(module, GRADIENT_IS_PASS):
             if getattr(module, "inplace", False):
                 session.set_attr(module, "inplace", False)
             session.hook(module, _pass_output)

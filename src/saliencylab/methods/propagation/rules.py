@@ -79,8 +79,11 @@ class Epsilon(Rule):
         self.epsilon = float(epsilon)
 
     def ratio(self, layer, x, z, R):
-        d = stabilize(z, self.epsilon) if self.epsilon > 0 else torch.where(z == 0, torch.ones_like(z), z)
-        return layer.vjp(layer.weight, R / d)
+        if self.epsilon > 0:  # stabilize(z, eps) in two operations: sign(0) counts as +
+            d = z + torch.where(z >= 0, self.epsilon, -self.epsilon)
+        else:
+            d = z.masked_fill(z == 0, 1.0)
+        return layer.vjp(layer.weight, R.div_(d))
 
 
 def _signs(x):
