@@ -9,6 +9,16 @@ from zoo import ColourNet, PatchMeanModel, PatchModel, RegionModel, SmallCNN, ma
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny double-precision models run far faster on one thread, above all on a busy machine
+    (use with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def small_cnn():
     return make_small_cnn()
 

@@ -14,12 +14,7 @@ from zoo import PatchModel, RegionModel
 from zoo import sequential_cnn
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cnn(seed=0):

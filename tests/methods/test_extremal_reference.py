@@ -14,12 +14,7 @@ from saliencylab.methods.extremal import SmoothMaskGenerator
 from zoo import sequential_cnn
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- the port ----------------------------------------------------------------------------------

@@ -16,13 +16,7 @@ from zoo import RegionModel
 from zoo import sequential_cnn
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny double-precision models run far faster on one thread, above all on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cnn(seed=0, classes=4):

@@ -16,12 +16,7 @@ from saliencylab.methods.sag import AttentionGraph
 from zoo import RegionModel
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # 43x43 images, 7x7 grid: grid point (r, c) is pixel (7r, 7c), where the bilinear (align_corners=True)

@@ -26,12 +26,7 @@ from saliencylab.methods.igos import IGOS
 from zoo import ColourNet
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 RED, GREEN = (1.0, -1.0, -1.0), (-1.0, 1.0, -1.0)
