@@ -38,8 +38,8 @@ STABILIZER = 1e-6  # Zennit's default denominator stabiliser for the rules witho
 
 
 def stabilize(d: torch.Tensor, eps: float = STABILIZER) -> torch.Tensor:
-    """d + eps * (sign(d) + [d == 0]): never zero, sign kept (Zennit's convention)."""
-    return d + ((d == 0).to(d) + d.sign()) * eps
+    """d + eps * (sign(d) + [d == 0]): never zero, sign kept (Zennit's convention), in two operations."""
+    return d + torch.where(d >= 0, eps, -eps)
 
 
 def _pos(t):
@@ -91,9 +91,19 @@ def _signs(x):
     return bool((x > 0).any()), bool((x < 0).any())
 
 
-def _sum(*terms):
+def _masked(v, mask):
+    return v.mul_(mask)  # v is a fresh tensor: masking in place saves a copy
+
+
+def _sum(x, *terms):
+    """The sum of the terms present (fresh tensors, summed in place), zeros if none."""
     present = [t for t in terms if t is not None]
-    return sum(present[1:], present[0]) if present else 0.0
+    if not present:
+        return torch.zeros_like(x)
+    out = present[0]
+    for t in present[1:]:
+        out = out.add_(t)
+    return out
 
 
 class ZPlus(Rule):
@@ -106,9 +116,9 @@ class ZPlus(Rule):
         d = layer.forward(xp, _pos(W), _pos(b))
         if neg:
             d = d + layer.forward(xn, _neg(W), None)
-        s = R / stabilize(d)
-        return _sum((x > 0) * layer.vjp(_pos(W), s) if pos else None,
-                    (x < 0) * layer.vjp(_neg(W), s) if neg else None) + torch.zeros_like(x)
+        s = R.div_(stabilize(d))
+        return _sum(x, _masked(layer.vjp(_pos(W), s), x > 0) if pos else None,
+                    _masked(layer.vjp(_neg(W), s), x < 0) if neg else None)
 
 
 class AlphaBeta(Rule):
@@ -128,9 +138,11 @@ class AlphaBeta(Rule):
         if neg:
             dp, dn = dp + layer.forward(xn, Wn, None), dn + layer.forward(xn, Wp, None)
         sp, sn = R / stabilize(dp), R / stabilize(dn)
-        positive = _sum((x > 0) * layer.vjp(Wp, sp) if pos else None, (x < 0) * layer.vjp(Wn, sp) if neg else None)
-        negative = _sum((x > 0) * layer.vjp(Wn, sn) if pos else None, (x < 0) * layer.vjp(Wp, sn) if neg else None)
-        return self.alpha * positive - self.beta * negative + torch.zeros_like(x)
+        positive = _sum(x, _masked(layer.vjp(Wp, sp), x > 0) if pos else None,
+                        _masked(layer.vjp(Wn, sp), x < 0) if neg else None)
+        negative = _sum(x, _masked(layer.vjp(Wn, sn), x > 0) if pos else None,
+                        _masked(layer.vjp(Wp, sn), x < 0) if neg else None)
+        return positive.mul_(self.alpha).sub_(negative, alpha=self.beta)
 
 
 class Gamma(Rule):
@@ -152,8 +164,8 @@ class Gamma(Rule):
         if neg:
             dp, dn = dp + layer.forward(xn, Wb, None), dn + layer.forward(xn, Wa, None)
         sp, sn = (z > 0) * R / stabilize(dp), (z < 0) * R / stabilize(dn)
-        return _sum((x > 0) * (layer.vjp(Wa, sp) + layer.vjp(Wb, sn)) if pos else None,
-                    (x < 0) * (layer.vjp(Wb, sp) + layer.vjp(Wa, sn)) if neg else None) + torch.zeros_like(x)
+        return _sum(x, _masked(layer.vjp(Wa, sp).add_(layer.vjp(Wb, sn)), x > 0) if pos else None,
+                    _masked(layer.vjp(Wb, sp).add_(layer.vjp(Wa, sn)), x < 0) if neg else None)
 
 
 class Flat(Rule):
