@@ -195,3 +195,29 @@ def accumulate_input_gradients(
         scores = target(session.forward(inputs), image)
         grads = session.grad(scores, inputs)
         reduce(grads, image, sample, inputs.detach())
+
+
+# Activation module types whose outputs are "neurons" (PathwayGrad) or pass relevance on (LRP).
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Mish, nn.Tanh)
+
+
+def out_of_place(session, module: nn.Module) -> None:
+    """Switch an in-place activation to out-of-place for the session (an edit): a hook that keeps or
+    routes gradient to the module's input needs that input intact."""
+    if getattr(module, "inplace", False):
+        session.set_attr(module, "inplace", False)
+
+
+def replace_activation_backward(session, modules, function, *extra) -> None:
+    """Give each module the backward pass of `function` (an autograd Function taking (x, y, *extra)
+    whose forward returns y): its output becomes `function.apply(x, y.detach(), *extra)`, so the
+    gradient reaches the input x only through `function.backward` (session edits)."""
+    def hook(module, args, output):
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor) and x.requires_grad:
+            return function.apply(x, output.detach(), *extra)
+        return None
+
+    for module in modules:
+        out_of_place(session, module)
+        session.hook(module, hook)

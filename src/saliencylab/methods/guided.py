@@ -15,7 +15,7 @@ from torch import nn
 
 from ..core.errors import ConfigError
 from ..core.explanation import Explanation
-from .base import Method, Param, check_batch_size, register
+from .base import Method, Param, check_batch_size, register, replace_activation_backward
 from .gradient import clean_gradients
 
 GUIDED_ACTIVATIONS = (nn.ReLU, nn.ReLU6)
@@ -86,13 +86,6 @@ class _DeconvRelu(torch.autograd.Function):
         return grad.clamp(min=0), None
 
 
-def _deconv_output(module, args, output):
-    x = args[0] if args else None
-    if isinstance(x, torch.Tensor) and x.requires_grad:
-        return _DeconvRelu.apply(x, output.detach())
-    return None
-
-
 @register
 class Deconvnet(Method):
     """DeconvNet (Zeiler & Fergus 2014) as a backward rule: at every ReLU/ReLU6 module the gradient is
@@ -113,10 +106,8 @@ class Deconvnet(Method):
             modules = [m for m in session.model.modules() if isinstance(m, GUIDED_ACTIVATIONS)]
             if not modules:
                 raise ConfigError("deconvnet needs nn.ReLU or nn.ReLU6 modules to modify, and this model has none")
-            for module in modules:
-                if getattr(module, "inplace", False):  # an in-place ReLU would overwrite the input we route to
-                    session.set_attr(module, "inplace", False)
-                session.add_forward_hook(module, _deconv_output)
+            # in-place ReLUs are switched off: they would overwrite the input the rule routes to
+            replace_activation_backward(session, modules, _DeconvRelu)
             grads, outputs, classes = clean_gradients(session, x, target, self.batch_size)
         return Explanation(maps=grads, targets=classes, outputs=outputs)
 
@@ -194,12 +185,6 @@ class RectGrad(Method):
     def compute(self, session, x, target):
         q = float(self.percentile)
 
-        def rectify(module, args, output):
-            inp = args[0] if args else None
-            if isinstance(inp, torch.Tensor) and inp.requires_grad:
-                return _RectifiedRelu.apply(inp, output.detach(), q)
-            return None
-
         def border(module, args, output):
             if output.requires_grad and output.dim() == 4 and output.shape[-2:] == args[0].shape[-2:]:
                 return _ZeroBorder.apply(output, tuple(module.padding))
@@ -210,10 +195,7 @@ class RectGrad(Method):
             if not modules:
                 raise ConfigError("rectgrad needs activation modules to modify, and this model has none of "
                                   f"{', '.join(t.__name__ for t in self.activations)}")
-            for module in modules:
-                if getattr(module, "inplace", False):  # the rule replaces the ReLU's backward: keep its input
-                    session.set_attr(module, "inplace", False)
-                session.add_forward_hook(module, rectify)
+            replace_activation_backward(session, modules, _RectifiedRelu, q)
             if self.zero_border:
                 for module in session.model.modules():
                     if (isinstance(module, nn.Conv2d) and module.stride == (1, 1) and not isinstance(module.padding, str)

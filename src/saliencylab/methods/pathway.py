@@ -42,14 +42,12 @@ order), "threshold" (B,) and "kept" (B,) the fraction of neurons kept.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..core.errors import ConfigError
 from ..core.explanation import Explanation
 from ..core.targets import resolve_target, slice_target
-from .base import Method, Param, check_batch_size, register
+from .base import ACTIVATIONS, Method, Param, check_batch_size, out_of_place, register
 
-ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Mish, nn.Tanh)
 ALPHA_SCHEDULES = ("linear", "authors")
 
 
@@ -78,15 +76,13 @@ class _Activations:
     def __init__(self, session, types):
         self.outputs: list[torch.Tensor] = []
         self.factors: list[torch.Tensor] | None = None
-        self.scale_call: int | None = None
         self.scales: torch.Tensor | None = None
         modules = [m for m in session.model.modules() if isinstance(m, types)]
         if not modules:
             raise ConfigError(f"the model has no activation modules of the types {', '.join(t.__name__ for t in types)} "
                               "to prune; pass activations=(...) with the types it uses")
         for m in modules:
-            if getattr(m, "inplace", False):
-                session.set_attr(m, "inplace", False)  # the recorded output must not be overwritten
+            out_of_place(session, m)  # the recorded output must not be overwritten
             session.hook(m, self._hook)
         session.hook(session.model, self._reset, "forward_pre")
 

@@ -148,14 +148,20 @@ def groundtruth_groups(methods: Sequence[str], full: bool, seed: int, images: in
     return groups
 
 
-def faithfulness_groups(methods: Sequence[str], full: bool, seed: int, images: int | None) -> list[Group]:
+def embedded_photos():
+    """The embedded model, the bundled photos preprocessed for it (B, 3, 224, 224), and a display
+    function for the example figures: what the photo suites share."""
     from .. import images as sample_images
     from .. import models
     from ..report.render import denormalize
 
     loaded = models.load("efficientnet_lite0")
-    photos = sample_images.samples()
-    x = torch.stack([loaded.preprocess(p.path) for p in photos.values()])
+    x = torch.stack([loaded.preprocess(p.path) for p in sample_images.samples().values()])
+    return loaded, x, lambda t: denormalize(t, models.LITE_MEAN, models.LITE_STD)
+
+
+def faithfulness_groups(methods: Sequence[str], full: bool, seed: int, images: int | None) -> list[Group]:
+    loaded, x, display = embedded_photos()
     if full:  # the larger version: mirrored photos too
         x = torch.cat([x, x.flip(-1)])
     if images:
@@ -167,7 +173,7 @@ def faithfulness_groups(methods: Sequence[str], full: bool, seed: int, images: i
             "each map explains the predicted class.")
     return [Group("photos", loaded.model, x, None, metric_names, method_params_for(methods, small=False, full=full),
                   metric_params={k: v for k, v in metric_params.items() if k in metric_names}, note=note,
-                  display=lambda t: denormalize(t, models.LITE_MEAN, models.LITE_STD))]
+                  display=display)]
 
 
 def _unit_rgb(t: torch.Tensor):

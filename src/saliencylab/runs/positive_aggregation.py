@@ -47,14 +47,9 @@ LITE0_LAYERS = ["classifier", "head", "blocks.15", "blocks.12", "blocks.8", "blo
 
 
 def _groups(families, images: int | None, full: bool):
-    from .. import images as sample_images
-    from .. import models
-    from ..report.render import denormalize
-    from .leaderboard import Group
+    from .leaderboard import Group, embedded_photos
 
-    loaded = models.load("efficientnet_lite0")
-    photos = sample_images.samples()
-    x = torch.stack([loaded.preprocess(p.path) for p in photos.values()])
+    loaded, x, display = embedded_photos()
     if images:
         x = x[:images]
     x = torch.cat([x, x.flip(-1)])  # mirror images: averaged with their photo (see compare)
@@ -68,7 +63,7 @@ def _groups(families, images: int | None, full: bool):
         note = (f"EfficientNet-Lite0 on {len(x)} photos (bundled and mirrored); the {side} variant of every "
                 "family of the positive-aggregation study. Lower similarity = more sensitive = better.")
         groups.append(Group(side, loaded.model, x, None, METRICS, params, metric_params=metric_params, note=note,
-                            display=lambda t: denormalize(t, models.LITE_MEAN, models.LITE_STD)))
+                            display=display))
     return groups
 
 

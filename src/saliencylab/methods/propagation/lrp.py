@@ -48,12 +48,11 @@ from torch import nn
 
 from ...core.errors import ConfigError
 from ...core.explanation import Explanation
-from ..base import Method, Param, check_batch_size, register
+from ..base import ACTIVATIONS, Method, Param, check_batch_size, register, replace_activation_backward
 from ..gradient import clean_gradients
 from .canonizers import folded, mergeable
 from .composites import COMPOSITES, CONVOLUTIONS, LINEAR_LAYERS, make_composite
 
-ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Mish, nn.Tanh)
 # Piecewise linear through 0: the ordinary gradient already is the pass rule (y / x), so no hook is needed.
 GRADIENT_IS_PASS = (nn.ReLU, nn.LeakyReLU)
 
@@ -110,29 +109,25 @@ class LinearLayer:
             return torch.autograd.grad(self._map(probe, weight, None), probe, grad)[0]
 
 
-def install_rules(session, composite, activations, state: dict, canonize: bool = True) -> int:
+def install_rules(session, composite, activations, state: dict, canonize: bool = True) -> None:
     """Hook every linear layer with its rule, every activation with the pass rule and (canonize) every
     BatchNorm with the merge (session edits)."""
-    hooked = 0
-    names = []
+    names, passing = [], []
     for name, module in session.model.named_modules():
         if isinstance(module, LINEAR_LAYERS):
             names.append(name)
             _hook_linear(session, name, module, composite, state)
-            hooked += 1
         elif canonize and mergeable(module):
             session.hook(module, _merge_batchnorm(name, state))
         elif activations and isinstance(module, activations) and not isinstance(module, GRADIENT_IS_PASS):
-            if getattr(module, "inplace", False):
-                session.set_attr(module, "inplace", False)
-            session.hook(module, _pass_output)
+            passing.append(module)
     composite.check_names(names)
+    replace_activation_backward(session, passing, _Pass)
 
     def new_forward(module, args):
         state["first"] = True
         state["calls"] = {}
     session.hook(session.model, new_forward, "forward_pre")
-    return hooked
 
 
 def _rule_backward(rule, layer, first):
@@ -154,13 +149,6 @@ def _merge_batchnorm(bn_name, state):
         state["merged"].setdefault((name, bn_name), None)
         return _Relevance.apply(inp, output.detach(), _rule_backward(rule, merged, first))
     return hook
-
-
-def _pass_output(module, args, output):
-    x = args[0] if args else None
-    if isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor) and x.requires_grad:
-        return _Pass.apply(x, output.detach())
-    return None
 
 
 def _hook_linear(session, name, module, composite, state):
