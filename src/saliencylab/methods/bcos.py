@@ -12,7 +12,8 @@ Channels: with `channels=True` the maps are (B, 3, H, W), each colour channel's 
 inverse's (x_c W_c + (1 - x_c) W_{c+3}); their sum over channels is the authors' map. A model without
 an `AddInverse` module (its input already encoded) is explained w.r.t. that input, channels unfolded.
 `return_weights=True` puts W(x) in `extras["weights"]` and the encoded input in `extras["encoded"]`
-((B, 6, H, W) each, detached; `saliencylab.models.bcos.gradient_to_image` colours them).
+((B, 6, H, W) each; `saliencylab.models.bcos.gradient_to_image` colours them). With create_graph=True
+the weights keep their graph (a loss on W(x), as B-cos distillation compares them, trains the model).
 
 Deliberate differences from the authors:
 - Explanation mode is a session edit (each layer's `detach` flag set through the ModelSession,
@@ -114,7 +115,7 @@ class Bcos(Method):
             contributions = enc.detach() * w
             maps.append(self._fold(contributions, inputs) if store is not None else contributions)
             if self.return_weights:
-                weights.append(w.detach())
+                weights.append(w if session.differentiable else w.detach())  # with create_graph: its graph
                 encoded.append(enc.detach())
             outputs.append(out.detach())
             classes.append(resolved.classes)
