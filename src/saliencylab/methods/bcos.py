@@ -27,9 +27,10 @@ Deliberate differences from the authors:
   encoded input (`forward_linearised`), so the scales are fixed for the input gradient but stay
   differentiable in the parameters (two forwards, one backward). The authors' detach (used here for
   their own layers) would cut the parameters' gradient through the scales.
-  Rao et al.'s model-guidance code (sukrutrao/Model-Guidance `attribution_methods.py`,
-  `BCosAttributor`) takes the gradient of a forward run outside explanation mode, i.e. plain
-  input x gradient of the 6-channel input; that is not what this method computes.
+  Rao et al.'s model-guidance code (sukrutrao/Model-Guidance: `train.py` runs the forward, then
+  `attribution_methods.py` `BCosAttributor` wraps only `autograd.grad` in `explanation_mode()`, too
+  late to detach anything) trains on the plain input x gradient of the 6-channel input; this method
+  gives W(x) * x in training too (`method="input_x_gradient"` on a model fed encoded images gives theirs).
 - Exactness holds for logit targets (the default); a callable target's score is explained the same
   way but is not a sum of contributions unless it is linear in the logits.
 """

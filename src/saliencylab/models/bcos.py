@@ -21,7 +21,9 @@ sqrt(sum over the window of ||x||^2 + 1e-6) (zero padding counts as zeros); for 
 scale |w_hat . x| / ||x|| (no epsilon), otherwise (|w_hat . x| / ||x|| + 1e-6)^(b - 1); MaxOut over
 groups of `max_out` consecutive output channels (channel o * max_out + m); no `scale` division (v2's
 `BcosConv2d`; v1's scale lives on in their deprecated `BcosConv2dWithScale`); a B-cos 1x1 classifier
-before global average pooling, then a logit layer (optional temperature, bias -log(K - 1)).
+before global average pooling, then a logit layer (optional temperature, bias -log(K - 1)). v1's
+CIFAR-10 nets also divided every layer by a `scale` and the logits by a temperature (100 for b = 2);
+v2 uses neither, nor do we (`BcosCNN(logit_temperature=...)` sets one).
 
 Deliberate differences:
 - Explanation mode. The authors' `detach` flag (kept, with their `set_explanation_mode`) detaches
@@ -176,8 +178,8 @@ class BcosLinear(nn.Module):
 
 
 class AddInverse(nn.Module):
-    """x -> cat(x, 1 - x) on the channel axis (dim -3): every pixel's encoding has the same norm
-    share per channel pair, so dark and bright pixels can both contribute (the authors' encoding)."""
+    """x -> cat(x, 1 - x) on the channel axis (dim -3), the authors' encoding: every pixel's channels
+    sum to C, so a black pixel is not a zero vector and colours differ in direction, not only in norm."""
 
     def __init__(self, dim: int = -3):
         super().__init__()
