@@ -51,7 +51,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     sources = set(re.findall(r'src="([^"]+)"', html))
     for name in images.samples():
         assert f"{name}.png" in sources
-        for method in methods.available():
+        for method in methods.available(requires=None):
             assert f"{name}.{method}.png" in sources
     for src in sources:
         assert (out / src).is_file(), src
@@ -60,7 +60,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     # the faithfulness table: one row per method, deletion and insertion with intervals, and the curves
     table = (out / "metrics.md").read_text().splitlines()
     assert table[0] == "| method | deletion ↓ | insertion ↑ |"
-    assert [line.split("|")[1].strip() for line in table[2:]] == methods.available()
+    assert [line.split("|")[1].strip() for line in table[2:]] == methods.available(requires=None)
     assert all(re.search(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", line) for line in table[2:])
     assert {"curves_deletion.png", "curves_insertion.png"} <= sources
     assert "Faithfulness of each method" in html
@@ -92,13 +92,13 @@ def test_demo_default_method_list(demo_calls, tmp_path):
 
     assert main(["demo", "--full", "--out", str(tmp_path)]) == 0
     call = demo_calls[-1]
-    assert call["methods"] == methods.available() and call["preset"] == "full"
+    assert call["methods"] == methods.available(requires=None) and call["preset"] == "full"
     assert call["photos"] == images.sample_names() and len(call["photos"]) == 5
     assert main(["demo", "--quick", "--methods", "gradcam, gradient", "--metrics", "", "--out", str(tmp_path)]) == 0
     call = demo_calls[-1]
     assert call["methods"] == ["gradcam", "gradient"] and call["preset"] == "quick" and call["metrics"] == []
     assert main(["demo", "--methods", "all", "--preset", "photo", "--out", str(tmp_path)]) == 0
-    assert demo_calls[-1]["methods"] == methods.available() and demo_calls[-1]["preset"] == "photo"
+    assert demo_calls[-1]["methods"] == methods.available(requires=None) and demo_calls[-1]["preset"] == "photo"
 
 
 @pytest.mark.parametrize("args, message", [

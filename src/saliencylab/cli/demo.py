@@ -42,7 +42,7 @@ def run(args) -> int:
     if args.methods is None:
         names = demo_methods(full=args.full)
     elif args.methods.strip() == "all":
-        names = _methods.available()
+        names = _methods.available(requires=None)
     else:
         names = [n.strip() for n in args.methods.split(",") if n.strip()]
         if not names:

@@ -12,7 +12,7 @@ random draws, so results do not depend on batching or sharding).
 A subclass implements `compute(session, x, target) -> Explanation` and returns everything it computed
 (nothing is stored on the instance; the target is an argument). Maps may be (B, C, H, W) input-space
 maps or (B, h, w) layer maps; `explain` sums channels and upsamples. Metadata lives on the class:
-`input_space`, `uses_gradients`, `differentiable`, `stochastic`, `needs_data`.
+`input_space`, `uses_gradients`, `differentiable`, `stochastic`, `needs_data`, `requires`.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class Method:
     differentiable: ClassVar[bool] = False  # supports create_graph=True
     stochastic: ClassVar[bool] = False  # draws random numbers (keyed to the images: see core.randomness)
     needs_data: ClassVar[bool] = False  # needs feature statistics or training data (`data=`)
+    requires: ClassVar[str | None] = None  # a model kind the method needs ("bcos_model"); None: any model
     # Bumped when results change for the same parameters: stored rows of an older revision are not reused.
     revision: ClassVar[int] = 0
 

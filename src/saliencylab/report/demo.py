@@ -34,7 +34,7 @@ class DemoResult:
 
 def demo_methods(full: bool = False) -> list[str]:
     """The methods the demo runs: a representative handful, or every registered method with `full`."""
-    return _methods.available() if full else list(_presets.DEMO_METHODS)
+    return _methods.available(requires=None) if full else list(_presets.DEMO_METHODS)
 
 
 def demo_photos(full: bool = False) -> list[str]:

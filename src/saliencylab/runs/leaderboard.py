@@ -114,7 +114,7 @@ def resolve_methods(text: str | Sequence[str] | None, suite: str = "groundtruth"
         return list(DEFAULT_METHODS if suite == "groundtruth" or full else PHOTO_DEFAULT_METHODS)
     names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
     if names == ["all"]:
-        return _methods.available()
+        return _methods.available(requires=None)
     return [_methods.get(n).name for n in names if n]
 
 
