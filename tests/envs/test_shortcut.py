@@ -143,6 +143,8 @@ def test_group_accuracies_and_worst_group():
     (dict(classes=(0, 0)), "classes must be at least two distinct digits"),
     (dict(foreground="shapes", classes=("disc", "star")), "classes must be at least two distinct shapes"),
     (dict(scale=(0.5, 0.95)), "scale must be"),
+    (dict(scale=0.5), "scale must be"),
+    (dict(bias=True), "bias must lie in"),
 ])
 def test_bad_arguments_give_one_clear_line(kwargs, message):
     with pytest.raises(ConfigError, match=message) as info:

@@ -47,6 +47,7 @@ not); the images are small (32-64 px) so that a CPU trains on them in seconds.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field, fields
 from typing import Sequence
 
@@ -147,7 +148,8 @@ class ShortcutData:
 
     `boxes` (N, 4) float (x0, y0, x1, y1) pixels, exclusive ends; (0, 0, 0, 0) where `has_box` is False.
     `objects` (N, S, S) bool, empty where `has_box` is False; `true_boxes` / `true_objects` always hold
-    the ground truth. `index` (N,) the keys the images were generated from.
+    the ground truth. `index` (N,) the keys the images were generated from. `bias` is the argument given
+    (the test split ignores it: it is balanced).
     """
 
     images: torch.Tensor
@@ -209,9 +211,9 @@ def _check(split, n, size, bias, foreground, backgrounds, box_fraction, classes,
         raise ConfigError(f"n must be a positive integer, got {n!r}")
     if isinstance(size, bool) or not isinstance(size, int) or size < 16:
         raise ConfigError(f"size must be an integer >= 16 pixels, got {size!r}")
-    if not (isinstance(bias, (int, float)) and 0.0 <= bias <= 1.0):
+    if isinstance(bias, bool) or not (isinstance(bias, (int, float)) and 0.0 <= bias <= 1.0):
         raise ConfigError(f"bias must lie in [0, 1], got {bias!r}")
-    if not (isinstance(box_fraction, (int, float)) and 0.0 <= box_fraction <= 1.0):
+    if isinstance(box_fraction, bool) or not (isinstance(box_fraction, (int, float)) and 0.0 <= box_fraction <= 1.0):
         raise ConfigError(f"box_fraction must lie in [0, 1], got {box_fraction!r}")
     if foreground not in FOREGROUNDS:
         raise ConfigError(f"foreground must be one of {', '.join(FOREGROUNDS)}, got '{foreground}'")
@@ -225,7 +227,10 @@ def _check(split, n, size, bias, foreground, backgrounds, box_fraction, classes,
     if len(classes) < 2 or len(set(classes)) != len(classes) or any(c not in valid for c in classes):
         raise ConfigError(f"classes must be at least two distinct {'digits 0-9' if foreground == 'digits' else 'shapes of ' + ', '.join(SHAPES)}, "
                           f"got {classes!r}")
-    lo, hi = (float(s) for s in scale)
+    try:
+        lo, hi = (float(s) for s in scale)
+    except (TypeError, ValueError):
+        lo, hi = math.nan, math.nan
     if not 0.1 <= lo <= hi <= 0.9:
         raise ConfigError(f"scale must be (low, high) with 0.1 <= low <= high <= 0.9 of the image side, got {scale!r}")
     return backgrounds, classes, (lo, hi)
