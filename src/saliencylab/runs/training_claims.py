@@ -305,10 +305,12 @@ def _fmt(x: float) -> str:
 
 
 def _markdown(claims, rows, seeds, cfg, command: str, seconds: float) -> str:
+    total = sum(rows[run][s]["seconds"] for run in RUNS for s in seeds)
     lines = ["# Training with explanations: the papers' claims on the shortcut environment", "",
              f"Command: `{command}`", "",
-             f"Seeds {list(seeds)}; settings digest {_digest(cfg)}; {seconds / 60:.1f} min of computing in this "
-             "call (finished runs are reused). Set-up and decision rules: `saliencylab.runs.training_claims` "
+             f"Seeds {list(seeds)}; settings digest {_digest(cfg)}; the runs took {total / 60:.1f} min in all "
+             f"(this call: {seconds / 60:.1f} min; finished runs are reused). Set-up and decision rules: "
+             "`saliencylab.runs.training_claims` "
              f"(docstring). Intervals: 95% t over seeds (df = {len(seeds) - 1}), bootstrap over seeds in brackets; "
              f"p: sign-flip permutation over seeds (cannot go below {2 / 2 ** len(seeds):.3g} with {len(seeds)} seeds).",
              "", "## Verdicts", ""]
@@ -339,6 +341,14 @@ def _markdown(claims, rows, seeds, cfg, command: str, seconds: float) -> str:
             cells.append(f"{_fmt(m)} [{_fmt(lo)}, {_fmt(hi)}]")
         secs = sum(rows[run][s]["seconds"] for s in seeds) / len(seeds)
         lines.append(f"| {run} | " + " | ".join(cells) + f" | {secs:.1f} |")
+    lines += ["", "Test accuracy per (class, background) group, mean over seeds (group = class * 2 + background; "
+              "groups 0 and 3 have the training images' pairing, 1 and 2 the other):", "",
+              "| run | " + " | ".join(f"group {g}" for g in range(4)) + " |", "|---|---|---|---|---|"]
+    for run in RUNS:
+        if run not in rows:
+            continue
+        accs = [[rows[run][s]["test"]["group_accuracies"].get(str(g), math.nan) for s in seeds] for g in range(4)]
+        lines.append(f"| {run} | " + " | ".join(_fmt(sum(a) / len(a)) for a in accs) + " |")
     lines += ["", "EPG / IoU: input x gradient maps of the true class for pretrain/unguided/energy/l1/energy_limited, "
               "Grad-CAM at `features` for teacher/kd/e2kd; exact object boxes of the balanced test images.", ""]
     return "\n".join(lines)
@@ -364,7 +374,8 @@ def run_claims(out_dir, seeds: Sequence[int] = (0, 1, 2), quick: bool = False, l
               ("" if seeds == [0, 1, 2] else " --seeds " + " ".join(map(str, seeds)))
     out = Path(out_dir)
     result = {"config": cfg, "digest": study.digest, "seeds": seeds, "claims": claims, "computed": study.computed,
-              "seconds": seconds, "command": command,
+              "seconds": seconds, "run_seconds": sum(rows[r][s]["seconds"] for r in RUNS for s in seeds),
+              "command": command,
               "runs": {run: {str(s): {k: v for k, v in rows[run][s].items() if k != "config"} for s in seeds}
                        for run in RUNS}}
     (out / "claims.json").write_text(json.dumps(result, indent=1, default=float), encoding="utf-8")
