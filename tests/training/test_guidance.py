@@ -283,3 +283,37 @@ def test_bad_input_is_one_clear_line(kwargs, error, match):
     with pytest.raises(error, match=match) as info:
         guidance_loss(make_small_cnn(), torch.rand(2, 3, 8, 8), target, **args)
     assert "\n" not in str(info.value)
+
+
+# -- with_logits: the explanation's forward pass is the step's forward pass ---------------------------
+@pytest.mark.parametrize("method,params", [("input_x_gradient", {}), ("gradcam", {"layer": "conv2"}), ("gradcam", {})])
+def test_with_logits_equals_a_separate_forward_pass(method, params):
+    import copy
+
+    shared = make_small_cnn(dtype=torch.float64).train()
+    shared.dropout.p = 0.0  # the same forward pass in both steps
+    plain = copy.deepcopy(shared)
+    x = torch.rand(4, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y, boxes = torch.tensor([0, 1, 2, 3]), torch.tensor([[0, 0, 4, 4]] * 4)
+    guide, logits = guidance_loss(shared, x, y, boxes=boxes, method=method, with_logits=True, **params)
+    assert logits.requires_grad and logits.shape == (4, 5)
+    (F.cross_entropy(logits, y) + guide).backward()
+    (F.cross_entropy(plain(x), y) + guidance_loss(plain, x, y, boxes=boxes, method=method, **params)).backward()
+    for p, q in zip(shared.parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    # batch-norm running statistics moved once, as by the separate model(x)
+    for a, b in zip(shared.buffers(), plain.buffers()):
+        torch.testing.assert_close(a, b)
+    assert int(shared.bn1.num_batches_tracked) == 1
+    assert all(m.track_running_stats for m in shared.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_with_logits_refuses_methods_without_a_clean_forward_pass_and_works_when_all_are_skipped():
+    model = make_small_cnn(dtype=torch.float64).train()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    with pytest.raises(sl.ConfigError, match="with_logits=True needs a method that runs one forward pass"):
+        guidance_loss(model, x, [0, 1], boxes=[[0, 0, 2, 2]] * 2, method="integrated_gradients", with_logits=True)
+    with pytest.raises(sl.ConfigError, match="with_logits=True needs"):  # chunks smaller than the batch
+        guidance_loss(model, x, [0, 1], boxes=[[0, 0, 2, 2]] * 2, with_logits=True, batch_size=1)
+    value, info = guidance_loss(model, x, [0, 1], boxes=[[], []], with_logits=True, details=True)
+    assert float(value) == 0 and info["logits"].requires_grad and info["logits"].shape == (2, 5)
