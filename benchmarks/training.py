@@ -10,11 +10,14 @@ forward pass per step, as the authors' training step); "own forward" calls `mode
     ratio = t(guided step) / t(plain step)
 
 and the issue's target is <= 2.5. An e2KD step (`distillation_loss`, Grad-CAM, a live teacher of the
-same architecture) is timed too, for information (no target). Model: a small BN/ReLU CNN in train
+same architecture) is timed too, for information (no target), and so is the input x gradient
+energy step written out by hand as in the authors' train.py (one forward pass, torch.autograd.grad
+with create_graph): the cost of double backpropagation itself, without saliencylab. Model: a small BN/ReLU CNN in train
 mode; times are the median of `--repeats` runs (wall clock and process CPU time), each step timed
-alternately with the plain step (a process's speed drifts over a run, so only adjacent timings compare).
+right after a plain step, in rounds over all steps (a process's speed drifts over a run, so only
+adjacent timings compare).
 
-Usage:  python benchmarks/training.py [--batch 16] [--size 64] [--width 16] [--repeats 5] [--threads 1]
+Usage:  python benchmarks/training.py [--batch 16] [--size 64] [--width 16] [--repeats 7] [--threads 1]
                                       [--device cpu] [--out benchmarks/results] [--name training]
 """
 
@@ -62,7 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--width", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="benchmarks/results")
@@ -98,7 +101,21 @@ def main(argv=None) -> int:
             opt.step()
         return run
 
+    region = torch.zeros(args.batch, s, s, device=device)
+    region[:, s // 4 : 3 * s // 4, s // 4 : 3 * s // 4] = 1
+
+    def by_hand():  # the authors' train.py step written out: one forward, IxG with create_graph, energy
+        opt.zero_grad(set_to_none=True)
+        xi = x.detach().requires_grad_(True)
+        out = model(xi)
+        (g,) = torch.autograd.grad(out.gather(1, y[:, None]).sum(), xi, create_graph=True)
+        pos = (g * xi).sum(1).clamp(min=0)
+        energy = (1 - (pos * region).sum((1, 2)) / pos.sum((1, 2))).sum()
+        (F.cross_entropy(out, y) + 1e-3 * energy).backward()
+        opt.step()
+
     steps = {
+        "reference: the same IxG energy step written by hand": by_hand,
         "guided energy, input_x_gradient, with_logits": shared(),
         "guided energy, gradcam (last conv), with_logits": shared(method="gradcam", layer="10"),
         "guided energy, input_x_gradient, own forward": step(lambda: 1e-3 * guidance_loss(model, x, y, boxes=boxes)),
@@ -108,14 +125,17 @@ def main(argv=None) -> int:
     }
     plain = step(None)
     plain(), [fn() for fn in steps.values()]  # warm-up
-    rows = []
-    for name, fn in steps.items():
-        pw, pc, gw, gc = [], [], [], []
-        for _ in range(args.repeats):
+    # Rounds: in each, every step is timed right after a plain step (drift hits all steps alike).
+    times = {name: ([], [], [], []) for name in steps}
+    for _ in range(args.repeats):
+        for name, fn in steps.items():
+            pw, pc, gw, gc = times[name]
             w, c = timed(plain, device)
             pw.append(w), pc.append(c)
             w, c = timed(fn, device)
             gw.append(w), gc.append(c)
+    rows = []
+    for name, (pw, pc, gw, gc) in times.items():
         row = {"step": name, "wall_s": statistics.median(gw), "cpu_s": statistics.median(gc),
                "plain_wall_s": statistics.median(pw), "plain_cpu_s": statistics.median(pc)}
         row["ratio_wall"] = row["wall_s"] / row["plain_wall_s"]
@@ -133,9 +153,9 @@ def main(argv=None) -> int:
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
     lines = ["# A guided training step against a plain step (the bound)", "",
              f"Small BN/ReLU CNN ({setup['params']} parameters, train mode), batch {args.batch} of "
-             f"{args.size}x{args.size} images, SGD; median of {args.repeats}, each step timed alternately with "
-             f"the plain step; torch {torch.__version__}, {where}. "
-             f"Command: `python benchmarks/training.py {' '.join(argv if argv is not None else sys.argv[1:])}`. "
+             f"{args.size}x{args.size} images, SGD; median of {args.repeats} rounds, each step timed right "
+             f"after a plain step; torch {torch.__version__}, {where}. "
+             f"Command: `{' '.join(['python benchmarks/training.py', *(argv if argv is not None else sys.argv[1:])])}`. "
              "Target: guided <= 2.5x plain.", "",
              "| step | ms (wall) | plain ms | x plain (wall) | x plain (CPU) |", "|---|---|---|---|---|"]
     lines += [f"| {r['step']} | {r['wall_s'] * 1e3:.1f} | {r['plain_wall_s'] * 1e3:.1f} | {r['ratio_wall']:.2f} | "
