@@ -72,6 +72,40 @@ def test_batch_equals_the_mean_over_single_images(method, params):
     torch.testing.assert_close(batched.detach(), loop.detach())
 
 
+@pytest.mark.parametrize("method,params", [("gradcam", {"student_layer": "conv2"}), ("input_x_gradient", {}),
+                                           ("integrated_gradients", {"steps": 3})])
+def test_the_shared_forward_pass_gives_the_gradients_of_a_separate_one(method, params):
+    """The student's logits come from its explanation's forward pass: same loss and gradients as
+    computing the three terms from a separate student(x), written out here."""
+    import copy
+    import torch.nn.functional as F
+
+    student, teacher = models()
+    student.train()
+    student.dropout.p = 0.0
+    other = copy.deepcopy(student)
+    x = torch.rand(4, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 3])
+    loss = distillation_loss(student, teacher, x, y, method=method, temperature=2.0, **params)
+    loss.backward()
+    t_logits, t_maps = teacher_targets(teacher, x, method=method,
+                                       **{k: v for k, v in params.items() if k != "student_layer"})
+    s_logits = other(x)
+    layer = {"layer": params["student_layer"]} if "student_layer" in params else {}
+    extra = {k: v for k, v in params.items() if k != "student_layer"}
+    s_maps = sl.explain(other, x, method, target=t_logits.argmax(1), create_graph=True,
+                        channels=method != "gradcam", **layer, **extra).maps
+    by_hand = (F.cross_entropy(s_logits, y)
+               + 4 * F.kl_div(F.log_softmax(s_logits / 2, 1), F.softmax(t_logits / 2, 1), reduction="batchmean")
+               + (1 - F.cosine_similarity(s_maps.flatten(1), t_maps.flatten(1))).mean())
+    by_hand.backward()
+    torch.testing.assert_close(loss.detach(), by_hand.detach())
+    for p, q in zip(student.parameters(), other.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    for a, b in zip(student.buffers(), other.buffers()):
+        torch.testing.assert_close(a, b)
+
+
 def test_fixed_teacher_gives_the_live_teacher_loss():
     student, teacher = models()
     x = torch.rand(3, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -101,6 +135,8 @@ def test_the_teacher_is_untouched_and_gets_no_gradient():
     assert all(m.training for m in teacher.modules()) and all(m.training for m in student.modules())
     assert {n: p.requires_grad for n, p in teacher.named_parameters()} == flags
     assert all(torch.equal(v, state[k]) for k, v in teacher.state_dict().items())
+    # the student's one forward pass (shared with its explanation) moved its statistics once
+    assert int(student.bn1.num_batches_tracked) == 1 and student.bn1.track_running_stats
     hooks = sum(len(getattr(m, d)) for net in (student, teacher) for m in net.modules()
                 for d in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
     assert hooks == 0

@@ -33,11 +33,15 @@ The teacher is never trained: its logits and maps are computed without a graph t
 in eval mode (inside `saliencylab.explain`'s session; its mode, requires_grad flags and running
 statistics are as before afterwards). The student is run in the caller's mode.
 
+The student's logits come from its explanation's own forward pass (one forward pass per step, as
+the authors' `explanation_aware_forward`), which then updates batch-norm running statistics once, as
+`student(x)` would; a method without one forward pass over the batch (integrated gradients) gets a
+separate `student(x)`. With `weights[2] == 0` no map is computed (the authors'
+`explanation_distillation=False`) and the logits come from `student(x)`.
+
 Where we differ from the authors: the ground-truth term is cross-entropy (the authors use
-cross-entropy for standard networks and a BCE variant for B-cos ones); the student's forward pass for
-the logits and its explanation's forward pass are two passes (the authors share one), which agree
-in eval mode and, in train mode, see the same batch statistics; with `weights[2] == 0` no map is
-computed (the authors' `explanation_distillation=False`).
+cross-entropy for standard networks and a BCE variant for B-cos ones); the teacher is evaluated in
+eval mode whatever its mode (the authors' teacher is a frozen model in eval mode).
 """
 
 from __future__ import annotations
@@ -45,7 +49,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..core.errors import ConfigError, InputError
+from ..core.errors import ConfigError, InputError, SaliencyLabError
+from ..core.layers import resolve_layers
+from .guidance import _SharedForward
 
 
 def distillation_loss(student, teacher, x, y=None, method="gradcam", temperature=1.0, weights=(1.0, 1.0, 1.0),
@@ -72,10 +78,6 @@ def distillation_loss(student, teacher, x, y=None, method="gradcam", temperature
         raise InputError("distillation needs a teacher model, or teacher_logits= (and teacher_maps= when the "
                          "explanation weight is not 0) for a fixed teacher")
 
-    student_logits = student(x)
-    if student_logits.dim() != 2 or student_logits.shape[0] != B:
-        raise InputError(f"the student must return (B, K) logits; got {tuple(student_logits.shape)}")
-
     teacher_expl = None
     if teacher_logits is None:
         if want_maps and teacher_maps is None:
@@ -83,13 +85,37 @@ def distillation_loss(student, teacher, x, y=None, method="gradcam", temperature
             teacher_logits = teacher_expl.outputs
         else:
             teacher_logits = _teacher_logits(teacher, x)
-    teacher_logits = torch.as_tensor(teacher_logits).detach().to(student_logits.device, student_logits.dtype)
+    teacher_logits = torch.as_tensor(teacher_logits).detach().to(x.device)
     if teacher_logits.dim() != 2 or teacher_logits.shape[0] != B:
         raise InputError(f"teacher logits must be ({B}, K); got {tuple(teacher_logits.shape)}")
-    if teacher_logits.shape[1] != student_logits.shape[1]:
-        raise InputError(f"student and teacher disagree on the number of classes: student "
-                         f"{student_logits.shape[1]}, teacher {teacher_logits.shape[1]}")
     classes = teacher_logits.argmax(dim=1)  # select_classes_and_teachers(exp_of="top1")
+
+    student_maps = None
+    if want_maps:
+        if teacher_maps is None:
+            if teacher_expl is None:
+                teacher_expl = _teacher_explanation(teacher, x, classes, method, teacher_layer, method_params)
+            teacher_maps = _comparable(teacher_expl, method)
+        teacher_maps = torch.as_tensor(teacher_maps).detach().to(x.device)
+        # The student's logits come from its explanation's forward pass where the method runs one over
+        # the batch (one forward pass per step, as the authors); else from a separate student(x).
+        wrapper = _SharedForward(student, x.detach())
+        layer = student_layer
+        if layer is not None and not isinstance(layer, torch.nn.Module):
+            ((_, layer),) = resolve_layers(student, layer)
+        try:
+            expl = _explain(wrapper, x, classes, method, layer, method_params, True)
+        except SaliencyLabError:
+            _check_classes(_student_classes(student, x), teacher_logits.shape[1])
+            raise
+        student_maps = _comparable(expl, method)
+        student_logits = wrapper.logits if wrapper.logits is not None else student(x)
+    else:
+        student_logits = student(x)
+    if student_logits.dim() != 2 or student_logits.shape[0] != B:
+        raise InputError(f"the student must return (B, K) logits; got {tuple(student_logits.shape)}")
+    _check_classes(student_logits.shape[1], teacher_logits.shape[1])
+    teacher_logits = teacher_logits.to(student_logits.dtype)
 
     T = float(temperature)
     kd = F.kl_div(F.log_softmax(student_logits / T, dim=1), F.softmax(teacher_logits / T, dim=1),
@@ -103,14 +129,8 @@ def distillation_loss(student, teacher, x, y=None, method="gradcam", temperature
         gt = F.cross_entropy(student_logits, y.long())
         total = total + w_gt * gt
 
-    exp_term, student_maps = None, None
+    exp_term = None
     if want_maps:
-        if teacher_maps is None:
-            if teacher_expl is None:
-                teacher_expl = _teacher_explanation(teacher, x, classes, method, teacher_layer, method_params)
-            teacher_maps = _comparable(teacher_expl, method)
-        teacher_maps = torch.as_tensor(teacher_maps).detach().to(x.device)
-        student_maps = _comparable(_explain(student, x, classes, method, student_layer, method_params, True), method)
         if tuple(teacher_maps.shape) != tuple(student_maps.shape):
             raise InputError(f"teacher maps have shape {tuple(teacher_maps.shape)} but the student's maps "
                              f"have shape {tuple(student_maps.shape)}")
@@ -129,6 +149,20 @@ def teacher_targets(teacher, x, method="gradcam", teacher_layer=None, **method_p
     teacher_maps=)` (maps of the teacher's top-1 class)."""
     expl = _teacher_explanation(teacher, x, None, method, teacher_layer, method_params)
     return expl.outputs, _comparable(expl, method)
+
+
+def _check_classes(student_k, teacher_k):
+    if student_k != teacher_k:
+        raise InputError(f"student and teacher disagree on the number of classes: student {student_k}, "
+                         f"teacher {teacher_k}")
+
+
+def _student_classes(student, x) -> int:
+    from ..core.session import ModelSession
+
+    with torch.no_grad(), ModelSession(student) as session:  # eval mode: no running statistics move
+        out = session.forward(x[:1])
+    return out.shape[-1] if out.dim() == 2 else -1
 
 
 def _teacher_logits(teacher, x):
