@@ -21,8 +21,10 @@ last feature layer, resized bilinearly to the image) is Grad-CAM at `student_lay
 (None: each model's default layer), upsampled to the image; the cosine is over the flattened
 (H, W) maps. Input-space methods (for B-cos networks the authors compare W(x), the dynamic linear
 weights, `images.grad` of the explained logit) are compared with their colour channels kept
-(`channels=True`), flattened over (C, H, W); a method that returns its dynamic weights in
-`extras["weights"]` (B, C, H, W) is compared on those, as the authors.
+(`channels=True`), flattened over (C, H, W). A method that can return its dynamic weights
+(`return_weights`, B-cos: W(x) in `extras["weights"]`, (B, 6, H, W) on the encoded input) is asked
+for them and compared on them, as the authors, when the student's weights carry their graph
+(create_graph); otherwise its contribution maps are compared.
 
 Fixed teacher ("ffkd"/precomputed mode in the authors' code): give `teacher_logits` (B, K) and, when
 the explanation term is on, `teacher_maps` (the maps this function would compute for the teacher:
@@ -78,6 +80,7 @@ def distillation_loss(student, teacher, x, y=None, method="gradcam", temperature
         raise InputError("distillation needs a teacher model, or teacher_logits= (and teacher_maps= when the "
                          "explanation weight is not 0) for a fixed teacher")
 
+    method_params = _with_weights(method, method_params)
     teacher_expl = None
     if teacher_logits is None:
         if want_maps and teacher_maps is None:
@@ -92,11 +95,8 @@ def distillation_loss(student, teacher, x, y=None, method="gradcam", temperature
 
     student_maps = None
     if want_maps:
-        if teacher_maps is None:
-            if teacher_expl is None:
-                teacher_expl = _teacher_explanation(teacher, x, classes, method, teacher_layer, method_params)
-            teacher_maps = _comparable(teacher_expl, method)
-        teacher_maps = torch.as_tensor(teacher_maps).detach().to(x.device)
+        if teacher_maps is None and teacher_expl is None:
+            teacher_expl = _teacher_explanation(teacher, x, classes, method, teacher_layer, method_params)
         # The student's logits come from its explanation's forward pass where the method runs one over
         # the batch (one forward pass per step, as the authors); else from a separate student(x).
         wrapper = _SharedForward(student, x.detach())
@@ -108,7 +108,17 @@ def distillation_loss(student, teacher, x, y=None, method="gradcam", temperature
         except SaliencyLabError:
             _check_classes(_student_classes(student, x), teacher_logits.shape[1])
             raise
-        student_maps = _comparable(expl, method)
+        # Dynamic weights W(x) (the authors' B-cos comparison) where the student's carry their graph
+        # and the teacher's are there; else the maps.
+        s_weights = _weights(expl)
+        if teacher_maps is not None:
+            teacher_maps = torch.as_tensor(teacher_maps).detach().to(x.device)
+            use = s_weights is not None and s_weights.requires_grad and s_weights.shape == teacher_maps.shape
+        else:
+            t_weights = _weights(teacher_expl)
+            use = s_weights is not None and s_weights.requires_grad and t_weights is not None
+            teacher_maps = (t_weights if use else teacher_expl.maps).detach()
+        student_maps = s_weights if use else expl.maps
         student_logits = wrapper.logits if wrapper.logits is not None else student(x)
     else:
         student_logits = student(x)
@@ -147,8 +157,9 @@ def distillation_loss(student, teacher, x, y=None, method="gradcam", temperature
 def teacher_targets(teacher, x, method="gradcam", teacher_layer=None, **method_params):
     """Precompute a fixed teacher's (logits, maps) for `distillation_loss(teacher_logits=,
     teacher_maps=)` (maps of the teacher's top-1 class)."""
-    expl = _teacher_explanation(teacher, x, None, method, teacher_layer, method_params)
-    return expl.outputs, _comparable(expl, method)
+    expl = _teacher_explanation(teacher, x, None, method, teacher_layer, _with_weights(method, method_params))
+    weights = _weights(expl)
+    return expl.outputs, (expl.maps if weights is None else weights).detach()
 
 
 def _check_classes(student_k, teacher_k):
@@ -205,9 +216,18 @@ def _explain(model, x, classes, method, layer, method_params, create_graph):
     return explain(model, x, method, target=classes, create_graph=create_graph, channels=input_space, **params)
 
 
-def _comparable(expl, method):
-    """The maps the cosine compares: dynamic weights where the method gives them, else the maps."""
-    weights = expl.extras.get("weights") if isinstance(expl.extras, dict) else None
-    if isinstance(weights, torch.Tensor) and weights.dim() == 4 and weights.shape[0] == expl.maps.shape[0]:
-        return weights
-    return expl.maps
+def _with_weights(method, method_params):
+    """Ask a method that can return its dynamic linear weights (B-cos: `return_weights`) for them."""
+    from .. import methods as _methods
+
+    params = dict(method_params)
+    declared = _methods.parameters(method) if isinstance(method, str) and method in _methods.available() else {}
+    if "return_weights" in declared and "return_weights" not in params:
+        params["return_weights"] = True
+    return params
+
+
+def _weights(expl):
+    """The explanation's dynamic weights (B, C, H, W) in extras["weights"], or None."""
+    w = expl.extras.get("weights") if expl is not None and isinstance(expl.extras, dict) else None
+    return w if isinstance(w, torch.Tensor) and w.dim() == 4 and w.shape[0] == expl.maps.shape[0] else None
