@@ -142,8 +142,12 @@ def distillation_loss(student, teacher, x, y=None, method="gradcam", temperature
     exp_term = None
     if want_maps:
         if tuple(teacher_maps.shape) != tuple(student_maps.shape):
+            why = ""
+            if s_weights is not None and not s_weights.requires_grad and s_weights.shape == teacher_maps.shape:
+                why = ("; the method returns its weights W(x) without their graph, so the student's maps are "
+                       "compared: give the teacher's maps of the same kind")
             raise InputError(f"teacher maps have shape {tuple(teacher_maps.shape)} but the student's maps "
-                             f"have shape {tuple(student_maps.shape)}")
+                             f"have shape {tuple(student_maps.shape)}{why}")
         cos = F.cosine_similarity(student_maps.reshape(B, -1), teacher_maps.to(student_maps.dtype).reshape(B, -1))
         exp_term = (1 - cos).mean()  # TeachersExplainCriterion._explanation_loss, then .mean()
         total = total + w_exp * exp_term

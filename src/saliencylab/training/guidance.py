@@ -47,6 +47,10 @@ Where we differ from the authors (each deliberate):
 - The per-image rescaling divides by max|A| only where it is non-zero, as the authors, but through a
   safe denominator so that a zero map gives a zero gradient rather than NaN (same values).
 - Coordinates outside the image raise an InputError (the authors' slicing would wrap negative ones).
+- method="bcos" gives the B-cos contributions W(x) x (the dynamic scales held fixed for the input
+  gradient, summed over the 6 encoded channels). The authors' BCosAttributor takes its gradient in
+  `explanation_mode()` but after a forward pass run outside it, so their maps are plain input x
+  gradient of the encoded (x, 1 - x) input; we do not reproduce that.
 - Input x gradient at a hidden layer (the authors' "Mid"/"Final" layers for IxG) is not offered:
   `layer=` is for layer methods (gradcam, gradcam_plus_plus, layercam).
 
