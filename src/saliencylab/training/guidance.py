@@ -63,7 +63,13 @@ images: it is not the map image i would get alone. The authors' batched attribut
 (`torch.autograd.grad(torch.unbind(target_outputs), ...)`). In eval mode, or without batch norm, the
 batched loss equals a loop over single images. The explanation's own forward passes never move the
 running statistics (the session switches `track_running_stats` off for them); only the caller's
-forward pass for the classification loss does.
+forward pass for the classification loss does (with `with_logits=True`, the one forward pass that
+gives both the maps and the logits does, once).
+
+Randomness: the class drawn among multi-hot labels comes from torch's global generator, as the
+authors, or from `generator=` / a generator seeded with `seed=`; unlike the library's explanation
+methods it is not keyed to image ids (a training batch carries none), so the draw for an image
+depends on its position in the batch.
 """
 
 from __future__ import annotations
