@@ -207,3 +207,38 @@ def test_bad_input_is_one_clear_line(kwargs, error, match):
     with pytest.raises(error, match=match) as info:
         distillation_loss(make_small_cnn(seed=1), x=torch.rand(2, 3, 8, 8), **args)
     assert "\n" not in str(info.value)
+
+
+def test_bcos_student_and_teacher_when_the_bcos_models_are_there():
+    """e2KD on B-cos networks (method "bcos"): the authors compare W(x) (the dynamic weights); the
+    loss is differentiable in the student (finite differences) and the fixed teacher gives the same."""
+    bcos = pytest.importorskip("saliencylab.models.bcos")
+    torch.manual_seed(0)
+    student = bcos.BcosCNN(num_classes=3, width=4).double().train()
+    teacher = bcos.BcosCNN(num_classes=3, width=4).double().eval()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def f():
+        return distillation_loss(student, teacher, x, method="bcos", weights=(0, 1, 2))
+
+    live = f()
+    logits, maps = teacher_targets(teacher, x, method="bcos")
+    assert maps.shape == (2, 6, 8, 8)  # W(x) on the encoded input
+    with_graph = sl.explain(student, x, "bcos", create_graph=True, return_weights=True).extras["weights"].requires_grad
+    if not with_graph:  # W(x) without its graph: the contribution maps are compared
+        maps = sl.explain(teacher, x, "bcos", target=logits.argmax(1), channels=True).maps
+    fixed = distillation_loss(student, None, x, method="bcos", weights=(0, 1, 2), teacher_logits=logits,
+                              teacher_maps=maps)
+    torch.testing.assert_close(fixed.detach(), live.detach())
+    weight = next(p for p in student.parameters() if p.is_contiguous() and p.numel() > 4)
+    (grad,) = torch.autograd.grad(live, weight)
+    flat, eps, fd = weight.data.view(-1), 1e-6, []
+    for i in range(4):
+        old = float(flat[i])
+        flat[i] = old + eps
+        plus = float(f())
+        flat[i] = old - eps
+        minus = float(f())
+        flat[i] = old
+        fd.append((plus - minus) / (2 * eps))
+    torch.testing.assert_close(grad.reshape(-1)[:4], torch.tensor(fd, dtype=torch.float64), rtol=1e-4, atol=1e-8)

@@ -317,3 +317,33 @@ def test_with_logits_refuses_methods_without_a_clean_forward_pass_and_works_when
         guidance_loss(model, x, [0, 1], boxes=[[0, 0, 2, 2]] * 2, with_logits=True, batch_size=1)
     value, info = guidance_loss(model, x, [0, 1], boxes=[[], []], with_logits=True, details=True)
     assert float(value) == 0 and info["logits"].requires_grad and info["logits"].shape == (2, 5)
+
+
+def test_bcos_guidance_when_the_bcos_models_are_there():
+    """method="bcos" on a B-cos CNN: the batch equals a loop (eval mode) and the parameter gradient
+    matches finite differences."""
+    bcos = pytest.importorskip("saliencylab.models.bcos")
+    torch.manual_seed(0)
+    model = bcos.BcosCNN(num_classes=3, width=4).double().eval()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    boxes = [[0, 0, 4, 5], [2, 2, 8, 8]]
+
+    def f(loss="energy"):
+        return guidance_loss(model, x, [0, 2], boxes=boxes, method="bcos", loss=loss)
+
+    for loss in GUIDANCE_LOSSES:
+        loop = sum(guidance_loss(model, x[i : i + 1], [[0, 2][i]], boxes=[boxes[i]], method="bcos", loss=loss)
+                   for i in range(2))
+        torch.testing.assert_close(f(loss).detach(), loop.detach())
+    weight = next(p for p in model.parameters() if p.is_contiguous() and p.numel() > 4)
+    (grad,) = torch.autograd.grad(f(), weight)
+    flat, eps, fd = weight.data.view(-1), 1e-6, []
+    for i in range(4):
+        old = float(flat[i])
+        flat[i] = old + eps
+        plus = float(f())
+        flat[i] = old - eps
+        minus = float(f())
+        flat[i] = old
+        fd.append((plus - minus) / (2 * eps))
+    torch.testing.assert_close(grad.reshape(-1)[:4], torch.tensor(fd, dtype=torch.float64), rtol=1e-4, atol=1e-8)

@@ -160,7 +160,9 @@ def distillation_loss(student, teacher, x, y=None, method="gradcam", temperature
 
 def teacher_targets(teacher, x, method="gradcam", teacher_layer=None, **method_params):
     """Precompute a fixed teacher's (logits, maps) for `distillation_loss(teacher_logits=,
-    teacher_maps=)` (maps of the teacher's top-1 class)."""
+    teacher_maps=)` (maps of the teacher's top-1 class; for a method with `return_weights`, B-cos,
+    its weights W(x) (B, 6, H, W), which the student's are compared with when they carry their graph;
+    else pass `sl.explain(teacher, x, method, target=top1, channels=True).maps`)."""
     expl = _teacher_explanation(teacher, x, None, method, teacher_layer, _with_weights(method, method_params))
     weights = _weights(expl)
     return expl.outputs, (expl.maps if weights is None else weights).detach()
