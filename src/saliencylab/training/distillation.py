@@ -43,7 +43,9 @@ separate `student(x)`. With `weights[2] == 0` no map is computed (the authors'
 
 Where we differ from the authors: the ground-truth term is cross-entropy (the authors use
 cross-entropy for standard networks and a BCE variant for B-cos ones); the teacher is evaluated in
-eval mode whatever its mode (the authors' teacher is a frozen model in eval mode).
+eval mode whatever its mode (the authors' teacher is a frozen model in eval mode); for B-cos, while
+the bcos method returns W(x) without its graph, the contribution maps W(x) x (colour channels folded,
+(B, 3, H, W)) are compared instead of W(x).
 """
 
 from __future__ import annotations
