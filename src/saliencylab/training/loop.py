@@ -51,7 +51,7 @@ from torch import nn
 from ..core.errors import ConfigError, InputError, SaliencyLabError
 
 __all__ = ["TrainingData", "TrainResult", "fit", "evaluate_model", "as_training_data", "load_folder",
-           "split_data", "shortcut_splits", "model_from_spec", "save_model_file", "load_model_file",
+           "split_data", "shortcut_splits", "check_guidance", "model_from_spec", "save_model_file", "load_model_file",
            "GUIDANCE_KEYS", "DISTILL_KEYS"]
 
 GUIDANCE_KEYS = ("loss", "method", "layer", "weight", "start", "reduction", "params")
@@ -550,6 +550,11 @@ def _number(value, name, low=None, positive=False):
     if low is not None and value < low:
         raise ConfigError(f"{name} must be >= {low}, got {value!r}")
     return value
+
+
+def check_guidance(guidance) -> dict | None:
+    """The guidance settings with defaults filled in; ConfigError names a bad key or value."""
+    return _guidance_config(guidance)
 
 
 def _guidance_config(guidance) -> dict | None:
