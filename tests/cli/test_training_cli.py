@@ -82,7 +82,8 @@ def test_guide_on_a_folder_with_a_boxes_file(tmp_path, capsys):
     (root / "labels.csv").write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
     assert cli(["guide", "--data", str(root), "--boxes", str(root / "labels.csv"), "--size", "16", "--width", "4",
-                "--epochs", "1", "--batch-size", "4", "--out", str(out)]) == 0
+                "--epochs", "1", "--batch-size", "4", "--method", "integrated_gradients", "--method-param", "steps=2",
+                "--loss", "l1", "--out", str(out)]) == 0
     assert epochs_in(out) == [0, 1]
 
 
@@ -90,6 +91,7 @@ def test_guide_on_a_folder_with_a_boxes_file(tmp_path, capsys):
     (["guide", "--env", "shortcut", "--data", "x"], "not both"),
     (["guide", "--loss", "energi"], "unknown guidance loss"),
     (["guide", "--method", "gradcam", "--layer", "nolayer", *TINY, "--epochs", "1"], "nolayer"),
+    (["guide", "--method", "integrated_gradients", "--method-param", "stepz=4"], "unknown parameter 'stepz'"),
     (["guide", "--model", "no_such_module:net"], "cannot import module 'no_such_module'"),
     (["guide", "--model", "saliencylab.training.nets"], "module:factory"),
     (["guide", "--data", "/no/such/folder"], "does not exist"),

@@ -81,9 +81,25 @@ def add_parser(sub) -> None:
     g.add_argument("--weight", type=float, default=1e-2,
                    help="lambda, the guidance loss's weight; the loss is summed over a batch's images "
                         "(default: %(default)s)")
+    g.add_argument("--method-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a parameter of the guidance method, e.g. steps=8 for integrated_gradients (repeatable)")
     g.add_argument("--start", type=int, default=0,
                    help="epochs trained without guidance first, then fine-tuned with it (default: %(default)s)")
     add_run_arguments(p)
+
+
+def method_params(method: str, items) -> dict:
+    """--method-param KEY=VALUE strings as a dict, checked against the method's parameters."""
+    from .. import methods as _methods
+    from ..io import parse_param
+
+    params = dict(parse_param(text) for text in items)
+    known = _methods.parameters(method)
+    unknown = [k for k in params if k not in known]
+    if unknown:
+        raise ConfigError(f"unknown parameter {', '.join(map(repr, unknown))} for method '{method}'; "
+                          f"its parameters are: {', '.join(known)}")
+    return params
 
 
 def load_data(args):
@@ -174,7 +190,7 @@ def run(args) -> int:
 
     try:
         guidance = loop.check_guidance({"loss": args.loss, "method": args.method, "weight": args.weight,
-                                        "start": args.start,
+                                        "start": args.start, "params": method_params(args.method, args.method_param),
                                         "layer": default_layer(args.method, args.model, args.layer)})
         train, evaluation = load_data(args)
         model, meta = build_model(args.model, train.num_classes, args)
