@@ -26,6 +26,17 @@ def cheap_params(name, **extra):
     return params
 
 
+def model_for(name=None):
+    """The model a method's contract tests run on: the small CNN, or a small B-cos CNN for a method that
+    declares `requires = "bcos_model"` (its class metadata)."""
+    if name is not None and getattr(methods.get(name), "requires", None) == "bcos_model":
+        from saliencylab.models.bcos import BcosCNN
+
+        torch.manual_seed(0)
+        return BcosCNN(num_classes=5, width=4).eval()
+    return make_small_cnn()
+
+
 def feature_data():
     g = torch.Generator().manual_seed(7)
     return torch.randn(16, 3, 12, 12, generator=g)
@@ -104,11 +115,11 @@ def assert_same_state(before, after):
     assert before["forward"] == after["forward"], "a module's forward was replaced"
 
 
-def user_model():
+def user_model(name=None):
     """A model in train mode, with a frozen parameter and a hook of the user's own."""
-    model = make_small_cnn()
+    model = model_for(name)
     model.train()
-    model.conv1.bias.requires_grad_(False)
+    (model.conv1.bias if hasattr(model.conv1, "bias") else model.conv1.linear.weight).requires_grad_(False)
     model.user_hook_calls = 0
 
     def user_hook(module, args, out):
@@ -120,7 +131,7 @@ def user_model():
 
 @pytest.mark.parametrize("name", methods.available())
 def test_model_untouched_after_success(name, images):
-    model = user_model()
+    model = user_model(name)
     before = state(model)
     sl.explain(model, images, method=name, **cheap_params(name))
     assert_same_state(before, state(model))
@@ -132,7 +143,7 @@ def test_model_untouched_after_success(name, images):
 def test_model_untouched_after_failure(name, mode, after, images):
     if mode == "backward" and not methods.get(name).uses_gradients:
         pytest.skip("forward-only method: no backward pass to fail")
-    inner = user_model()
+    inner = user_model(name)
     model = Failing(inner, mode, after)
     model.train()
     before = state(model)
@@ -143,7 +154,7 @@ def test_model_untouched_after_failure(name, mode, after, images):
 
 @pytest.mark.parametrize("name", methods.available(differentiable=True))
 def test_model_untouched_by_differentiable_call(name, images):
-    model = user_model()
+    model = user_model(name)
     before = state(model)
     e = sl.explain(model, images, method=name, create_graph=True, **cheap_params(name))
     assert e.maps.requires_grad

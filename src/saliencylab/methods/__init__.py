@@ -12,3 +12,4 @@ from .base import (Method, Param, available, build, clean_outputs, describe, get
 # Importing the family modules registers their methods.
 from . import gradient, integrated, smoothgrad, guided, cam, fullgrad, occlusion, rise  # noqa: F401,E402
 from . import iba, readout_iba, input_iba, igos, extremal, sag, propagation, pathway  # noqa: F401,E402
+from . import bcos  # noqa: F401,E402

@@ -21,6 +21,8 @@ differentiable method (`saliencylab.methods.available(differentiable=True)`).
 >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
 >>> loss = nn.functional.cross_entropy(model(x), y) + 1e-2 * guidance_loss(model, x, y, boxes=boxes)
 >>> loss.backward(); opt.step(); opt.zero_grad()
+>>> guide, logits = guidance_loss(model, x, y, boxes=boxes, with_logits=True)   # one forward pass
+>>> (nn.functional.cross_entropy(logits, y) + 1e-2 * guide).backward(); opt.step(); opt.zero_grad()
 >>> loss = distillation_loss(model, teacher, x, y, method="gradcam", student_layer="2", teacher_layer="2")
 >>> loss.backward(); opt.step(); opt.zero_grad()
 """

@@ -47,6 +47,10 @@ Where we differ from the authors (each deliberate):
 - The per-image rescaling divides by max|A| only where it is non-zero, as the authors, but through a
   safe denominator so that a zero map gives a zero gradient rather than NaN (same values).
 - Coordinates outside the image raise an InputError (the authors' slicing would wrap negative ones).
+- method="bcos" gives the B-cos contributions W(x) x (the dynamic scales held fixed for the input
+  gradient, summed over the 6 encoded channels). The authors' BCosAttributor takes its gradient in
+  `explanation_mode()` but after a forward pass run outside it, so their maps are plain input x
+  gradient of the encoded (x, 1 - x) input; we do not reproduce that.
 - Input x gradient at a hidden layer (the authors' "Mid"/"Final" layers for IxG) is not offered:
   `layer=` is for layer methods (gradcam, gradcam_plus_plus, layercam).
 
@@ -59,7 +63,13 @@ images: it is not the map image i would get alone. The authors' batched attribut
 (`torch.autograd.grad(torch.unbind(target_outputs), ...)`). In eval mode, or without batch norm, the
 batched loss equals a loop over single images. The explanation's own forward passes never move the
 running statistics (the session switches `track_running_stats` off for them); only the caller's
-forward pass for the classification loss does.
+forward pass for the classification loss does (with `with_logits=True`, the one forward pass that
+gives both the maps and the logits does, once).
+
+Randomness: the class drawn among multi-hot labels comes from torch's global generator, as the
+authors, or from `generator=` / a generator seeded with `seed=`; unlike the library's explanation
+methods it is not keyed to image ids (a training batch carries none), so the draw for an image
+depends on its position in the batch.
 """
 
 from __future__ import annotations
@@ -79,7 +89,7 @@ _REDUCTIONS = ("sum", "mean")
 
 
 def guidance_loss(model, x, target, boxes=None, masks=None, method="input_x_gradient", loss="energy",
-                  layer=None, *, details=False, reduction="sum", seed=None, generator=None,
+                  layer=None, *, details=False, reduction="sum", seed=None, generator=None, with_logits=False,
                   **method_params):
     """The guidance loss of a batch: a scalar that backpropagates to the model's parameters.
 
@@ -92,6 +102,13 @@ def guidance_loss(model, x, target, boxes=None, masks=None, method="input_x_grad
     details=True returns (loss, info), info = {"used": int, "skipped": int, "maps": (B, H, W) maps
     as computed (with graph), "classes": (B,) explained classes, "per_image": (B,) losses, NaN where
     skipped}.
+    with_logits=True also returns the model's logits on `x` from the explanation's own forward pass,
+    with their graph: `(loss, logits)` (or `(loss, info)` with info["logits"]). Computing the
+    classification loss on them instead of a second `model(x)` saves a forward and a backward pass
+    (the authors' training step shares one forward pass the same way). That pass then counts as the
+    step's forward pass: it updates batch-norm running statistics once, as `model(x)` would. Needs a
+    method that runs one forward pass over the whole batch (input_x_gradient, gradient, the CAMs with
+    their default batch_size); others raise a ConfigError.
     """
     if loss not in GUIDANCE_LOSSES:
         raise unknown_name("guidance loss", loss, GUIDANCE_LOSSES)
@@ -112,9 +129,12 @@ def guidance_loss(model, x, target, boxes=None, masks=None, method="input_x_grad
         value = torch.zeros((), dtype=x.dtype, device=x.device, requires_grad=True)
         info = {"used": 0, "skipped": B, "maps": None, "classes": classes,
                 "per_image": torch.full((B,), float("nan"), dtype=x.dtype, device=x.device)}
-        return (value, info) if details else value
+        return _result(value, info, details, with_logits, lambda: model(x))
 
-    expl = _explain(model, x, classes, method, layer, method_params)
+    if with_logits:
+        expl, logits = _explain_sharing_forward(model, x, classes, method, layer, method_params)
+    else:
+        expl, logits = _explain(model, x, classes, method, layer, method_params), None
     maps = expl.maps
     if tuple(maps.shape) != (B, H, W):
         raise InputError(f"method '{method}' gave maps of shape {tuple(maps.shape)}; guidance needs ({B}, {H}, {W})")
@@ -122,11 +142,16 @@ def guidance_loss(model, x, target, boxes=None, masks=None, method="input_x_grad
     per_image = per_image_loss(seen, region.to(seen.dtype), loss)
     kept = per_image[used]
     value = kept.sum() if reduction == "sum" else kept.mean()
-    if details:
-        shown = torch.where(used, per_image, torch.full_like(per_image, float("nan"))).detach()
-        return value, {"used": n_used, "skipped": B - n_used, "maps": maps, "classes": classes,
-                       "per_image": shown}
-    return value
+    shown = torch.where(used, per_image, torch.full_like(per_image, float("nan"))).detach()
+    info = {"used": n_used, "skipped": B - n_used, "maps": maps, "classes": classes, "per_image": shown}
+    return _result(value, info, details, with_logits, lambda: logits)
+
+
+def _result(value, info, details, with_logits, logits):
+    if with_logits:
+        info["logits"] = logits()
+        return (value, info) if details else (value, info["logits"])
+    return (value, info) if details else value
 
 
 # -- the pieces ---------------------------------------------------------------------------------
@@ -194,6 +219,47 @@ def _explain(model, x, classes, method, layer, method_params):
     elif layer is not None:
         params["layer"] = layer
     return explain(model, x, method, target=classes, create_graph=True, **params)
+
+
+class _SharedForward(torch.nn.Module):
+    """Runs the user's model; its forward pass over exactly the batch `x` is kept (with its graph) as
+    the step's logits (a pass without autograd, such as a method's target probe, is not) and, for that
+    pass only, batch-norm layers that track running statistics in
+    train mode do so (the explanation's session switches that off for its passes)."""
+
+    def __init__(self, model, x):
+        super().__init__()
+        self.model = model
+        self.batch = x
+        self.logits = None
+        self.tracking = [m for m in model.modules() if m.training and getattr(m, "track_running_stats", False) is True]
+
+    def forward(self, inputs):
+        if (self.logits is not None or not torch.is_grad_enabled() or inputs.shape != self.batch.shape
+                or not torch.equal(inputs.detach(), self.batch)):
+            return self.model(inputs)
+        flags = [m.track_running_stats for m in self.tracking]
+        try:
+            for m in self.tracking:
+                m.track_running_stats = True
+            self.logits = self.model(inputs)
+        finally:
+            for m, flag in zip(self.tracking, flags):
+                m.track_running_stats = flag
+        return self.logits
+
+
+def _explain_sharing_forward(model, x, classes, method, layer, method_params):
+    from ..core.layers import resolve_layers
+
+    if layer is not None and not isinstance(layer, torch.nn.Module):
+        ((_, layer),) = resolve_layers(model, layer)  # the user's names, checked on the user's model
+    wrapper = _SharedForward(model, x.detach())
+    expl = _explain(wrapper, x, classes, method, layer, method_params)
+    if wrapper.logits is None:
+        raise ConfigError(f"with_logits=True needs a method that runs one forward pass over the whole batch "
+                          f"(input_x_gradient, gradient, gradcam, ...); '{method}' does not")
+    return expl, wrapper.logits
 
 
 def choose_classes(target, B: int, *, seed=None, generator=None) -> torch.Tensor:

@@ -51,10 +51,10 @@ from torch import nn
 from ..core.errors import ConfigError, InputError, SaliencyLabError
 
 __all__ = ["TrainingData", "TrainResult", "fit", "evaluate_model", "as_training_data", "load_folder",
-           "split_data", "shortcut_splits", "model_from_spec", "save_model_file", "load_model_file",
+           "split_data", "shortcut_splits", "check_guidance", "model_from_spec", "save_model_file", "load_model_file",
            "GUIDANCE_KEYS", "DISTILL_KEYS"]
 
-GUIDANCE_KEYS = ("loss", "method", "layer", "weight", "start", "params")
+GUIDANCE_KEYS = ("loss", "method", "layer", "weight", "start", "reduction", "params")
 DISTILL_KEYS = ("teacher", "method", "temperature", "weights", "student_layer", "teacher_layer", "params")
 CHECKPOINTS = "checkpoints"
 FORMAT = 1  # checkpoint layout version
@@ -163,12 +163,16 @@ def as_training_data(data, *, size: int | None = None, num_classes: int | None =
         images = _check_images(data.images, where)
         n, _, h, w = images.shape
         labels, k = _check_labels(data.labels, n, num_classes or getattr(data, "num_classes", None), where)
-        masks = _boxes_to_region(data.boxes, n, h, w, where)
+        # ShortcutData: `boxes` are zeroed where withheld (`has_box` False), `true_boxes` keep them all:
+        # training uses the given ones, evaluation every true one.
+        truth = getattr(data, "true_boxes", None)
+        masks = _boxes_to_region(data.boxes if truth is None else truth, n, h, w, where)
         has = getattr(data, "has_box", None)
         supervised = torch.ones(n, dtype=torch.bool) if has is None else torch.as_tensor(has).bool().reshape(n)
         groups = getattr(data, "groups", None)
         groups = labels.clone() if groups is None else torch.as_tensor(groups).long().reshape(n)
-        return TrainingData(images, labels, masks, supervised, groups, k)
+        names = [str(c) for c in getattr(data, "class_names", ())] or None
+        return TrainingData(images, labels, masks, supervised, groups, k, names)
     if hasattr(data, "__len__") and hasattr(data, "__getitem__") and not isinstance(data, (torch.Tensor, np.ndarray, dict)):
         return _from_items(data, num_classes, where)
     raise InputError(f"{where}: expected ShortcutData, a folder with a boxes file, or a dataset of (x, y, boxes) "
@@ -548,6 +552,11 @@ def _number(value, name, low=None, positive=False):
     return value
 
 
+def check_guidance(guidance) -> dict | None:
+    """The guidance settings with defaults filled in; ConfigError names a bad key or value."""
+    return _guidance_config(guidance)
+
+
 def _guidance_config(guidance) -> dict | None:
     from .. import methods as _methods
 
@@ -558,7 +567,8 @@ def _guidance_config(guidance) -> dict | None:
     unknown = [k for k in guidance if k not in GUIDANCE_KEYS]
     if unknown:
         raise ConfigError(f"unknown guidance key(s) {', '.join(map(repr, unknown))}; known: {', '.join(GUIDANCE_KEYS)}")
-    g = {"loss": "energy", "method": "input_x_gradient", "layer": None, "weight": 1.0, "start": 0, "params": {}}
+    g = {"loss": "energy", "method": "input_x_gradient", "layer": None, "weight": 1.0, "start": 0, "reduction": "sum",
+         "params": {}}
     g.update(guidance)
     from . import GUIDANCE_LOSSES
 
@@ -924,11 +934,9 @@ def _train_epoch(model, teacher, optimizer, train: TrainingData, epoch, seed, ba
             if d["weights"] is not None:
                 kw["weights"] = d["weights"]
             loss, info = distillation_loss(model, teacher, x, y, details=True, **kw, **d["params"])
-            for k, v in (info or {}).items():
-                if isinstance(v, torch.Tensor) and v.numel() == 1:
-                    parts[f"distill_{k}"] = v.detach()
-                elif isinstance(v, (int, float)):
-                    parts[f"distill_{k}"] = torch.tensor(float(v))
+            for k in ("gt", "kd", "explanation"):  # the unweighted terms (None when switched off)
+                if isinstance(info.get(k), torch.Tensor):
+                    parts[f"distill_{k}"] = info[k].detach()
         else:
             loss = F.cross_entropy(model(x), y)
             parts["ce"] = loss.detach()
@@ -936,7 +944,7 @@ def _train_epoch(model, teacher, optimizer, train: TrainingData, epoch, seed, ba
             masks = (train.masks[idx] & train.supervised[idx, None, None]).to(device)
             if bool(masks.flatten(1).any(1).any()):
                 gl, info = guidance_loss(model, x, y, masks=masks, method=g["method"], loss=g["loss"],
-                                         layer=g["layer"], details=True, **g["params"])
+                                         layer=g["layer"], reduction=g["reduction"], details=True, **g["params"])
                 loss = loss + g["weight"] * gl
                 parts["guidance"] = gl.detach()
                 guided += int(info.get("used", 0))
