@@ -39,6 +39,10 @@ binomial count): `has_box` is False there, and `boxes` is (0, 0, 0, 0) and `obje
 that skips images without box pixels skips them (as the authors' code does); `true_boxes` and
 `true_objects` keep the ground truth of every image for evaluation.
 
+Learnable object, easier shortcut (docs/training-claims.md): `training.nets.small_cnn` trained on
+bias-0.5 data (32 px, 512 images, 30 epochs) reaches 0.98 balanced test accuracy (worst group 0.96);
+trained on bias-1.0 data it classifies by the background alone (worst group 0).
+
 Differences from Waterbirds: synthetic 8x8 digits and textures instead of photographs, so the object
 is small and simple and the shortcut is colour and texture; classes are balanced (Waterbirds' are
 not); the images are small (32-64 px) so that a CPU trains on them in seconds.
