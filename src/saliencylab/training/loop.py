@@ -684,8 +684,19 @@ def _write_metrics(run_dir: Path, history: list[dict], config: dict) -> None:
     for r in flat:
         writer.writerow({k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v) for k, v in r.items()})
     _atomic_text(buf.getvalue(), run_dir / "metrics.csv")
-    _atomic_text(json.dumps({"config": config, "epochs": history}, indent=1, default=_json_default,
-                            allow_nan=True) + "\n", run_dir / "metrics.json")
+    _atomic_text(json.dumps(_no_nan({"config": config, "epochs": history}), indent=1, default=_json_default)
+                 + "\n", run_dir / "metrics.json")
+
+
+def _no_nan(v):
+    """NaN (no image with a box, no evaluation) as null: metrics.json stays standard JSON."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _no_nan(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_no_nan(x) for x in v]
+    return v
 
 
 def _json_default(v):
