@@ -35,6 +35,8 @@ def _series(history: Sequence[Mapping], key: str):
 def plot_training_curves(history: Sequence[Mapping], path) -> tuple[Path | None, Path | None]:
     """(metrics figure, loss figure) written next to `path` (`path` and `path` with `_loss`); None where
     the history has nothing to plot."""
+    from matplotlib.ticker import MaxNLocator
+
     from .plots import new_figure
 
     path = Path(path)
@@ -49,6 +51,7 @@ def plot_training_curves(history: Sequence[Mapping], path) -> tuple[Path | None,
             ax.set_title(CURVES[key], fontsize=9)
             ax.set_xlabel("epoch", fontsize=8)
             ax.set_ylim(-0.02, 1.02)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             ax.tick_params(labelsize=7)
         fig.tight_layout()
@@ -62,6 +65,7 @@ def plot_training_curves(history: Sequence[Mapping], path) -> tuple[Path | None,
         for key in losses:
             ax.plot(*_series(history, key), marker="o", markersize=3, label=key)
         ax.set_title("training loss (mean over images)", fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch", fontsize=8)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
