@@ -205,6 +205,8 @@ def test_bad_input_gives_one_clear_line(tmp_path, data):
         (lambda: fit(small_cnn(), train, epochs=1, lr=-1), ConfigError, "lr must be > 0"),
         (lambda: fit(small_cnn(), train, epochs=1, distill=dict(method="gradcam")), ConfigError, "teacher"),
         (lambda: fit(small_cnn(), [(x, 0, None)] * 4, epochs=1, guidance=GUIDE), InputError, "no training image has"),
+        (lambda: fit(small_cnn(), train, epochs=1, distill=dict(teacher=small_cnn(num_classes=3))), InputError,
+         "disagree on the number of classes"),
         (lambda: evaluate_model(small_cnn(), val, method="input_x_gradient", layer="features"), ConfigError, "has no layer"),
         (lambda: load_folder(tmp_path / "missing"), InputError, "does not exist"),
     ]

@@ -41,14 +41,14 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.errors import ConfigError, InputError, SaliencyLabError
+from ..core.errors import ConfigError, InputError
 
 __all__ = ["TrainingData", "TrainResult", "fit", "evaluate_model", "as_training_data", "load_folder",
            "split_data", "shortcut_splits", "check_guidance", "model_from_spec", "save_model_file", "load_model_file",
