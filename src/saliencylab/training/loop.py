@@ -975,7 +975,7 @@ def _train_epoch(model, teacher, optimizer, train: TrainingData, epoch, seed, ba
     row.update({k: v / len(train) for k, v in sums.items()})
     row.setdefault("ce", None)
     row.setdefault("guidance", None)
-    row["guided_images"] = guided if g is not None else None
+    row["guided_images"] = guided if guide else None  # None: no guidance this epoch (none asked, or before start)
     if val is not None:
         row.update(_evaluation_row(model, val, eval_method, eval_layer, eval_batch_size))
     row["seconds"] = time.perf_counter() - t0
