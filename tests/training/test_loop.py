@@ -82,6 +82,13 @@ def test_interrupted_run_resumes_to_identical_weights_without_duplicate_rows(tmp
     assert all(torch.equal(a[k], again.model.state_dict()[k]) for k in a)
 
 
+def test_keep_checkpoints_prunes_the_old_ones_and_resume_still_works(tmp_path, data):
+    run(data, tmp_path, epochs=2, keep_checkpoints=1)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["epoch_002.pt"]
+    assert run(data, tmp_path, epochs=3, keep_checkpoints=1).resumed_from == 2
+    assert [int(r["epoch"]) for r in csv_rows(tmp_path / "metrics.csv")] == [0, 1, 2, 3]
+
+
 def test_rows_written_after_the_last_checkpoint_are_dropped_on_resume(tmp_path, data):
     run(data, tmp_path, epochs=1)
     (tmp_path / "checkpoints" / "epoch_001.pt").unlink()  # as if killed between the two writes

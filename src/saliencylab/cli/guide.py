@@ -53,6 +53,8 @@ def add_run_arguments(p, epochs: int = 10) -> None:
                    help="checkpoints, metrics.csv, metrics.json, model.pt and report.html")
     g.add_argument("--resume", action=argparse_bool(), default=True,
                    help="continue the run in --out from its last checkpoint (default); --no-resume starts over")
+    g.add_argument("--keep-checkpoints", type=int, default=None, metavar="K",
+                   help="keep only the newest K epoch checkpoints (default: all)")
     g.add_argument("--eval-method", default=None, help="method of the evaluated maps (default: the training one)")
     g.add_argument("--examples", type=int, default=6, help="example images in the report (default: %(default)s)")
     g.add_argument("--debug", action="store_true", help="raise unexpected errors with their traceback")
@@ -165,7 +167,7 @@ def run_fit(args, model, meta, train, evaluation, **kw) -> int:
     try:
         result = loop.fit(model, train, evaluation, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                           out_dir=args.out, resume=args.resume, seed=args.seed, eval_method=args.eval_method,
-                          examples=args.examples, meta=meta,
+                          examples=args.examples, meta=meta, keep_checkpoints=args.keep_checkpoints,
                           callback=lambda e, info: print_row(e, info, args.epochs), **kw)
     except KeyboardInterrupt:
         print(f"interrupted: rerun the same command to resume from the last checkpoint in {args.out}",

@@ -754,7 +754,7 @@ def fit(model: nn.Module, train, val=None, *, epochs: int = 5, lr: float = 1e-3,
         guidance: Mapping | None = None, distill: Mapping | None = None, out_dir=None, resume: bool = True,
         seed: int = 0, progress: bool = True, eval_method: str | None = None, eval_layer=None,
         eval_batch_size: int = 64, examples: int = 6, callback: Callable[[str, dict], None] | None = None,
-        meta: Mapping | None = None, report: bool = True) -> TrainResult:
+        meta: Mapping | None = None, report: bool = True, keep_checkpoints: int | None = None) -> TrainResult:
     """Train `model` in place with Adam on `train` (see `as_training_data` for what it accepts).
 
     guidance: dict(loss="energy"|"l1"|"rrr"|"ppce", method="input_x_gradient", layer=None, weight=1.0,
@@ -774,6 +774,7 @@ def fit(model: nn.Module, train, val=None, *, epochs: int = 5, lr: float = 1e-3,
       caller's global random state is left as it was. The model's initial weights are the caller's.
     callback(event, info): called with "batch" (epoch, batch, loss) and "epoch" (the row) events;
       an exception there (e.g. KeyboardInterrupt) stops the run, which a later call resumes.
+    keep_checkpoints: keep only the newest this many epoch checkpoints (None: all).
     meta: JSON-able facts stored in checkpoints, model.pt and metrics.json (`meta["model"]` =
       "module:factory" and `meta["model_kwargs"]` let `load_model_file` rebuild the model).
     """
@@ -791,6 +792,9 @@ def fit(model: nn.Module, train, val=None, *, epochs: int = 5, lr: float = 1e-3,
             raise ConfigError(f"{name} must be a non-negative integer" + (" >= 1" if name == "batch_size" else "")
                               + f", got {value!r}")
     _number(lr, "lr", positive=True)
+    if keep_checkpoints is not None and (isinstance(keep_checkpoints, bool) or not isinstance(keep_checkpoints, int)
+                                         or keep_checkpoints < 1):
+        raise ConfigError(f"keep_checkpoints must be None or an integer >= 1, got {keep_checkpoints!r}")
     g = _guidance_config(guidance)
     d = _distill_config(distill)
     train = as_training_data(train, where="train")
@@ -871,6 +875,9 @@ def fit(model: nn.Module, train, val=None, *, epochs: int = 5, lr: float = 1e-3,
                 if run_dir is not None:
                     _save_checkpoint(run_dir, epoch, model, optimizer, history, config, meta, device)
                     _write_metrics(run_dir, history, config)
+                    if keep_checkpoints is not None:  # older ones go only once the new one is in place
+                        for old in _checkpoints(run_dir)[:-keep_checkpoints]:
+                            old.unlink()
                 if callback is not None:
                     callback("epoch", dict(history[-1]))
         finally:
