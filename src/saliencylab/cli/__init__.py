@@ -1,4 +1,5 @@
-"""The `saliencylab` command: list methods, explain image files, evaluate, leaderboard, demo page.
+"""The `saliencylab` command: list methods, explain image files, evaluate, leaderboard, demo page, and
+training with explanations (guide, distill).
 
 One module per subcommand (`add_parser(sub)` and `run(args) -> exit code`); the work itself lives in
 the library (`io`, `runs.files`, `runs.leaderboard`, `report.demo`), so scripts can do what the command does.
@@ -14,7 +15,7 @@ import sys
 import warnings
 
 from .. import __version__
-from . import demo, evaluate, explain, leaderboard, methods
+from . import demo, distill, evaluate, explain, guide, leaderboard, methods
 from ._common import Fail, error, one_line
 
 __all__ = ["main", "build_parser", "COMMANDS"]
@@ -22,7 +23,7 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 # Sub-command name -> module; the order is the order of the help. `bench` is the hidden old name of
 # `leaderboard`.
 COMMANDS = {"methods": methods, "explain": explain, "evaluate": evaluate, "leaderboard": leaderboard,
-            "demo": demo}
+            "demo": demo, "guide": guide, "distill": distill}
 _ALIASES = {leaderboard.DEPRECATED: leaderboard}
 
 

@@ -12,3 +12,4 @@ weights designed by hand), plus trained variants of the same data.
 
 from .base import Design, EnvBatch, Environment, available, describe, get, load, register, registry  # noqa: F401
 from . import designed  # noqa: F401  (registers the designed environments)
+from .shortcut import ShortcutData, group_accuracies, shortcut_data, worst_group_accuracy  # noqa: F401
