@@ -399,6 +399,12 @@ def method_data(names: Sequence[str], loaded, folder=None, *, embedded: bool, ba
     `feature_data`'s default (the bundled crops, as the demo) and a user model is a ConfigError
     (crops normalized for the embedded model would not be the user's distribution)."""
     takers = [n for n in names if takes_data(n)]
+    if folder is not None and not takers:
+        from . import methods as _methods
+
+        users = ", ".join(n for n in _methods.available() if takes_data(n))
+        raise ConfigError(f"--data is feature data for the methods that take data= ({users}); "
+                          f"{', '.join(names)} {'does' if len(names) == 1 else 'do'} not")
     if not takers:
         return {}, None
     if folder is None and not embedded:

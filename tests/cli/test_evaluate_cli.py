@@ -49,7 +49,7 @@ def test_evaluate_argument_errors(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
     # a localization metric without --boxes fails before any model is loaded or image explained
     assert main(["evaluate", photo("chelsea"), "--metrics", "sparseness,pointing_game", "--out", str(tmp_path)]) == 2
-    assert "'pointing_game' needs boxes" in capsys.readouterr().err
+    assert "pointing_game needs the object region: pass --boxes" in capsys.readouterr().err
     assert not (tmp_path / "rows.jsonl").exists()
 
 

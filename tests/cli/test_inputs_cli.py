@@ -104,7 +104,8 @@ def test_transparent_pixels_are_composited_on_the_stated_background(tmp_path, ca
     black = np.asarray(io.read_image(tmp_path / "clear.png", background="0,0,0"))
     assert (black[:, :32] == 0).all()
     notes = io.ImageNotes()
-    assert np.asarray(io.read_image(tmp_path / "pal.png", background="#ff0000", notes=notes))[0, 0].tolist() == [255, 0, 0]
+    red = np.asarray(io.read_image(tmp_path / "pal.png", background="#ff0000", notes=notes))
+    assert red[0, 0].tolist() == [255, 0, 0]
     assert notes.composited
 
     out = tmp_path / "out"
@@ -167,3 +168,17 @@ def test_iba_data_folder_skips_a_corrupt_file(user_model, tmp_path, capsys):
     assert main(args + ["--data", str(data), "-p", "data='x'", "-o", "out"]) == 2  # two sources of data
     assert main(args + ["--data", str(tmp_path / "nowhere"), "-o", "out"]) == 2
     assert "does not exist" in _errors(capsys.readouterr().err)[-1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "."], "--data is feature data for the methods that take data="),
+    (["--max-pixels", "10"], "--max-pixels"),
+    (["--background", "1,2"], "--background"),
+])
+def test_input_option_errors_exit_2(tmp_path, capsys, args, message):
+    for command in (["explain", "-m", "gradient"], ["evaluate", "--methods", "gradient", "--metrics", "sparseness"]):
+        assert main([*command, CHELSEA.path.as_posix(), *args, "-o" if command[0] == "explain" else "--out",
+                     str(tmp_path / "out")]) == 2
+        errors = _errors(capsys.readouterr().err)
+        assert len(errors) == 1 and message in errors[0]
+        assert not (tmp_path / "out").exists()

@@ -60,6 +60,15 @@ def add_input_options(p, *, data: bool = True) -> None:
                             "need --data)")
 
 
+def check_input_options(args) -> None:
+    """--background and --max-pixels, checked before anything runs."""
+    from .. import io
+
+    setup(io.parse_background, args.background)
+    if args.max_pixels < 64:
+        raise Fail(f"--max-pixels must be at least 64, got {args.max_pixels}")
+
+
 def feature_data(names, loaded, args, *, embedded: bool) -> dict:
     """{method: data} for the chosen methods that take `data=` (see `io.method_data`); prints which data a
     default stands for; a whole-command error when a method cannot get any."""

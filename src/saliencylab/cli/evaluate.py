@@ -8,7 +8,7 @@ from .. import methods as _methods
 from .. import metrics as _metrics
 from .. import presets as _presets
 from ..core.errors import ConfigError, SaliencyLabError
-from ._common import Fail, add_input_options, error, message, setup, warn
+from ._common import Fail, add_input_options, check_input_options, error, message, setup, warn
 
 DEFAULT_METRICS = "deletion,insertion,sparseness"
 
@@ -124,6 +124,7 @@ def run(args) -> int:
         method_names = [_methods.get(m).name for m in method_names]
         metric_names = [_metrics.get(m).name for m in metric_names]
         check_metric_data(metric_names, args.boxes, args.masks)
+        check_input_options(args)
         method_params = scoped_params(args.method_param, "method", method_names)
         metric_params = scoped_params(args.metric_param, "metric", metric_names)
         check_params(method_params, _methods.parameters, "method")

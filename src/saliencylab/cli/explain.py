@@ -9,7 +9,8 @@ from .. import methods as _methods
 from .. import presets as _presets
 from ..core.errors import SaliencyLabError
 from ..core.progress import progress
-from ._common import Fail, add_input_options, error, feature_data, make_dir, message, setup, warn
+from ._common import (Fail, add_input_options, check_input_options, error, feature_data, make_dir, message, setup,
+                      warn)
 
 
 def add_parser(sub) -> None:
@@ -56,7 +57,7 @@ def run(args) -> int:
 
     if "data" in params and args.data is not None:
         raise Fail("--data and --param data=... both give the method's feature data; keep one")
-    setup(io.parse_background, args.background)
+    check_input_options(args)
     files, missing = io.image_files(args.images)
     if not files:
         raise Fail("; ".join(m for _, m in missing) or "no image files given")

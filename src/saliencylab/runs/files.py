@@ -113,7 +113,8 @@ def _boxes_for(boxes, files: Sequence[str], kept: Sequence[int]) -> list:
             p = Path(path)
             key = next((k for k in (path, p.name, p.stem) if k in boxes), None)
             if key is None:
-                raise InputError(f"{source} has no entry for image '{path}' (keys are image paths, file names or stems)")
+                raise InputError(f"{source} has no entry for image '{path}' (keys are image paths, file names "
+                                 "or stems)")
             entries.append(boxes[key])
         boxes = entries
     if isinstance(boxes, torch.Tensor):
