@@ -300,3 +300,45 @@ def test_explain_record_names_the_layer_chosen_automatically(tmp_path, capsys):
     assert record["layer"] in names and record["params"] == {}  # chosen per call, recorded, not a parameter
     assert main(["explain", CHELSEA, "--method", "gradcam", "--param", "layer=blocks.15", "--out", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "chelsea.gradcam.json").read_text())["layer"] == "blocks.15"
+
+
+@pytest.mark.parametrize("command", ["explain", "evaluate", "leaderboard"])
+def test_every_option_has_help(command):
+    from saliencylab.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    undocumented = [a.option_strings[0] if a.option_strings else a.dest for a in sub._actions if not a.help]
+    assert undocumented == []
+
+
+def test_leaderboard_lines_name_the_group_and_resume_counts(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from saliencylab.runs import leaderboard as runs_leaderboard
+    from saliencylab.runs.store import Row, RunStore
+
+    def rows(n, start=0):
+        return [Row(image_id=f"env a:0:{i}", model="m", method="gradient", method_params={}, metric="auc",
+                    metric_params={}, target=1, score=0.5) for i in range(start, start + n)]
+
+    out = tmp_path / "lb"
+    RunStore(out / "env_a").append(rows(4))  # an interrupted earlier run left 4 rows
+    said_before_running = []
+
+    def fake_run_bench(suite, methods, out_dir, *, on_record, **kw):
+        said_before_running.append(capsys.readouterr().out)
+        RunStore(out / "env_a").append(rows(2, start=4))
+        record = SimpleNamespace(method="gradient", metric="auc", mean=0.5, low=0.4, high=0.6,
+                                 image_ids=[f"env a:0:{i}" for i in range(6)], scores=[0.5] * 6)
+        on_record(record)
+        (out / "leaderboard.md").write_text("table\n")
+        (out / "index.html").write_text("<html></html>")
+        return [runs_leaderboard.GroupResult("env a", [record], {}, [])]
+
+    monkeypatch.setattr(runs_leaderboard, "run_bench", fake_run_bench)
+    assert main(["leaderboard", "--out", str(out)]) == 0
+    assert said_before_running[0].startswith("resuming: 4 rows found")  # not silent while it skips
+    lines = capsys.readouterr().out.splitlines()
+    assert "[env a] gradient / auc: 0.5000 [0.4000, 0.6000]" in lines
+    assert "resumed: 4 of 6 rows were already done, 2 computed" in lines
+    assert "[env a] 1 methods, 6 rows" in lines

@@ -49,5 +49,47 @@ def test_evaluate_argument_errors(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
     # a localization metric without --boxes fails before any model is loaded or image explained
     assert main(["evaluate", photo("chelsea"), "--metrics", "sparseness,pointing_game", "--out", str(tmp_path)]) == 2
-    assert "'pointing_game' needs boxes" in capsys.readouterr().err
+    assert "pointing_game needs the object region: pass --boxes" in capsys.readouterr().err
     assert not (tmp_path / "rows.jsonl").exists()
+
+
+def test_localization_without_region_fails_before_anything_runs(tmp_path, monkeypatch, capsys):
+    import saliencylab.io as io
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(io, "load_model", no_model)
+    for metrics in ("sparseness,pointing_game,iou", "iou"):
+        assert main(["evaluate", photo("chelsea"), "--metrics", metrics, "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:")  # one line, naming the metrics and the options
+        assert "iou" in err[0] and "--boxes" in err[0] and "--masks" in err[0] and "sparseness" not in err[0]
+    assert main(["evaluate", photo("chelsea"), "--metrics", "pointing_game,iou", "--out", str(tmp_path)]) == 2
+    assert "pointing_game, iou need the object region" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_localization_with_masks_or_boxes(tmp_path, capsys):
+    import numpy as np
+
+    masks = np.zeros((2, 224, 224), dtype=bool)
+    masks[:, 40:200, 30:190] = True
+    np.save(tmp_path / "masks.npy", masks)
+    base = ["evaluate", photo("chelsea"), photo("coffee"), "--methods", "gradient", "--metrics", "pointing_game,iou"]
+    assert main(base + ["--masks", str(tmp_path / "masks.npy"), "--out", str(tmp_path / "m")]) == 0
+    by_masks = {r["metric"]: r for r in json.loads((tmp_path / "m" / "results.json").read_text())["rows"]}
+    assert set(by_masks) == {"pointing_game", "iou"} and all(r["n"] == 2 for r in by_masks.values())
+    # the same region as boxes, keyed by file stem (one as a list of two boxes whose union is the region)
+    (tmp_path / "boxes.json").write_text(json.dumps({"chelsea": [30, 40, 190, 200],
+                                                     "coffee": [[30, 40, 100, 200], [100, 40, 190, 200]]}))
+    assert main(base + ["--boxes", str(tmp_path / "boxes.json"), "--out", str(tmp_path / "b")]) == 0
+    by_boxes = {r["metric"]: r for r in json.loads((tmp_path / "b" / "results.json").read_text())["rows"]}
+    assert {k: r["mean"] for k, r in by_boxes.items()} == {k: r["mean"] for k, r in by_masks.items()}
+    capsys.readouterr()
+    np.save(tmp_path / "wrong.npy", masks[:1])
+    assert main(base + ["--masks", str(tmp_path / "wrong.npy"), "--out", str(tmp_path / "w")]) == 2
+    assert "(2, 224, 224)" in capsys.readouterr().err
+    (tmp_path / "short.json").write_text(json.dumps({"chelsea": [0, 0, 10, 10]}))
+    assert main(base + ["--boxes", str(tmp_path / "short.json"), "--out", str(tmp_path / "w")]) == 2
+    assert "no entry for image" in capsys.readouterr().err

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 from .. import methods as _methods
 from .. import metrics as _metrics
 from .. import presets as _presets
 from ..core.errors import ConfigError, SaliencyLabError
-from ._common import Fail, error, message, setup
+from ._common import Fail, add_input_options, check_input_options, error, message, setup, warn
 
 DEFAULT_METRICS = "deletion,insertion,sparseness"
 
@@ -18,23 +20,55 @@ def add_parser(sub) -> None:
                     "method x metric table (mean and 95% bootstrap interval over images), the curves and "
                     "their plots. Every score is a row of rows.jsonl (image, model, method and metric settings, "
                     "target), written as it is computed; a rerun computes only the missing rows.")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files, or folders (every image file below them, sorted)")
     p.add_argument("--methods", default="gradient,integrated_gradients,gradcam",
                    help="comma-separated method names (default: %(default)s)")
-    p.add_argument("--metrics", default=DEFAULT_METRICS, help="comma-separated metric names (default: %(default)s)")
-    p.add_argument("--model", default="efficientnet_lite0")
-    p.add_argument("--weights", default=None)
+    p.add_argument("--metrics", default=DEFAULT_METRICS,
+                   help="comma-separated metric names (default: %(default)s); localization metrics ("
+                        + ", ".join(_localization_metrics()) + ") need --boxes or --masks")
+    p.add_argument("--model", default="efficientnet_lite0",
+                   help="embedded model name, package.module:factory, or a TorchScript file (default: %(default)s)")
+    p.add_argument("--weights", default=None, help="state-dict file loaded into the model")
     p.add_argument("--target", default=None, help="class index for every image (default: predicted class)")
     p.add_argument("--method-param", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="a method parameter, e.g. integrated_gradients.steps=16 (repeatable)")
     p.add_argument("--metric-param", action="append", default=[], metavar="METRIC.KEY=VALUE",
                    help="a metric parameter, e.g. deletion.steps=20 (repeatable)")
-    p.add_argument("--boxes", default=None,
-                   help="JSON file: one [x0, y0, x1, y1] box per image, in model-input pixels (localization)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--boxes", default=None, metavar="FILE.json",
+                   help="object boxes for the localization metrics, in model-input pixels (x0, y0, x1, y1; x1, y1 "
+                        "exclusive): a JSON list with one entry per image (a box or a list of boxes), or an object "
+                        "from image path, file name or stem to its box(es)")
+    p.add_argument("--masks", default=None, metavar="FILE.npy",
+                   help="object masks for the localization metrics: a .npy array (N, H, W) of booleans or 0/1, "
+                        "one per image in order, at the model input size")
+    p.add_argument("--out", required=True, help="output folder (rows.jsonl, results.json/.csv/.md, curve plots)")
     p.add_argument("--preset", help=f"cost settings for the methods, one of {', '.join(_presets.names())} (default: each "
                         "method's defaults); --method-param overrides them")
-    p.add_argument("--debug", action="store_true")
+    add_input_options(p)
+    p.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+
+
+def _localization_metrics() -> list[str]:
+    return [n for n in _metrics.available() if "boxes_or_masks" in _metrics.requirements(n)]
+
+
+def check_metric_data(metric_names, boxes, masks) -> None:
+    """Before anything runs: one line naming every chosen metric that needs data the command was not given
+    (from each metric's `requires` metadata), e.g. localization metrics without --boxes/--masks."""
+    need_region = [m for m in metric_names if "boxes_or_masks" in _metrics.requirements(m)]
+    need_truth = [m for m in metric_names if "truth" in _metrics.requirements(m)]
+    problems = []
+    if need_region and boxes is None and masks is None:
+        problems.append(f"{', '.join(need_region)} need{'s' if len(need_region) == 1 else ''} the object region: "
+                        "pass --boxes FILE.json or --masks FILE.npy")
+    if need_region and boxes is not None and masks is not None:
+        problems.append("--boxes and --masks both give the object region; keep one")
+    if need_truth:
+        problems.append(f"{', '.join(need_truth)} need{'s' if len(need_truth) == 1 else ''} ground-truth relevance, "
+                        "which image files do not have (see `saliencylab leaderboard --suite groundtruth`)")
+    if problems:
+        raise Fail("cannot evaluate, nothing was run: metric " + "; metric ".join(problems))
 
 
 def scoped_params(items, kind: str, known_names) -> dict[str, dict]:
@@ -81,20 +115,26 @@ def run(args) -> int:
 
     args.method_param = preset_method_params(args.preset, args.methods) + list(args.method_param)
     try:
-        method_names = [m for m in args.methods.split(",") if m]
-        metric_names = [m for m in args.metrics.split(",") if m]
-        for m in method_names:
-            _methods.get(m)
-        for m in metric_names:
-            _metrics.get(m)
+        method_names = [m.strip() for m in args.methods.split(",") if m.strip()]
+        metric_names = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        if not method_names:
+            raise ConfigError("--methods names no method")
+        if not metric_names:
+            raise ConfigError("--metrics names no metric")
+        method_names = [_methods.get(m).name for m in method_names]
+        metric_names = [_metrics.get(m).name for m in metric_names]
+        check_metric_data(metric_names, args.boxes, args.masks)
+        check_input_options(args)
         method_params = scoped_params(args.method_param, "method", method_names)
         metric_params = scoped_params(args.metric_param, "metric", metric_names)
         check_params(method_params, _methods.parameters, "method")
         check_params(metric_params, _metrics.parameters, "metric")
         return evaluate_files(args.images, method_names, metric_names, out=args.out, model=args.model,
                               weights=args.weights, target=args.target, method_params=method_params,
-                              metric_params=metric_params, boxes=args.boxes, fail_line=fail,
-                              on_record=lambda r: print(f"{r.method} / {r.metric}: {r.mean:.4f} "
+                              metric_params=metric_params, boxes=args.boxes, masks=args.masks, data=args.data,
+                              background=args.background, max_pixels=args.max_pixels, fail_line=fail,
+                              on_note=lambda text: print(f"note: {text}", file=sys.stderr, flush=True),
+                              on_warning=warn, on_record=lambda r: print(f"{r.method} / {r.metric}: {r.mean:.4f} "
                                                         f"[{r.low:.4f}, {r.high:.4f}]", flush=True))
     except SaliencyLabError as exc:
         raise Fail(exc) from None

@@ -9,15 +9,17 @@ from .. import methods as _methods
 from .. import presets as _presets
 from ..core.errors import SaliencyLabError
 from ..core.progress import progress
-from ._common import Fail, error, make_dir, message, setup
+from ._common import (Fail, add_input_options, check_input_options, error, feature_data, make_dir, message, setup,
+                      warn)
 
 
 def add_parser(sub) -> None:
     ex = sub.add_parser(
         "explain", help="explain image files",
         description="Explain image files; writes OUT/<stem>.<method>.png (overlay), .npy (raw map) and "
-                    ".json (target, probability, parameters, cost) per image.")
-    ex.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+                    ".json (target, probability, parameters, layer, cost) per image.")
+    ex.add_argument("images", nargs="+", metavar="IMAGE",
+                    help="image files, or folders (every image file below them, sorted)")
     ex.add_argument("--method", "-m", required=True, help="method name (see `saliencylab methods`)")
     ex.add_argument("--model", default="efficientnet_lite0",
                     help="embedded model name, package.module:factory, or a TorchScript file "
@@ -34,6 +36,7 @@ def add_parser(sub) -> None:
     ex.add_argument("--mean", help="normalization mean for user models, e.g. 0.485,0.456,0.406")
     ex.add_argument("--std", help="normalization std for user models, e.g. 0.229,0.224,0.225")
     ex.add_argument("--labels", help="class names file, one per line (user models default to 'class N')")
+    add_input_options(ex)
     ex.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
 
 
@@ -52,9 +55,19 @@ def run(args) -> int:
         raise Fail(f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
                    f"for method '{cls.name}'; its parameters are: {', '.join(known) or '(none)'}")
 
+    if "data" in params and args.data is not None:
+        raise Fail("--data and --param data=... both give the method's feature data; keep one")
+    check_input_options(args)
+    files, missing = io.image_files(args.images)
+    if not files:
+        raise Fail("; ".join(m for _, m in missing) or "no image files given")
+
     loaded = setup(io.load_model, args.model, args.weights, size=args.size, mean=args.mean, std=args.std,
                    labels=args.labels, debug=args.debug)
     model = loaded.model
+    if "data" not in params:
+        params.update(("data", d) for d in feature_data([cls.name], loaded, args,
+                                                        embedded=io.is_embedded(args.model)).values())
     if isinstance(params.get("layer"), str):
         from ..core.layers import get_layer
 
@@ -74,12 +87,18 @@ def run(args) -> int:
         error(path, message(exc))
 
     # 1. read and preprocess every image on its own, so one unreadable file loses only itself.
+    for _folder, problem in missing:  # a folder without images fails alone, as an unreadable file does
+        failed = True
+        error(problem)
     items = []
-    for path, stem in zip(args.images, io.unique_stems(args.images)):
+    for path, stem in zip(files, io.unique_stems(files)):
         try:
-            items.append(io.prepare_image(path, loaded, stem=stem))
+            items.append(io.prepare_image(path, loaded, stem=stem, background=args.background,
+                                          max_pixels=args.max_pixels))
         except Exception as exc:  # noqa: BLE001
             fail(path, exc)
+    for line in io.input_warnings(items, args.background, args.max_pixels):
+        warn(line)
 
     # 2. explain the readable ones in batches (image by image only if a batch fails).
     with progress(None, desc=f"explain {cls.name}", total=len(items), unit="image") as bar:

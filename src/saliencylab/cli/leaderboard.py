@@ -57,16 +57,50 @@ def _add_arguments(sub) -> None:
     p.add_argument("--out", "-o", default="bench-out", help="output folder (default ./bench-out)")
     p.add_argument("--full", action="store_true", help="the larger version (more images)")
     p.add_argument("--images", type=int, default=None, help="images per group (overrides the suite's size)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of the environments, images and methods (default 0)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+
+
+def group_of(record) -> str:
+    """The group (environment) a record belongs to: its image ids are '<group>:<seed or suite id>:<index>'."""
+    ids = getattr(record, "image_ids", None) or []
+    return str(ids[0]).rsplit(":", 2)[0] if ids and str(ids[0]).count(":") >= 2 else "?"
+
+
+def stored_rows(out: Path) -> int:
+    """Rows already in the run folder's stores (OUT/<group>/rows.jsonl), counted by key."""
+    import warnings
+
+    from ..runs.store import RunStore
+
+    n = 0
+    for path in sorted(out.glob("*/rows.jsonl")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unreadable lines are reported by the run itself
+            n += len(RunStore(path))
+    return n
 
 
 def _run(args) -> int:
-    results = _leaderboard.run_bench(args.suite, args.methods, args.out, full=args.full, seed=args.seed, images=args.images,
-                        debug=args.debug,
-                        on_record=lambda r: print(f"{r.method} / {r.metric}: {r.mean:.4f} "
-                                                  f"[{r.low:.4f}, {r.high:.4f}]", flush=True))
     out = Path(args.out)
+    before = stored_rows(out) if out.is_dir() else 0
+    if before:
+        print(f"resuming: {before} rows found in {out}; rows already done are skipped, only missing ones computed",
+              flush=True)
+
+    def on_record(r):
+        print(f"[{group_of(r)}] {r.method} / {r.metric}: {r.mean:.4f} [{r.low:.4f}, {r.high:.4f}]", flush=True)
+
+    results = _leaderboard.run_bench(args.suite, args.methods, args.out, full=args.full, seed=args.seed,
+                                     images=args.images, debug=args.debug, on_record=on_record)
+    total = sum(len(r.scores) for g in results for r in g.records)
+    computed = max(0, stored_rows(out) - before)
+    if before:
+        print(f"resumed: {max(0, total - computed)} of {total} rows were already done, {computed} computed", flush=True)
+    for g in results:
+        rows = sum(len(r.scores) for r in g.records)
+        failed = f", {len(g.errors)} method(s) failed" if g.errors else ""
+        print(f"[{g.name}] {len({r.method for r in g.records})} methods, {rows} rows{failed}", flush=True)
     print((out / "leaderboard.md").read_text(), end="")
     print((out / "index.html").resolve())
     failed = any(g.errors for g in results)

@@ -185,9 +185,9 @@ def _call_factory(spec: str) -> nn.Module:
     if not module_name or not attr_path:
         raise ConfigError(f"model spec {spec!r} must look like 'package.module:factory'")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_from_cwd(module_name)
     except ModuleNotFoundError as exc:
-        raise ConfigError(f"cannot import module {module_name!r} for model spec {spec!r}: {exc}") from exc
+        raise ConfigError(_not_found(module_name, spec, exc)) from exc
     except Exception as exc:  # the user's module itself is broken
         raise ConfigError(
             f"importing module {module_name!r} for model spec {spec!r} failed: {_reason(exc)}") from exc
@@ -210,6 +210,37 @@ def _call_factory(spec: str) -> nn.Module:
         raise ConfigError(
             f"model factory {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _import_from_cwd(module_name: str):
+    """Import `module_name` with the current working directory first on sys.path, as `python -m` does
+    (a console script's sys.path starts with its own bin folder, so `mynets.py` beside the user is not
+    found otherwise); sys.path is restored afterwards, the imported module stays in sys.modules."""
+    import sys
+
+    saved = list(sys.path)
+    sys.path.insert(0, os.getcwd())
+    try:
+        importlib.invalidate_caches()  # a module written since the last import must be found
+        return importlib.import_module(module_name)
+    finally:
+        sys.path[:] = saved
+
+
+def _not_found(module_name: str, spec: str, exc: ModuleNotFoundError) -> str:
+    """One line saying which module is missing and how to make it importable."""
+    missing = exc.name or module_name
+    if module_name.endswith(".py"):
+        name = module_name[:-3].replace("/", ".").replace(os.sep, ".")
+        return (f"cannot import {module_name!r} for model spec {spec!r}: give the module name, not the file "
+                f"name, e.g. '{name}:{spec.partition(':')[2]}'")
+    top = module_name.split(".")[0]
+    if missing.split(".")[0] != top:  # the user's module was found; something it imports is not installed
+        return (f"module {module_name!r} (model spec {spec!r}) imports {missing!r}, which is not installed: "
+                f"{exc}; install it in this environment")
+    return (f"cannot import module {module_name!r} for model spec {spec!r}: {exc} (searched the current folder "
+            f"{os.getcwd()} and sys.path); run from the folder that holds {top}.py (or the {top}/ package), "
+            f"or add that folder to PYTHONPATH")
 
 
 _CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
