@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import saliencylab as sl
-from saliencylab.methods.propagation import Composite, Epsilon, Flat, WSquare, ZBox, ZPlus
+from saliencylab.methods.propagation import AlphaBeta, Composite, Epsilon, Flat, Gamma, WSquare, ZBox, ZPlus
 from saliencylab.methods.propagation.canonizers import folded
 from zoo import ResNetLike, VGGLike, make_small_cnn
 
@@ -255,3 +255,78 @@ def test_bad_settings_fail_with_one_clear_line():
         sl.explain(model, torch.randn(1, 3, 8, 8, dtype=torch.float64), "lrp", composite={nn.Linear: Flat()})
     with pytest.raises(sl.ConfigError, match="does not have: 99"):
         sl.explain(model, torch.randn(1, 3, 8, 8, dtype=torch.float64), "lrp", composite={"99": "zplus"})
+
+
+def grouped_sequential(seed=11):
+    """Depthwise and grouped convolutions, one of them reading signed values (no activation in front)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.ReLU(),
+        nn.Conv2d(6, 4, 3, stride=2, padding=1, groups=2), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(16, 5),
+        nn.ReLU(), nn.Linear(5, 3),
+    ).double().eval()
+
+
+@pytest.mark.parametrize("rule", [ZPlus(), AlphaBeta(2.0, 1.0), AlphaBeta(1.5, 0.5), Gamma(0.25)], ids=repr)
+def test_sign_split_rules_on_grouped_convolutions_and_dense_layers_match_the_reference(rule):
+    """The parts of alpha-beta and gamma run as one stacked layer (a depthwise layer on its input repeated),
+    on signed and on non-negative inputs, and on dense layers (signed input of the last layer)."""
+    model = grouped_sequential()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    composite = Composite({nn.Module: rule})
+    e = sl.explain(model, x, "lrp", composite=composite, channels=True)
+    for i in range(3):
+        ref = reference_lrp(model, x[i], int(e.targets[i]), composite)
+        assert torch.allclose(e.maps[i], ref, rtol=1e-6, atol=1e-9), f"{rule!r}: image {i} differs"
+
+
+class ShiftedInPlace(nn.Module):
+    """A convolution without BatchNorm whose output the forward changes in place (`h += 0.5`)."""
+
+    def __init__(self, in_place=True):
+        super().__init__()
+        torch.manual_seed(13)
+        self.in_place = in_place
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        h = self.conv(x)
+        if self.in_place:
+            h += 0.5
+        else:
+            h = h + 0.5
+        return self.fc(torch.flatten(self.act(h), 1))
+
+
+@pytest.mark.parametrize("name", ["epsilon_plus", "epsilon_alpha2_beta1", "epsilon"])
+def test_a_layer_output_changed_in_place_is_prepared_from_its_value_before_the_change(name):
+    """Layers without BatchNorm prepare their rule in the backward pass; when the forward changes their
+    output in place, the batch runs again preparing in the forward pass: same maps, one extra forward."""
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(14))
+    inplace, plain = ShiftedInPlace().double().eval(), ShiftedInPlace(in_place=False).double().eval()
+    a = sl.explain(inplace, x, "lrp", composite=name, channels=True)
+    b = sl.explain(plain, x, "lrp", composite=name, channels=True)
+    assert torch.equal(a.outputs, plain(x).detach())
+    assert torch.allclose(a.maps, b.maps, rtol=1e-12, atol=1e-15)
+    assert a.cost.forward_images == 2 * len(x) and b.cost.forward_images == len(x)
+
+
+def test_a_rule_written_against_the_one_step_interface_still_works():
+    """A user rule that only defines ratio(layer, x, z, R) (the interface before prepare/backward) gives
+    the built-in rule's maps, on a layer merged with BatchNorm and on layers without."""
+    from saliencylab.methods.propagation import Rule
+    from saliencylab.methods.propagation.rules import stabilize
+
+    class MyEpsilon(Rule):
+        name = "my_epsilon"
+
+        def ratio(self, layer, x, z, R):
+            return layer.vjp(layer.weight, R / stabilize(z, 0.1))
+
+    for model, shape in ((make_small_cnn(dtype=torch.float64), (2, 3, 12, 12)), (small_sequential(), (2, 3, 8, 8))):
+        x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(15))
+        mine = sl.explain(model, x, "lrp", composite={nn.Module: MyEpsilon()}, channels=True).maps
+        ours = sl.explain(model, x, "lrp", composite="epsilon", epsilon=0.1, channels=True).maps
+        assert torch.allclose(mine, ours, rtol=1e-10, atol=1e-13)

@@ -115,6 +115,41 @@ class LinearLayer:
             self._cache[k] = (key, make())  # keep `key` alive so its id is not reused
         return self._cache[k][1]
 
+    def _direct(self):
+        """A Conv1d/2d/3d whose map is F.convNd with the module's own settings (zero padding, numbers)."""
+        m = self.module
+        return (not self.is_dense and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+                and type(m)._conv_forward is _conv_base(m)._conv_forward)
+
+    def forward_parts(self, inp, weight, bias, parts):
+        """The map with `parts` weights stacked along the output channels (output: the parts' outputs
+        stacked along the channels). A grouped convolution (depthwise) runs on its input repeated
+        `parts` times with parts x the groups, so it keeps one weight per group (its fast kernel)."""
+        if parts == 1 or self.groups == 1:
+            return self._map(inp, weight, bias)
+        m = self.module
+        if self._direct():
+            repeated = inp.repeat(1, parts, *([1] * (inp.dim() - 2)))
+            return CONV_FUNCTIONS[_conv_base(m)](repeated, weight, bias, m.stride, m.padding, m.dilation,
+                                                 self.groups * parts)
+        biases = [None] * parts if bias is None else bias.chunk(parts)
+        return torch.cat([self._map(inp, w, b) for w, b in zip(weight.chunk(parts), biases)], 1)
+
+    def vjp_parts(self, weight, grad, parts):
+        """The transpose of `forward_parts`, summed over the parts."""
+        if parts == 1 or self.groups == 1:
+            return self.vjp(weight, grad)
+        m = self.module
+        if isinstance(m, nn.Conv2d) and self._direct():
+            shape = (self.input_shape[0], parts * self.input_shape[1], *self.input_shape[2:])
+            g = torch.nn.grad.conv2d_input(shape, weight, grad, m.stride, m.padding, m.dilation, self.groups * parts)
+            return g.view(shape[0], parts, *self.input_shape[1:]).sum(1)
+        out = None
+        for w, gr in zip(weight.chunk(parts), grad.chunk(parts, 1)):
+            v = self.vjp(w, gr)
+            out = v if out is None else out.add_(v)
+        return out
+
     def vjp(self, weight, grad):
         m = self.module
         if self.is_dense:
@@ -124,6 +159,13 @@ class LinearLayer:
         with torch.enable_grad():  # other convolutions: the transpose through autograd
             probe = torch.zeros(self.input_shape, dtype=grad.dtype, device=grad.device, requires_grad=True)
             return torch.autograd.grad(self._map(probe, weight, None), probe, grad)[0]
+
+
+CONV_FUNCTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+
+
+def _conv_base(m):
+    return next(c for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(m, c))
 
 
 class Call:

@@ -122,12 +122,11 @@ class Epsilon(_Proportional):
 
 
 def _by_part(layer, t, parts):
-    """A view of a layer output (or of `parts` outputs stacked per group, see `_stack`) with an axis for
-    the parts: (N, groups, parts, channels per group, -1) for convolutions, (..., parts, out) for dense."""
+    """A view of a layer output (or of `parts` outputs stacked along the channels, see `_stack`) with an
+    axis for the parts: (N, parts, channels, -1) for convolutions, (..., parts, out) for dense layers."""
     if layer.is_dense:
         return t.reshape(*t.shape[:-1], parts, t.shape[-1] // parts)
-    g = layer.groups
-    return t.reshape(t.shape[0], g, parts, t.shape[1] // (g * parts), -1)
+    return t.reshape(t.shape[0], parts, t.shape[1] // parts, -1)
 
 
 def _part_shape(layer, parts):
@@ -135,16 +134,12 @@ def _part_shape(layer, parts):
     return (parts, 1) if layer.is_dense else (parts, 1, 1)
 
 
-def _stack(layer, tensors):
-    """Weights (or biases) of several parts as one layer with parts x the output channels, laid out per
-    convolution group, so one call of the layer's map gives every part (see `_by_part`)."""
+def _stack(tensors):
+    """Weights (or biases) of several parts as one layer with parts x the output channels (see
+    `LinearLayer.forward_parts`)."""
     if tensors[0] is None:
         return None
-    if len(tensors) == 1:
-        return tensors[0]
-    g = 1 if layer.is_dense else layer.groups
-    t = torch.stack([w.reshape(g, w.shape[0] // g, *w.shape[1:]) for w in tensors], 1)
-    return t.reshape(-1, *tensors[0].shape[1:])
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, 0)
 
 
 class _SignSplit(_Proportional):
@@ -169,27 +164,32 @@ class _SignSplit(_Proportional):
     def _weights(self, layer):
         def make():
             A, B, b = self.weights(layer.weight, layer.bias)
-            return _stack(layer, A), _stack(layer, B), _stack(layer, b)
+            return _stack(A), _stack(B), _stack(b)
         return layer.cached(self, make)
 
     def prepare(self, layer, x, z):
         A, B, b = self._weights(layer)
+        k = self.parts
         mixed = bool(x.min() < 0) if x.numel() else False
         if mixed:
-            D = layer.forward(x.clamp(min=0), A, b).add_(layer.forward(x.clamp(max=0), B, None))
+            D = layer.forward_parts(x.clamp(min=0), A, b, k).add_(layer.forward_parts(x.clamp(max=0), B, None, k))
         else:  # after a ReLU-like activation the x- terms vanish: one call of the map, x+ = x
-            D = layer.forward(x, A, b)
+            D = layer.forward_parts(x, A, b, k)
         return self.numerators(layer, _by_part(layer, z, 1), _by_part(layer, D, self.parts)), mixed
 
     def backward(self, layer, x, prepared, c):
         ratio, mixed = prepared
         A, B, _ = self._weights(layer)
-        s = ratio.mul_(_by_part(layer, c, 1))  # ratio is used once: overwrite it
-        s = s.reshape(*c.shape[:-1], -1) if layer.is_dense else s.reshape(c.shape[0], -1, *c.shape[2:])
+        # ratio is used once: overwrite it. c may be strided (the gradient of padding is a slice): it is
+        # broadcast against a view of ratio, not reshaped (which would copy it)
+        if layer.is_dense:
+            s = ratio.view(*c.shape[:-1], self.parts, c.shape[-1]).mul_(c.unsqueeze(-2)).view(*c.shape[:-1], -1)
+        else:
+            s = ratio.view(c.shape[0], self.parts, *c.shape[1:]).mul_(c.unsqueeze(1)).view(c.shape[0], -1, *c.shape[2:])
         # threshold_backward(g, x, 0) = g where x > 0, else 0: the x+ mask in one operation
-        out = torch.ops.aten.threshold_backward(layer.vjp(A, s), x, 0)
+        out = torch.ops.aten.threshold_backward(layer.vjp_parts(A, s, self.parts), x, 0)
         if mixed:
-            out.add_(torch.ops.aten.threshold_backward(layer.vjp(B, s), x.neg(), 0))
+            out.add_(torch.ops.aten.threshold_backward(layer.vjp_parts(B, s, self.parts), x.neg(), 0))
         return out
 
 
@@ -239,7 +239,7 @@ class Gamma(_SignSplit):
 
     def numerators(self, layer, z, D):
         # outputs with z > 0 share R by P, those with z < 0 by N: numerators [z]+ and [z]-
-        axis = -2 if layer.is_dense else 2
+        axis = -2 if layer.is_dense else 1
         return torch.cat([z.clamp(min=0), z.clamp(max=0)], axis).div_(stabilize(D))
 
 
