@@ -28,6 +28,20 @@ the pair gets one rule, on the folded weight and bias. The merge happens in the 
 BatchNorm's hook replaces the layer's relevance node by the pair's), so the model's parameters are
 never replaced and no extra pass is needed.
 
+Cost (what keeps the modified backward close to a gradient's): a relevance node returns the layer's
+output itself (marked dirty: no copy, and the model may still change it in place); the layer runs
+without autograd graph of its own. What a rule needs from the output z (epsilon: the factor
+|z| / (|z| + eps) on the output gradient; z-plus, alpha-beta, gamma: the denominators, one evaluation
+of the layer with W+ and friends, and n(z) / stab(D)) is prepared in the forward pass for a pair merged
+with its BatchNorm, and deferred to the backward for a layer without one (a BatchNorm read later would
+make that work wasted). A deferred layer's output must keep its value: if the forward changes it in
+place, the batch runs again with every layer prepared in the forward pass (one extra forward, counted
+in `cost`). Weights derived for a rule (W+, W-, the stacked parts, the folded BatchNorm) are made once
+per call. The parts of alpha-beta and gamma run as one layer with twice the outputs (a depthwise layer
+on its input repeated, so each group keeps one filter and the depthwise kernel), the x- terms only
+where an input has negative values. Results equal the one-step formulas up to rounding (operations
+reordered: c * (z / d) for (z c) / d), which the matrix-reference tests bound.
+
 Where we differ from Zennit (read for its formulas only; LGPL):
 - Zennit's first layer is the first linear module in `model.modules()` order; ours is the first one the
   forward pass runs (the same for sequential models; the right one when modules are registered out of
