@@ -28,7 +28,7 @@ def layer_matrix(module, in_shape, weight=None):
         return module(v).flatten()  # average pooling
     w = None if isinstance(module, nn.AvgPool2d) else (module.weight if weight is None else weight)
     n_in = int(torch.tensor(in_shape).prod())
-    M = torch.autograd.functional.jacobian(lambda v: f(v, w), torch.zeros(n_in, dtype=torch.float64))
+    M = torch.autograd.functional.jacobian(lambda v: f(v, w), torch.zeros(n_in, dtype=torch.float64), vectorize=True)
     out_shape = f(torch.zeros(n_in, dtype=torch.float64), w).shape
     if getattr(module, "bias", None) is None:
         bias = torch.zeros(out_shape, dtype=torch.float64)
