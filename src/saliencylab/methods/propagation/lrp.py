@@ -113,9 +113,9 @@ class LinearLayer:
     tensors derived from its parameters, made once per `explain` call (`key_` names the layer and the
     BatchNorm merged into it)."""
 
-    def __init__(self, module, weight, bias, linear_map, input_shape, key_=None, cache=None):
+    def __init__(self, module, weight, bias, linear_map, inp, key_=None, cache=None):
         self.module, self.weight, self.bias = module, weight, bias
-        self._map, self.input_shape = linear_map, input_shape
+        self._map, self.input, self.input_shape = linear_map, inp, inp.shape
         self.is_dense = isinstance(module, nn.Linear)
         self.groups = 1 if self.is_dense else module.groups
         self._key, self._cache = key_, {} if cache is None else cache
@@ -153,10 +153,9 @@ class LinearLayer:
         """The transpose of `forward_parts`, summed over the parts."""
         if parts == 1 or self.groups == 1:
             return self.vjp(weight, grad)
-        m = self.module
-        if isinstance(m, nn.Conv2d) and self._direct():
+        if self._direct():
             shape = (self.input_shape[0], parts * self.input_shape[1], *self.input_shape[2:])
-            g = torch.nn.grad.conv2d_input(shape, weight, grad, m.stride, m.padding, m.dilation, self.groups * parts)
+            g = self._input_grad(weight, grad, self.input.new_empty(shape), self.groups * parts)
             return g.view(shape[0], parts, *self.input_shape[1:]).sum(1)
         out = None
         for w, gr in zip(weight.chunk(parts), grad.chunk(parts, 1)):
@@ -164,12 +163,19 @@ class LinearLayer:
             out = v if out is None else out.add_(v)
         return out
 
-    def vjp(self, weight, grad):
+    def _input_grad(self, weight, grad, like, groups):
+        """The transposed convolution through aten's convolution backward, given a tensor shaped like
+        the input (torch.nn.grad.conv2d_input passes an expanded scalar, which the kernels copy to full
+        size first: one copy of the input per layer)."""
         m = self.module
+        return torch.ops.aten.convolution_backward(grad, like, weight, None, m.stride, m.padding, m.dilation,
+                                                   False, [0] * len(m.stride), groups, (True, False, False))[0]
+
+    def vjp(self, weight, grad):
         if self.is_dense:
             return grad @ weight
-        if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str):
-            return torch.nn.grad.conv2d_input(self.input_shape, weight, grad, m.stride, m.padding, m.dilation, m.groups)
+        if self._direct():
+            return self._input_grad(weight, grad, self.input, self.groups)
         with torch.enable_grad():  # other convolutions: the transpose through autograd
             probe = torch.zeros(self.input_shape, dtype=grad.dtype, device=grad.device, requires_grad=True)
             return torch.autograd.grad(self._map(probe, weight, None), probe, grad)[0]
@@ -250,7 +256,7 @@ def _merge_batchnorm(bn_name, state):
         if key_ not in state["weights"]:  # folded once per call
             state["weights"][key_] = folded(layer.module, bn, layer.weight, layer.bias)
         weight, bias = state["weights"][key_]
-        merged = LinearLayer(layer.module, weight, bias, layer._map, layer.input_shape, key_, state["weights"])
+        merged = LinearLayer(layer.module, weight, bias, layer._map, layer.input, key_, state["weights"])
         state["merged"].setdefault((name, bn_name), None)
         node = Call(rule, merged, first)
         z = output.detach()
@@ -270,7 +276,7 @@ def _hook_linear(session, name, module, composite, state):
         if chosen.input_layer_only and not first:
             raise ConfigError(f"the {chosen.name} rule can only be the first layer's rule; layer '{name}' is not "
                               "the first layer the forward pass runs")
-        layer = LinearLayer(module, weight, bias, linear_map, inp.shape, (name, None), state["weights"])
+        layer = LinearLayer(module, weight, bias, linear_map, inp, (name, None), state["weights"])
         node = Call(chosen, layer, first)
         if state["eager"]:
             node.prepare(inp, z)
