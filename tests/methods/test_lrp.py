@@ -330,3 +330,28 @@ def test_a_rule_written_against_the_one_step_interface_still_works():
         mine = sl.explain(model, x, "lrp", composite={nn.Module: MyEpsilon()}, channels=True).maps
         ours = sl.explain(model, x, "lrp", composite="epsilon", epsilon=0.1, channels=True).maps
         assert torch.allclose(mine, ours, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", ["epsilon_plus", "epsilon_alpha2_beta1", "epsilon"])
+def test_conv1d_equals_the_same_layers_as_conv2d(name):
+    """Conv1d layers (their own transposed-convolution path, grouped too) give the maps of the same
+    weights as Conv2d with a 1 x k kernel on a height-1 input."""
+    torch.manual_seed(16)
+    one = nn.Sequential(nn.Conv1d(3, 6, 3, padding=1), nn.Conv1d(6, 6, 3, padding=1, groups=3), nn.ReLU(),
+                        nn.Conv1d(6, 4, 3, stride=2), nn.Flatten(), nn.Linear(4 * 7, 3)).double().eval()
+    two = nn.Sequential(*[nn.Conv2d(m.in_channels, m.out_channels, (1, m.kernel_size[0]), stride=(1, m.stride[0]),
+                                    padding=(0, m.padding[0]), groups=m.groups)
+                          if isinstance(m, nn.Conv1d) else m for m in one]).double().eval()
+    with torch.no_grad():
+        for a, b in zip(one, two):
+            if isinstance(a, nn.Conv1d):
+                b.weight.copy_(a.weight.unsqueeze(2)), b.bias.copy_(a.bias)
+    x = torch.randn(2, 3, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(17))
+    from saliencylab.core.session import ModelSession  # explain() takes images; the method runs on any input
+    from saliencylab.methods.propagation import LRP
+    with ModelSession(one) as s1:
+        e1 = LRP(one, composite=name).compute(s1, x, None)
+    with ModelSession(two) as s2:
+        e2 = LRP(two, composite=name).compute(s2, x.unsqueeze(2), None)
+    assert torch.equal(e1.targets, e2.targets)
+    assert torch.allclose(e1.maps, e2.maps.squeeze(2), rtol=1e-10, atol=1e-13)
