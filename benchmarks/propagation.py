@@ -201,7 +201,7 @@ def main(argv=None) -> int:
              f"{len(photos)} photos at 224x224, median of {args.repeats}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {load:.1f} at the end "
              "(other processes shared the machine: only the ratios, timed alternately, compare). "
-             "Command: `python benchmarks/propagation.py`.", "",
+             f"Command: `{' '.join(['python benchmarks/propagation.py', *(sys.argv[1:] if argv is None else argv)])}`.", "",
              "Bound: `gradient` (forward+backward) on the same images: "
              + ", ".join(f"batch {b}: {v['wall_s']:.2f} s wall" for b, v in bounds.items()) + ". "
              "Own bound: the gradient plus the extra linear maps the composite's rules need (z-plus: each "
