@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import saliencylab as sl
-from saliencylab.methods.propagation import Composite, Epsilon, Flat, WSquare, ZBox, ZPlus
+from saliencylab.methods.propagation import AlphaBeta, Composite, Epsilon, Flat, Gamma, WSquare, ZBox, ZPlus
 from saliencylab.methods.propagation.canonizers import folded
 from zoo import ResNetLike, VGGLike, make_small_cnn
 
@@ -28,7 +28,7 @@ def layer_matrix(module, in_shape, weight=None):
         return module(v).flatten()  # average pooling
     w = None if isinstance(module, nn.AvgPool2d) else (module.weight if weight is None else weight)
     n_in = int(torch.tensor(in_shape).prod())
-    M = torch.autograd.functional.jacobian(lambda v: f(v, w), torch.zeros(n_in, dtype=torch.float64))
+    M = torch.autograd.functional.jacobian(lambda v: f(v, w), torch.zeros(n_in, dtype=torch.float64), vectorize=True)
     out_shape = f(torch.zeros(n_in, dtype=torch.float64), w).shape
     if getattr(module, "bias", None) is None:
         bias = torch.zeros(out_shape, dtype=torch.float64)
@@ -255,3 +255,103 @@ def test_bad_settings_fail_with_one_clear_line():
         sl.explain(model, torch.randn(1, 3, 8, 8, dtype=torch.float64), "lrp", composite={nn.Linear: Flat()})
     with pytest.raises(sl.ConfigError, match="does not have: 99"):
         sl.explain(model, torch.randn(1, 3, 8, 8, dtype=torch.float64), "lrp", composite={"99": "zplus"})
+
+
+def grouped_sequential(seed=11):
+    """Depthwise and grouped convolutions, one of them reading signed values (no activation in front)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.ReLU(),
+        nn.Conv2d(6, 4, 3, stride=2, padding=1, groups=2), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(16, 5),
+        nn.ReLU(), nn.Linear(5, 3),
+    ).double().eval()
+
+
+@pytest.mark.parametrize("rule", [ZPlus(), AlphaBeta(2.0, 1.0), AlphaBeta(1.5, 0.5), Gamma(0.25)], ids=repr)
+def test_sign_split_rules_on_grouped_convolutions_and_dense_layers_match_the_reference(rule):
+    """The parts of alpha-beta and gamma run as one stacked layer (a depthwise layer on its input repeated),
+    on signed and on non-negative inputs, and on dense layers (signed input of the last layer)."""
+    model = grouped_sequential()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    composite = Composite({nn.Module: rule})
+    e = sl.explain(model, x, "lrp", composite=composite, channels=True)
+    for i in range(3):
+        ref = reference_lrp(model, x[i], int(e.targets[i]), composite)
+        assert torch.allclose(e.maps[i], ref, rtol=1e-6, atol=1e-9), f"{rule!r}: image {i} differs"
+
+
+class ShiftedInPlace(nn.Module):
+    """A convolution without BatchNorm whose output the forward changes in place (`h += 0.5`)."""
+
+    def __init__(self, in_place=True):
+        super().__init__()
+        torch.manual_seed(13)
+        self.in_place = in_place
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        h = self.conv(x)
+        if self.in_place:
+            h += 0.5
+        else:
+            h = h + 0.5
+        return self.fc(torch.flatten(self.act(h), 1))
+
+
+@pytest.mark.parametrize("name", ["epsilon_plus", "epsilon_alpha2_beta1", "epsilon"])
+def test_a_layer_output_changed_in_place_is_prepared_from_its_value_before_the_change(name):
+    """Layers without BatchNorm prepare their rule in the backward pass; when the forward changes their
+    output in place, the batch runs again preparing in the forward pass: same maps, one extra forward."""
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(14))
+    inplace, plain = ShiftedInPlace().double().eval(), ShiftedInPlace(in_place=False).double().eval()
+    a = sl.explain(inplace, x, "lrp", composite=name, channels=True)
+    b = sl.explain(plain, x, "lrp", composite=name, channels=True)
+    assert torch.equal(a.outputs, plain(x).detach())
+    assert torch.allclose(a.maps, b.maps, rtol=1e-12, atol=1e-15)
+    assert a.cost.forward_images == 2 * len(x) and b.cost.forward_images == len(x)
+
+
+def test_a_rule_written_against_the_one_step_interface_still_works():
+    """A user rule that only defines ratio(layer, x, z, R) (the interface before prepare/backward) gives
+    the built-in rule's maps, on a layer merged with BatchNorm and on layers without."""
+    from saliencylab.methods.propagation import Rule
+    from saliencylab.methods.propagation.rules import stabilize
+
+    class MyEpsilon(Rule):
+        name = "my_epsilon"
+
+        def ratio(self, layer, x, z, R):
+            return layer.vjp(layer.weight, R / stabilize(z, 0.1))
+
+    for model, shape in ((make_small_cnn(dtype=torch.float64), (2, 3, 12, 12)), (small_sequential(), (2, 3, 8, 8))):
+        x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(15))
+        mine = sl.explain(model, x, "lrp", composite={nn.Module: MyEpsilon()}, channels=True).maps
+        ours = sl.explain(model, x, "lrp", composite="epsilon", epsilon=0.1, channels=True).maps
+        assert torch.allclose(mine, ours, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", ["epsilon_plus", "epsilon_alpha2_beta1", "epsilon"])
+def test_conv1d_equals_the_same_layers_as_conv2d(name):
+    """Conv1d layers (their own transposed-convolution path, grouped too) give the maps of the same
+    weights as Conv2d with a 1 x k kernel on a height-1 input."""
+    torch.manual_seed(16)
+    one = nn.Sequential(nn.Conv1d(3, 6, 3, padding=1), nn.Conv1d(6, 6, 3, padding=1, groups=3), nn.ReLU(),
+                        nn.Conv1d(6, 4, 3, stride=2), nn.Flatten(), nn.Linear(4 * 7, 3)).double().eval()
+    two = nn.Sequential(*[nn.Conv2d(m.in_channels, m.out_channels, (1, m.kernel_size[0]), stride=(1, m.stride[0]),
+                                    padding=(0, m.padding[0]), groups=m.groups)
+                          if isinstance(m, nn.Conv1d) else m for m in one]).double().eval()
+    with torch.no_grad():
+        for a, b in zip(one, two):
+            if isinstance(a, nn.Conv1d):
+                b.weight.copy_(a.weight.unsqueeze(2)), b.bias.copy_(a.bias)
+    x = torch.randn(2, 3, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(17))
+    from saliencylab.core.session import ModelSession  # explain() takes images; the method runs on any input
+    from saliencylab.methods.propagation import LRP
+    with ModelSession(one) as s1:
+        e1 = LRP(one, composite=name).compute(s1, x, None)
+    with ModelSession(two) as s2:
+        e2 = LRP(two, composite=name).compute(s2, x.unsqueeze(2), None)
+    assert torch.equal(e1.targets, e2.targets)
+    assert torch.allclose(e1.maps, e2.maps.squeeze(2), rtol=1e-10, atol=1e-13)
