@@ -180,8 +180,10 @@ def _load_torchscript(path: str) -> nn.Module:
             f"goes in weights= together with a 'package.module:factory' spec") from exc
 
 
-def _call_factory(spec: str) -> nn.Module:
-    module_name, _, attr_path = spec.partition(":")
+def resolve_factory(spec: str):
+    """'package.module:factory' -> the object it names (a callable, or a ready-made module), imported with
+    the working directory first on sys.path; one clear ConfigError line when it cannot be found."""
+    module_name, _, attr_path = str(spec).partition(":")
     if not module_name or not attr_path:
         raise ConfigError(f"model spec {spec!r} must look like 'package.module:factory'")
     try:
@@ -197,13 +199,17 @@ def _call_factory(spec: str) -> nn.Module:
         if not hasattr(obj, part):
             raise ConfigError(f"module {module_name!r} has no attribute {attr_path!r} (model spec {spec!r})")
         obj = getattr(obj, part)
+    if not isinstance(obj, nn.Module) and not callable(obj):
+        raise ConfigError(f"{spec!r} is a {type(obj).__name__}, not a callable model factory")
+    return obj
 
+
+def _call_factory(spec: str, **kwargs) -> nn.Module:
+    obj = resolve_factory(spec)
     if isinstance(obj, nn.Module):  # the spec names a ready-made instance
         return obj
-    if not callable(obj):
-        raise ConfigError(f"{spec!r} is a {type(obj).__name__}, not a callable model factory")
     try:
-        model = obj()
+        model = obj(**kwargs)
     except Exception as exc:
         raise ConfigError(f"calling model factory {spec!r}() failed: {_reason(exc)}") from exc
     if not isinstance(model, nn.Module):

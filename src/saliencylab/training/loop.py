@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import importlib
 import inspect
 import io
 import json
@@ -381,31 +380,18 @@ def shortcut_splits(n: int = 512, size: int = 48, bias: float = 0.95, seed: int 
 
 # -- models ------------------------------------------------------------------------------------
 def model_from_spec(spec: str, num_classes: int | None = None, **kwargs) -> nn.Module:
-    """`module:factory` -> `factory(num_classes=..., **kwargs)` (num_classes only if it takes it)."""
-    module_name, colon, attr = str(spec).partition(":")
-    if not colon or not module_name or not attr:
-        raise ConfigError(f"a model is named as module:factory (e.g. saliencylab.training.nets:small_cnn), got {spec!r}")
+    """`module:factory` -> `factory(num_classes=..., **kwargs)` (num_classes only if it takes it); imported
+    as `--model` is everywhere (`saliencylab.models.resolve_factory`: the working directory first)."""
+    from ..models import _call_factory, resolve_factory
+
+    factory = resolve_factory(spec)
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"cannot import module '{module_name}' for model {spec!r}: {exc}") from None
-    factory = module
-    for part in attr.split("."):
-        factory = getattr(factory, part, None)
-        if factory is None:
-            raise ConfigError(f"module '{module_name}' has no '{attr}' (model {spec!r})")
-    if not callable(factory):
-        raise ConfigError(f"{spec!r} is not callable")
-    try:
-        takes = inspect.signature(factory).parameters
+        takes = inspect.signature(factory).parameters if not isinstance(factory, nn.Module) else {}
     except (TypeError, ValueError):
         takes = {}
     if num_classes is not None and ("num_classes" in takes or any(p.kind is p.VAR_KEYWORD for p in takes.values())):
         kwargs = {"num_classes": num_classes, **kwargs}
-    model = factory(**kwargs)
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"{spec!r} returned {type(model).__name__}, not a torch.nn.Module")
-    return model
+    return _call_factory(spec, **kwargs)
 
 
 def _atomic_save(obj, path: Path) -> None:
