@@ -18,7 +18,18 @@ def add_parser(sub) -> None:
                     "method x metric table (mean and 95% bootstrap interval over images), the curves and "
                     "their plots. Every score is a row of rows.jsonl (image, model, method and metric settings, "
                     "target), written as it is computed; a rerun computes only the missing rows.")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="*", metavar="IMAGE")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="evaluate every image of a folder instead of IMAGE files: class subfolders (ImageNet synset "
+                        "names, class indices or class names) or a flat folder with --labels; streamed in chunks, "
+                        "resumable; rows in OUT/rows.jsonl (see docs/scale.md)")
+    p.add_argument("--labels", default=None, metavar="FILE",
+                   help="with --data: CSV file,label or JSON {file: label}; files relative to DIR")
+    p.add_argument("--shard", default=None, metavar="i/N",
+                   help="with --data: run shard i of N (0 <= i < N; an image's shard is a hash of its path); "
+                        "merge with `saliencylab report OUT`")
+    p.add_argument("--workers", type=int, default=2, help="with --data: image decoding threads (default 2)")
+    p.add_argument("--chunk-size", type=int, default=32, help="with --data: images per chunk (default 32)")
     p.add_argument("--methods", default="gradient,integrated_gradients,gradcam",
                    help="comma-separated method names (default: %(default)s)")
     p.add_argument("--metrics", default=DEFAULT_METRICS, help="comma-separated metric names (default: %(default)s)")
@@ -91,6 +102,12 @@ def run(args) -> int:
         metric_params = scoped_params(args.metric_param, "metric", metric_names)
         check_params(method_params, _methods.parameters, "method")
         check_params(metric_params, _metrics.parameters, "metric")
+        if args.data is not None:  # --target there: label, predicted or a class
+            from .report import evaluate_data
+
+            return evaluate_data(args, method_names, metric_names, method_params, metric_params)
+        if not args.images or args.labels or args.shard:
+            raise ConfigError("give IMAGE files, or --data DIR (--labels and --shard go with --data)")
         return evaluate_files(args.images, method_names, metric_names, out=args.out, model=args.model,
                               weights=args.weights, target=args.target, method_params=method_params,
                               metric_params=metric_params, boxes=args.boxes, fail_line=fail,
