@@ -176,8 +176,13 @@ def write_report(out, dest=None, *, command: str | None = None) -> dict[str, Pat
     if doubled:
         warnings.warn(f"{doubled} row(s) repeat an image under another target or setting; the first is used")
     skipped = skipped_entries(out)
+    # tables independent of the order shards ran in: methods and metrics in order of first appearance,
+    # each one's images sorted by id (the bootstrap resamples by position)
+    method_rank = {m: i for i, m in enumerate(dict.fromkeys(r.method for r in seen.values()))}
+    metric_rank = {m: i for i, m in enumerate(dict.fromkeys(r.metric for r in seen.values()))}
+    ordered = sorted(seen.values(), key=lambda r: (method_rank[r.method], metric_rank[r.metric], r.image_id))
     by_model: dict[str, list[Row]] = {}
-    for r in seen.values():
+    for r in ordered:
         by_model.setdefault(r.model, []).append(r)
     results = []
     for model, group in by_model.items():
