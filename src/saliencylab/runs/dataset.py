@@ -12,6 +12,11 @@ Layouts (`scan`)
 Image ids are the paths relative to DIR with `/` separators, so they are the same on every machine and
 in every shard (`saliencylab.runs.shards`).
 
+Difference from torchvision's `ImageFolder` (`DatasetFolder.find_classes`, torchvision/datasets/folder.py:
+class index = rank of the folder name among the sorted folders present): here a synset folder keeps its
+ImageNet-1k index whatever other folders exist, so a folder with 10 ImageNet classes is scored against
+the 1000-class model's own indices. To get torchvision's numbering, name the folders 0, 1, 2, ...
+
 Loading: images are decoded and preprocessed by a pool of `workers` threads (PIL decodes and resizes
 with the GIL released, and threads need not pickle the model or its preprocessing as worker processes
 would), one chunk ahead of the chunk being explained: at most `chunk_size * 2` decoded images exist at
