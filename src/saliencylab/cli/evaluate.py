@@ -18,18 +18,7 @@ def add_parser(sub) -> None:
                     "method x metric table (mean and 95% bootstrap interval over images), the curves and "
                     "their plots. Every score is a row of rows.jsonl (image, model, method and metric settings, "
                     "target), written as it is computed; a rerun computes only the missing rows.")
-    p.add_argument("images", nargs="*", metavar="IMAGE")
-    p.add_argument("--data", default=None, metavar="DIR",
-                   help="evaluate every image of a folder instead of IMAGE files: class subfolders (ImageNet synset "
-                        "names, class indices or class names) or a flat folder with --labels; streamed in chunks, "
-                        "resumable; rows in OUT/rows.jsonl (see docs/scale.md)")
-    p.add_argument("--labels", default=None, metavar="FILE",
-                   help="with --data: CSV file,label or JSON {file: label}; files relative to DIR")
-    p.add_argument("--shard", default=None, metavar="i/N",
-                   help="with --data: run shard i of N (0 <= i < N; an image's shard is a hash of its path); "
-                        "merge with `saliencylab report OUT`")
-    p.add_argument("--workers", type=int, default=2, help="with --data: image decoding threads (default 2)")
-    p.add_argument("--chunk-size", type=int, default=32, help="with --data: images per chunk (default 32)")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--methods", default="gradient,integrated_gradients,gradcam",
                    help="comma-separated method names (default: %(default)s)")
     p.add_argument("--metrics", default=DEFAULT_METRICS, help="comma-separated metric names (default: %(default)s)")
@@ -38,6 +27,9 @@ def add_parser(sub) -> None:
     p.add_argument("--target", default=None, help="class index for every image (default: predicted class)")
     p.add_argument("--method-param", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="a method parameter, e.g. integrated_gradients.steps=16 (repeatable)")
+    from .report import add_data_options  # --data DIR, --labels, --shard, --workers, --chunk-size
+
+    add_data_options(p)
     p.add_argument("--metric-param", action="append", default=[], metavar="METRIC.KEY=VALUE",
                    help="a metric parameter, e.g. deletion.steps=20 (repeatable)")
     p.add_argument("--boxes", default=None,
@@ -102,12 +94,10 @@ def run(args) -> int:
         metric_params = scoped_params(args.metric_param, "metric", metric_names)
         check_params(method_params, _methods.parameters, "method")
         check_params(metric_params, _metrics.parameters, "metric")
-        if args.data is not None:  # --target there: label, predicted or a class
+        if args.data is not None or not args.images or args.labels or args.shard:  # a folder run (--target: label too)
             from .report import evaluate_data
 
             return evaluate_data(args, method_names, metric_names, method_params, metric_params)
-        if not args.images or args.labels or args.shard:
-            raise ConfigError("give IMAGE files, or --data DIR (--labels and --shard go with --data)")
         return evaluate_files(args.images, method_names, metric_names, out=args.out, model=args.model,
                               weights=args.weights, target=args.target, method_params=method_params,
                               metric_params=metric_params, boxes=args.boxes, fail_line=fail,

@@ -35,6 +35,24 @@ def run(args) -> int:
     return 0
 
 
+def add_data_options(p) -> None:
+    """`evaluate`'s folder-run options; IMAGE files become optional (one of IMAGE or --data is needed)."""
+    for action in p._actions:  # argparse has no public way to relax a positional added before
+        if action.dest == "images":
+            action.nargs = "*"
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="evaluate every image of a folder instead of IMAGE files: class subfolders (ImageNet synset "
+                        "names, class indices or class names) or a flat folder with --labels; streamed in chunks, "
+                        "resumable; rows in OUT/rows.jsonl (see docs/scale.md)")
+    p.add_argument("--labels", default=None, metavar="FILE",
+                   help="with --data: CSV file,label or JSON {file: label}; files relative to DIR")
+    p.add_argument("--shard", default=None, metavar="i/N",
+                   help="with --data: run shard i of N (0 <= i < N; an image's shard is a hash of its path); "
+                        "merge with `saliencylab report OUT`")
+    p.add_argument("--workers", type=int, default=2, help="with --data: image decoding threads (default 2)")
+    p.add_argument("--chunk-size", type=int, default=32, help="with --data: images per chunk (default 32)")
+
+
 def evaluate_data(args, method_names, metric_names, method_params, metric_params) -> int:
     """`saliencylab evaluate --data DIR`: the folder run of one shard; writes the leaderboard when it ran
     the whole job (a shard says how to merge). Exit 1 when some files were skipped."""
@@ -43,6 +61,8 @@ def evaluate_data(args, method_names, metric_names, method_params, metric_params
     from ..runs.local import check_requirements
     from ..runs.shards import parse_shard, write_report
 
+    if args.data is None:
+        raise ConfigError("give IMAGE files, or --data DIR (--labels and --shard go with --data)")
     if args.images:
         raise ConfigError("give either IMAGE files or --data DIR, not both")
     if args.boxes:
