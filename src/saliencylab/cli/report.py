@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
         "report", help="merge the rows of a folder run (all shards) into one leaderboard",
         description="Read every rows file of OUT (rows.jsonl and rows-shard-i-of-N.jsonl, written by "
                     "`saliencylab evaluate --data DIR --out OUT [--shard i/N]`), one row per key, and write the "
-                    "leaderboard: method x metric means with 95%% bootstrap intervals, paired permutation tests "
+                    "leaderboard: method x metric means with 95% bootstrap intervals, paired permutation tests "
                     "against the best method (Holm-corrected) and costs, as leaderboard.md, leaderboard.json "
                     "and index.html.")
     p.add_argument("out", metavar="OUT", help="the output folder of the evaluate runs")
@@ -65,8 +65,8 @@ def evaluate_data(args, method_names, metric_names, method_params, metric_params
         raise ConfigError("give IMAGE files, or --data DIR (--labels and --shard go with --data)")
     if args.images:
         raise ConfigError("give either IMAGE files or --data DIR, not both")
-    if args.boxes:
-        raise ConfigError("--boxes goes with IMAGE files; a --data run takes metrics that need no boxes")
+    if args.boxes or getattr(args, "masks", None):
+        raise ConfigError("--boxes/--masks go with IMAGE files; a --data run takes metrics that need no regions")
     i, n = parse_shard(args.shard)
     check_requirements(metric_names)  # before the model or any image is loaded
     loaded = io.load_model(args.model, args.weights)
