@@ -33,6 +33,9 @@ def add_parser(sub) -> None:
     p.add_argument("--target", default=None, help="class index for every image (default: predicted class)")
     p.add_argument("--method-param", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="a method parameter, e.g. integrated_gradients.steps=16 (repeatable)")
+    from .report import add_data_options  # --data DIR, --labels, --shard, --workers, --chunk-size
+
+    add_data_options(p)
     p.add_argument("--metric-param", action="append", default=[], metavar="METRIC.KEY=VALUE",
                    help="a metric parameter, e.g. deletion.steps=20 (repeatable)")
     p.add_argument("--boxes", default=None, metavar="FILE.json",
@@ -129,6 +132,10 @@ def run(args) -> int:
         metric_params = scoped_params(args.metric_param, "metric", metric_names)
         check_params(method_params, _methods.parameters, "method")
         check_params(metric_params, _metrics.parameters, "metric")
+        if args.data is not None or not args.images or args.labels or args.shard:  # a folder run (--target: label too)
+            from .report import evaluate_data
+
+            return evaluate_data(args, method_names, metric_names, method_params, metric_params)
         return evaluate_files(args.images, method_names, metric_names, out=args.out, model=args.model,
                               weights=args.weights, target=args.target, method_params=method_params,
                               metric_params=metric_params, boxes=args.boxes, masks=args.masks, data=args.data,

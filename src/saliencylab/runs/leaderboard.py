@@ -452,17 +452,21 @@ def summary_markdown(results: Sequence[GroupResult], metric: str) -> str:
 
 
 def write_leaderboard(results: Sequence[GroupResult], out: Path, *, suite: str, methods, full: bool, seed: int,
-                      seconds: float, images: int | None = None, default_methods: bool = True) -> dict[str, Path]:
+                      seconds: float, images: int | None = None, default_methods: bool = True,
+                      title: str | None = None, command: str | None = None) -> dict[str, Path]:
+    """leaderboard.md, leaderboard.json, index.html and summary.md in `out`; `title` and `command` replace
+    the suite's (`saliencylab report` writes a merged folder run with them)."""
     from ..report.html import MetricsTable, write_bench_page
 
     paths = {"markdown": out / "leaderboard.md", "json": out / "leaderboard.json", "html": out / "index.html",
              "summary": out / "summary.md"}
     metrics = list(dict.fromkeys(r.metric for g in results for r in g.records))
     paths["summary"].write_text("\n".join(summary_markdown(results, m) for m in metrics))
-    command = (f"saliencylab leaderboard --suite {suite}" + (" --full" if full else "")
+    title = title or f"saliencylab leaderboard: {suite}"
+    command = command or (f"saliencylab leaderboard --suite {suite}" + (" --full" if full else "")
                + (f" --images {images}" if images else "") + (f" --seed {seed}" if seed else "")
                + ("" if default_methods else f" --methods {','.join(methods)}"))
-    paths["markdown"].write_text(f"## saliencylab leaderboard: {suite}\n\n" + leaderboard_markdown(results)
+    paths["markdown"].write_text(f"## {title}\n\n" + leaderboard_markdown(results)
                                  + f"\nCommand: `{command}` (seed {seed}); {seconds:.0f} s in all.\n")
     payload = {"suite": suite, "full": full, "seed": seed, "methods": list(methods), "seconds": seconds,
                "groups": [{"name": g.name, "note": g.note, "errors": g.errors, "significance": g.significance,
@@ -484,6 +488,6 @@ def write_leaderboard(results: Sequence[GroupResult], out: Path, *, suite: str, 
         table.costs = {c["method"]: c for c in cost_rows(g.records)}
         table.errors = dict(g.errors)
         tables.append(table)
-    write_bench_page(out, tables, {"title": f"saliencylab leaderboard: {suite}", "command": command, "seed": seed,
+    write_bench_page(out, tables, {"title": title, "command": command, "seed": seed,
                                    "seconds": seconds, "methods": list(methods)})
     return paths

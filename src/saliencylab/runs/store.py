@@ -208,6 +208,16 @@ class RunStore:
     def rows(self) -> list[Row]:
         return list(self._rows.values())
 
+    def include(self, rows: Iterable[Row]) -> int:
+        """Know rows stored elsewhere (other shards' files) as done: they are served by `get` and never
+        written to this store's file. Returns how many were new here."""
+        n = 0
+        for row in rows:
+            if row.key not in self._rows:
+                self._rows[row.key] = row
+                n += 1
+        return n
+
     def append(self, rows: Iterable[Row]) -> list[Row]:
         """Write the rows not stored yet (flushed and synced before returning); returns those written."""
         new = []
