@@ -165,7 +165,7 @@ DEFAULT_MAX_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS
 
 def image_files(paths: Sequence[str | os.PathLike]) -> tuple[list[str], list[tuple[str, str]]]:
     """Expand command-line inputs: a folder becomes every image file below it (recursively, image
-    extensions only, sorted, as `--data` and `features.ImageFolder` read folders); files stay as given.
+    extensions only, sorted, as `--feature-data` and `features.ImageFolder` read folders); files stay as given.
 
     Returns (files, problems): problems are (folder, message) for folders with no image file.
     """
@@ -316,7 +316,7 @@ def _colour_name(background) -> str:
 
 
 class ImageDataFolder(ImageFolder):
-    """A folder of images as feature data (`--data DIR`) for the methods that take `data=` (the IBA family):
+    """A folder of images as feature data (`--feature-data DIR`) for the methods that take `data=` (the IBA family):
     every image file below it, sorted, as `features.ImageFolder` finds them, but read like the explained
     images (`read_image`, then `loaded.preprocess`: the model's resize, crop and normalization), and an
     unreadable file is skipped with a warning naming it (once) instead of ending the estimation."""
@@ -403,19 +403,19 @@ def method_data(names: Sequence[str], loaded, folder=None, *, embedded: bool, ba
         from . import methods as _methods
 
         users = ", ".join(n for n in _methods.available() if takes_data(n))
-        raise ConfigError(f"--data is feature data for the methods that take data= ({users}); "
+        raise ConfigError(f"--feature-data is feature data for the methods that take data= ({users}); "
                           f"{', '.join(names)} {'does' if len(names) == 1 else 'do'} not")
     if not takers:
         return {}, None
     if folder is None and not embedded:
         several = len(takers) > 1
         raise ConfigError(f"method{'s' if several else ''} {', '.join(takers)} estimate{'' if several else 's'} "
-                          "feature statistics from images: pass --data DIR, a folder of images like the ones you "
+                          "feature statistics from images: pass --feature-data DIR, a folder of images like the ones you "
                           "explain (the bundled crops are the default only for the embedded model)")
     data = feature_data(loaded, folder, background=background, max_pixels=max_pixels)
     note = None if folder is not None else (
         f"{', '.join(takers)}: feature statistics from {data!r}, crops of the bundled photos "
-        "(--data DIR gives images from your domain)")
+        "(--feature-data DIR gives images from your domain)")
     return {n: data for n in takers}, note
 
 

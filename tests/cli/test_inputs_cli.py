@@ -1,5 +1,5 @@
 """What a new user feeds the command line: folders, transparent and huge images, a model module in the
-working directory, IBA from the command line with --data (issue 19, items 4-6)."""
+working directory, IBA from the command line with --feature-data (issue 19, items 4-6)."""
 
 from __future__ import annotations
 
@@ -157,21 +157,21 @@ def test_iba_data_folder_skips_a_corrupt_file(user_model, tmp_path, capsys):
     # a user model has no default data: say so before anything runs
     assert main(args + ["-o", "none"]) == 2
     errors = _errors(capsys.readouterr().err)
-    assert len(errors) == 1 and "--data DIR" in errors[0]
+    assert len(errors) == 1 and "--feature-data DIR" in errors[0]
     assert not (tmp_path / "none").exists()
-    assert main(args + ["--data", str(data), "-o", "out"]) == 0
+    assert main(args + ["--feature-data", str(data), "-o", "out"]) == 0
     err = capsys.readouterr().err
     assert _errors(err) == []
     assert [w for w in _warnings(err) if "corrupt.jpg" in w and "skipped" in w]
     record = json.loads((tmp_path / "out" / "chelsea.iba.json").read_text())
     assert "data" in record["params"] and record["layer"]
-    assert main(args + ["--data", str(data), "-p", "data='x'", "-o", "out"]) == 2  # two sources of data
-    assert main(args + ["--data", str(tmp_path / "nowhere"), "-o", "out"]) == 2
+    assert main(args + ["--feature-data", str(data), "-p", "data='x'", "-o", "out"]) == 2  # two sources of data
+    assert main(args + ["--feature-data", str(tmp_path / "nowhere"), "-o", "out"]) == 2
     assert "does not exist" in _errors(capsys.readouterr().err)[-1]
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--data", "."], "--data is feature data for the methods that take data="),
+    (["--feature-data", "."], "--feature-data is feature data for the methods that take data="),
     (["--max-pixels", "10"], "--max-pixels"),
     (["--background", "1,2"], "--background"),
 ])

@@ -15,7 +15,7 @@ import sys
 import warnings
 
 from .. import __version__
-from . import demo, distill, evaluate, explain, guide, leaderboard, methods
+from . import demo, distill, evaluate, explain, guide, leaderboard, methods, report
 from ._common import Fail, error, one_line
 
 __all__ = ["main", "build_parser", "COMMANDS"]
@@ -23,7 +23,7 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 # Sub-command name -> module; the order is the order of the help. `bench` is the hidden old name of
 # `leaderboard`.
 COMMANDS = {"methods": methods, "explain": explain, "evaluate": evaluate, "leaderboard": leaderboard,
-            "demo": demo, "guide": guide, "distill": distill}
+            "demo": demo, "report": report, "guide": guide, "distill": distill}
 _ALIASES = {leaderboard.DEPRECATED: leaderboard}
 
 

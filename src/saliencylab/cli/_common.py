@@ -42,8 +42,8 @@ def make_dir(path) -> None:
         raise Fail(f"cannot create output folder '{path}': {exc.strerror or exc}") from None
 
 
-def add_input_options(p, *, data: bool = True) -> None:
-    """Options on how image files (and --data folders) are read; shared by explain and evaluate."""
+def add_input_options(p) -> None:
+    """Options on how image files (and --feature-data folders) are read; shared by explain and evaluate."""
     from ..io import DEFAULT_BACKGROUND, DEFAULT_MAX_PIXELS
 
     p.add_argument("--background", default=DEFAULT_BACKGROUND, metavar="COLOUR",
@@ -52,12 +52,11 @@ def add_input_options(p, *, data: bool = True) -> None:
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help="images with more pixels are downscaled while read, with a warning (default: "
                         f"{DEFAULT_MAX_PIXELS:,}, Pillow's decompression-bomb threshold)")
-    if data:
-        p.add_argument("--data", metavar="DIR",
-                       help="folder of images (searched recursively) from which the IBA-family methods estimate "
-                            "feature statistics (and readout_iba trains); unreadable files are skipped with a "
-                            "warning (default for the embedded model: 64 crops of the bundled photos; user models "
-                            "need --data)")
+    p.add_argument("--feature-data", metavar="DIR",
+                   help="folder of images (searched recursively) from which the IBA-family methods estimate "
+                        "feature statistics (and readout_iba trains); unreadable files are skipped with a "
+                        "warning (default for the embedded model: 64 crops of the bundled photos; user models "
+                        "need --feature-data)")
 
 
 def check_input_options(args) -> None:
@@ -74,7 +73,7 @@ def feature_data(names, loaded, args, *, embedded: bool) -> dict:
     default stands for; a whole-command error when a method cannot get any."""
     from .. import io
 
-    data, note = setup(io.method_data, names, loaded, args.data, embedded=embedded, background=args.background,
+    data, note = setup(io.method_data, names, loaded, args.feature_data, embedded=embedded, background=args.background,
                        max_pixels=args.max_pixels)
     if note:
         print(f"note: {note}", file=sys.stderr, flush=True)

@@ -138,7 +138,7 @@ def run(args) -> int:
             return evaluate_data(args, method_names, metric_names, method_params, metric_params)
         return evaluate_files(args.images, method_names, metric_names, out=args.out, model=args.model,
                               weights=args.weights, target=args.target, method_params=method_params,
-                              metric_params=metric_params, boxes=args.boxes, masks=args.masks, data=args.data,
+                              metric_params=metric_params, boxes=args.boxes, masks=args.masks, data=args.feature_data,
                               background=args.background, max_pixels=args.max_pixels, fail_line=fail,
                               on_note=lambda text: print(f"note: {text}", file=sys.stderr, flush=True),
                               on_warning=warn, on_record=lambda r: print(f"{r.method} / {r.metric}: {r.mean:.4f} "

@@ -55,8 +55,8 @@ def run(args) -> int:
         raise Fail(f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
                    f"for method '{cls.name}'; its parameters are: {', '.join(known) or '(none)'}")
 
-    if "data" in params and args.data is not None:
-        raise Fail("--data and --param data=... both give the method's feature data; keep one")
+    if "data" in params and args.feature_data is not None:
+        raise Fail("--feature-data and --param data=... both give the method's feature data; keep one")
     check_input_options(args)
     files, missing = io.image_files(args.images)
     if not files:
