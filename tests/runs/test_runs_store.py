@@ -136,3 +136,26 @@ def test_settings_digest_follows_what_a_protocol_expands_to(monkeypatch):
     changed = {**faithfulness.PROTOCOLS["igos"], "steps": 40}
     monkeypatch.setitem(faithfulness.PROTOCOLS, "igos", changed)
     assert settings_digest("gradient", {}, "deletion", {"protocol": "igos"}) != before
+
+
+def test_rows_scored_against_other_boxes_are_computed_again(tmp_path):
+    """A row's key includes the boxes its metric read: new boxes give new rows, the same boxes none."""
+    from saliencylab.runs import RunStore, run_rows
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    x = torch.rand(2, 3, 16, 16)
+    first = [[0, 0, 8, 8], [4, 4, 12, 12]]
+    store = RunStore(tmp_path)
+    rows = run_rows(model, x, ["gradient"], ["energy_pointing_game", "sparseness"], boxes=first, store=store)
+    again = run_rows(model, x, ["gradient"], ["energy_pointing_game", "sparseness"], boxes=first, store=store)
+    assert [r.key for r in again] == [r.key for r in rows] and len(store) == 4
+    moved = [[8, 8, 16, 16], [4, 4, 12, 12]]
+    third = run_rows(model, x, ["gradient"], ["energy_pointing_game", "sparseness"], boxes=moved, store=store)
+    epg = {r.image_id: r for r in third if r.metric == "energy_pointing_game"}
+    old = {r.image_id: r for r in rows if r.metric == "energy_pointing_game"}
+    assert epg["0"].key != old["0"].key and epg["0"].score != old["0"].score  # image 0's box moved
+    assert epg["1"].key == old["1"].key                                        # image 1's did not
+    assert {r.key for r in third if r.metric == "sparseness"} == {r.key for r in rows if r.metric == "sparseness"}
+    assert len(store) == 5

@@ -7,6 +7,8 @@ only the images it misses. Rows already in the store are returned as they are.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Callable, Sequence
 
 import torch
@@ -80,6 +82,27 @@ def _take(value, idx: list[int]):
     return value
 
 
+def data_digests(metric: str, n: int, *, boxes=None, masks=None, truth=None) -> list[str | None]:
+    """Per image, a digest of the data a metric reads besides the map (its boxes, masks or ground truth),
+    so that rows scored against other boxes are computed again instead of reused; None: the metric
+    reads no such data."""
+    data = metric_data(metric, boxes=boxes, masks=masks, truth=truth)
+    if not data:
+        return [None] * n
+    out = []
+    for i in range(n):
+        parts = []
+        for name, value in sorted(data.items()):
+            item = _take(value, [i])
+            if isinstance(item, torch.Tensor):
+                parts.append(f"{name}:{tensor_digest(item)}")
+            else:
+                text = json.dumps(spec_value(item), sort_keys=True, default=str)
+                parts.append(f"{name}:{hashlib.sha1(text.encode()).hexdigest()[:16]}")
+        out.append("|".join(parts))
+    return out
+
+
 def share_cost(cost: Cost | dict | None, n: int) -> dict:
     """One image's share of a batch's cost (counts and seconds divided by the batch size)."""
     if cost is None:
@@ -148,8 +171,11 @@ def run_rows(model, x: torch.Tensor, method_names: Sequence[str], metric_names: 
                 params.setdefault("method", method)
                 params.setdefault("method_params", mparams)
             settings = settings_digest(method, mparams, metric, params)
+            regions = data_digests(metric, n, boxes=boxes, masks=masks, truth=truth)
             identity = [dict(image_id=ids[i], image_digest=digests[i], model=fingerprint, method=method,
-                             method_params=spec_value(mparams), metric=metric, metric_params=spec_value(params),
+                             method_params=spec_value(mparams), metric=metric,
+                             metric_params=spec_value(params) if regions[i] is None
+                             else {**spec_value(params), "data": regions[i]},
                              target=spec_value(row_targets[i]), settings=settings) for i in range(n)]
             keys = [row_key(**d) for d in identity]
             plan.append((metric, params, identity, keys))
