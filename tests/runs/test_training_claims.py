@@ -102,3 +102,10 @@ def test_quick_bcos_arm(tmp_path):
     assert tc.run_claims(tmp_path, seeds=(0, 1), quick=True, backbone="bcos", log=lambda line: None)["computed"] == []
     with pytest.raises(ConfigError, match="backbone"):
         tc.run_claims(tmp_path, seeds=(0, 1), backbone="resnet")
+    # the margin split over digit / box texture / outside adds up to the logit margin (the nets are exact)
+    contrib = tc.minority_contributions(tmp_path, seeds=(0, 1), quick=True)
+    for run, per_seed in contrib["per_seed"].items():
+        for row in per_seed.values():
+            parts = row["margin_digit"] + row["margin_box_texture"] + row["margin_outside"]
+            assert parts == pytest.approx(row["margin"], rel=1e-3, abs=1e-4), run
+    assert (folder / "minority_contributions.md").exists()

@@ -445,6 +445,72 @@ def run_claims(out_dir, seeds: Sequence[int] = (0, 1, 2), quick: bool = False, l
     return result
 
 
+def minority_contributions(out_dir, seeds: Sequence[int] = (0, 1, 2), quick: bool = False) -> dict:
+    """Where the B-cos arm's decisions come from on the minority test images (groups 1 and 2: the
+    (class, background) pairings never seen in training). A B-cos net with two classes and logit bias 0
+    is exactly logit(y) - logit(other) = sum over pixels of (A_y - A_other), A = the contribution maps
+    W(x) x; that margin is split over the digit's pixels, the rest of its box (background texture
+    inside the box, which the box-based EPG counts as "on the object") and the pixels outside the box.
+    Also, per region, the true class's positive and negative contributions (does energy guidance leave
+    negative evidence in the background?). Needs a finished B-cos arm in `out_dir`/bcos; writes
+    minority_contributions.md / .json there."""
+    import saliencylab as sl
+
+    from ..models.bcos import BcosCNN
+
+    cfg = dict(BCOS_QUICK if quick else BCOS_FULL)
+    cfg["kd_weights"], cfg["e2kd_weights"] = list(cfg["kd_weights"]), list(cfg["e2kd_weights"])
+    folder = Path(out_dir) / "bcos"
+    study = _Study(folder, cfg, lambda line: None)
+    runs = [r for r in RUNS if r != "pretrain"]
+    rows: dict = {}
+    for run in runs:
+        for seed in seeds:
+            if study._load(run, seed) is None or not study._path(run, seed, "pt").exists():
+                raise ConfigError(f"'{folder}' has no finished B-cos run {run} seed {seed}; run the B-cos arm first")
+            test = study.data("test", seed)
+            net = BcosCNN(2, width=cfg["teacher_width"] if run == "teacher" else cfg["width"])
+            net.load_state_dict(torch.load(study._path(run, seed, "pt"), weights_only=True))
+            net.eval()
+            keep = (test.groups == 1) | (test.groups == 2)
+            x, y = test.images[keep], test.labels[keep]
+            digit = test.true_objects[keep].float()
+            x0, y0, x1, y1 = test.true_boxes[keep].round().long().unbind(1)
+            ii = torch.arange(x.shape[-1])
+            box = (((ii[None, :] >= y0[:, None]) & (ii[None, :] < y1[:, None]))[:, :, None]
+                   & ((ii[None, :] >= x0[:, None]) & (ii[None, :] < x1[:, None]))[:, None, :]).float()
+            box = torch.maximum(box, digit)
+            regions = {"digit": digit, "box_texture": box - digit, "outside": 1 - box}
+            a_true = sl.explain(net, x, "bcos", target=y).maps.detach()
+            a_other = sl.explain(net, x, "bcos", target=1 - y).maps.detach()
+            with torch.no_grad():
+                logits = net(x)
+            row = {"accuracy": float((logits.argmax(1) == y).double().mean()),
+                   "margin": float((logits.gather(1, y[:, None]) - logits.gather(1, (1 - y)[:, None])).mean())}
+            for name, r in regions.items():
+                row[f"margin_{name}"] = float(((a_true - a_other) * r).flatten(1).sum(1).mean())
+                row[f"true_pos_{name}"] = float((a_true.clamp(min=0) * r).flatten(1).sum(1).mean())
+                row[f"true_neg_{name}"] = float((a_true.clamp(max=0) * r).flatten(1).sum(1).mean())
+            rows.setdefault(run, {})[seed] = row
+    keys = ["accuracy", "margin", "margin_digit", "margin_box_texture", "margin_outside", "true_pos_digit",
+            "true_pos_box_texture", "true_pos_outside", "true_neg_box_texture", "true_neg_outside"]
+    means = {run: {k: sum(rows[run][s][k] for s in seeds) / len(seeds) for k in keys} for run in runs}
+    lines = ["# B-cos arm: where the decision comes from on the minority test images", "",
+             f"Groups 1 and 2 of the balanced test set, seeds {list(seeds)}, means over seeds. margin = logit(true) - "
+             "logit(other) = sum of the contribution differences A_true - A_other (exact for these nets), split "
+             "over the digit's pixels, the background texture inside its box and the pixels outside the box; "
+             "A_true+ / A_true-: the true class's positive / negative contributions per region (sums per image).", "",
+             "| run | accuracy | margin | from digit | from box texture | from outside | A_true+ digit | "
+             "A_true+ box texture | A_true+ outside | A_true- box texture | A_true- outside |",
+             "|---|" + "---|" * len(keys)]
+    for run in runs:
+        lines.append(f"| {run} | " + " | ".join(f"{means[run][k]:.3f}" for k in keys) + " |")
+    out = {"seeds": list(seeds), "means": means, "per_seed": {r: {str(s): v for s, v in d.items()} for r, d in rows.items()}}
+    (folder / "minority_contributions.json").write_text(json.dumps(out, indent=1), encoding="utf-8")
+    (folder / "minority_contributions.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m saliencylab.runs.training_claims",
                                  description="Test the training-with-explanations claims on the shortcut environment.")
@@ -455,6 +521,9 @@ def main(argv=None) -> int:
     ap.add_argument("--backbone", choices=(*BACKBONES, "all"), default="cnn",
                     help="cnn: small ReLU CNN (files in OUT); bcos: B-cos CNN with the authors' B-cos settings "
                          "(files in OUT/bcos); all: both")
+    ap.add_argument("--contributions", action="store_true",
+                    help="after the B-cos arm, split its models' decisions on the minority test images over digit, "
+                         "box texture and background (OUT/bcos/minority_contributions.md)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     for backbone in (BACKBONES if args.backbone == "all" else (args.backbone,)):
@@ -462,6 +531,9 @@ def main(argv=None) -> int:
         for c in result["claims"]:
             print(f"{backbone} claim {c['id']}: {c['verdict']}")
         print(Path(args.out) / ("bcos" if backbone == "bcos" else "") / "claims.md")
+        if backbone == "bcos" and args.contributions:
+            minority_contributions(args.out, seeds=args.seeds, quick=args.quick)
+            print(Path(args.out) / "bcos" / "minority_contributions.md")
     return 0
 
 
