@@ -1,6 +1,7 @@
 """The training-with-explanations claims, measured on the shortcut environment over several seeds.
 
     python -m saliencylab.runs.training_claims OUT [--backbone cnn|bcos|all] [--quick] [--seeds 0 1 2] [--threads 1]
+    python -m saliencylab.runs.training_claims OUT --backbone bcos --contributions   # + `minority_contributions`
 
 Claims (issue 15, item 6), from "Studying how to efficiently and effectively guide models with
 explanations" (Rao, Boehle, Parchami-Araghi, Schiele, ICCV 2023; sukrutrao/Model-Guidance) and "Good
