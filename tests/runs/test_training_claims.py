@@ -73,3 +73,39 @@ def test_quick_study_runs_writes_and_resumes(tmp_path):
 def test_bad_seeds():
     with pytest.raises(ConfigError, match="at least two distinct seeds"):
         tc.run_claims("unused", seeds=(0, 0))
+
+
+def test_cnn_settings_unchanged():
+    # the B-cos arm must not move the CNN arm's settings: a finished CNN folder (digest a83d8229dc69) is reused
+    cfg = dict(tc.FULL)
+    cfg["kd_weights"], cfg["e2kd_weights"] = list(cfg["kd_weights"]), list(cfg["e2kd_weights"])
+    assert tc._digest(cfg) == "a83d8229dc69" and "backbone" not in cfg
+
+
+def test_quick_bcos_arm(tmp_path):
+    from saliencylab.models.bcos import BcosCNN
+
+    result = tc.run_claims(tmp_path, seeds=(0, 1), quick=True, backbone="bcos", log=lambda line: None)
+    assert result["backbone"] == "bcos" and len(result["computed"]) == len(tc.RUNS) * 2
+    folder = tmp_path / "bcos"
+    saved = json.loads((folder / "claims.json").read_text())
+    assert [c["id"] for c in saved["claims"]] == [1, 2, 3, 4] and saved["config"]["guidance_method"] == "bcos"
+    assert saved["config"]["distill_method"] == "bcos" and saved["config"]["guidance_weight"] == 1e-3
+    assert "--backbone bcos" in (folder / "claims.md").read_text() and "B-cos" in (folder / "claims.md").read_text()
+    assert not (tmp_path / "claims.json").exists()        # the CNN arm's files are elsewhere
+    # the runs trained B-cos networks: the saved weights load into a BcosCNN (and not into the small CNN)
+    net = BcosCNN(2, width=tc.BCOS_QUICK["width"])
+    net.load_state_dict(__import__("torch").load(folder / "runs" / "energy_seed0.pt", weights_only=True))
+    row = json.loads((folder / "runs" / "energy_seed0.json").read_text())
+    assert row["guided_images_last_epoch"] > 0 and 0 <= row["test"]["epg"] <= 1
+    # resumable, per backbone: nothing recomputed; the CNN arm's quick study in the same folder is separate
+    assert tc.run_claims(tmp_path, seeds=(0, 1), quick=True, backbone="bcos", log=lambda line: None)["computed"] == []
+    with pytest.raises(ConfigError, match="backbone"):
+        tc.run_claims(tmp_path, seeds=(0, 1), backbone="resnet")
+    # the margin split over digit / box texture / outside adds up to the logit margin (the nets are exact)
+    contrib = tc.minority_contributions(tmp_path, seeds=(0, 1), quick=True)
+    for run, per_seed in contrib["per_seed"].items():
+        for row in per_seed.values():
+            parts = row["margin_digit"] + row["margin_box_texture"] + row["margin_outside"]
+            assert parts == pytest.approx(row["margin"], rel=1e-3, abs=1e-4), run
+    assert (folder / "minority_contributions.md").exists()

@@ -1,6 +1,7 @@
 """The training-with-explanations claims, measured on the shortcut environment over several seeds.
 
-    python -m saliencylab.runs.training_claims OUT [--quick] [--seeds 0 1 2] [--threads 1]
+    python -m saliencylab.runs.training_claims OUT [--backbone cnn|bcos|all] [--quick] [--seeds 0 1 2] [--threads 1]
+    python -m saliencylab.runs.training_claims OUT --backbone bcos --contributions   # + `minority_contributions`
 
 Claims (issue 15, item 6), from "Studying how to efficiently and effectively guide models with
 explanations" (Rao, Boehle, Parchami-Araghi, Schiele, ICCV 2023; sukrutrao/Model-Guidance) and "Good
@@ -36,6 +37,35 @@ Set-up (chosen once, from the papers' set-up scaled down; not tuned towards the 
   below 0.75 the claim is inconclusive whatever the students do.
 - Adam, lr 1e-3, batch 32 throughout (`training.loop.fit`).
 
+B-cos arm (`--backbone bcos`, `run_claims(..., backbone="bcos")`; settings fixed before any B-cos run,
+from the authors' B-cos configurations, not tuned): the same data (same seeds, sizes, bias) and runs,
+with `models.bcos.BcosCNN` (b = 2, MaxOut 2, logit bias -log(K - 1) = 0, no normalisation layers) in
+place of `small_cnn` (width 16; teacher width 32); every map is the B-cos contribution map W(x) x
+(method "bcos", at the input). What comes from the authors:
+- guidance (sukrutrao/Model-Guidance, README "Fine-tuning with Model Guidance" and `train.py` `main`:
+  `--model_backbone bcos --layer Input --localization_loss_fn Energy --localization_loss_lambda 1e-3`,
+  Adam, the loss summed over the boxed images of a batch): energy and L1 on the B-cos maps at the
+  input, lambda 1e-3 per image, summed (`guidance_weight=1e-3`), Adam, a model trained without
+  guidance first and then fine-tuned with a fresh optimiser;
+- distillation (m-parchami/GoodTeachersExplain, `bcos/experiments/ImageNet/final_live/
+  experiment_parameters.py`: `BCOS_OPTIMIZER` Adam lr 1e-3, `DEFAULT_TE_CRITERION` with
+  `explanation_method=ExpMethod.BCOS_WEIGHT`, swept as gt 0, KD 1, temperature 1, explanation 0 / 1;
+  `TeachersExplain.py` `explanation_aware_forward`: the cosine between student's and teacher's dynamic
+  weights W(x) of the teacher's top-1 class): weights (0, 1, 0) for KD and (0, 1, 1) for e2KD,
+  temperature 1, explanation term 1 - cos(W_student(x), W_teacher(x)) (`distillation_loss`, method "bcos").
+Deliberate differences (fixed in advance, for the 20-minute single-thread budget; one epoch of each
+phase was timed first, load 5-6 on 2 cores: pretrain 1.7 s, fine-tuning with energy 10 s, teacher
+3.7 s, KD 2 s, e2KD 10 s): lr 1e-3 throughout (the authors fine-tune B-cos at 1e-4 for 50 epochs of
+VOC, about 3900 steps; we have 6 epochs of 16 steps, and 1e-3 is e2KD's and B-cos v2's lr for
+B-cos nets trained from scratch); 10 pretraining epochs, 6 fine-tuning epochs, teacher 24 epochs,
+students 8 epochs (the CNN arm: 10 / 15 / 30 / 20); the same lambda for L1 as for energy (the authors
+sweep lambda per loss; their README gives only energy's); cross-entropy instead of their BCE
+(single-label data); constant lr (e2KD: cosine schedule with warm-up); ResNet-50 / DenseNet-169
+B-cos nets pretrained on ImageNet replaced by a small B-cos CNN trained from scratch; the guided
+maps are W(x) x with the scales' gradient kept (see `methods.bcos`), where Model-Guidance's
+`BCosAttributor` enters explanation mode after the forward pass. The same claims, intervals and
+verdict rules; the B-cos arm writes into OUT/bcos/ (its own claims.md, claims.json, runs/).
+
 Statistics: the unit is the seed (data and weights both redrawn). For each comparison the per-seed
 paired difference gets its mean, a 95% t interval (df = seeds - 1), a percentile bootstrap interval
 (`runs.stats.bootstrap_interval`; with 3 seeds it is close to [min, max]) and a sign-flip permutation p
@@ -49,7 +79,8 @@ else inconclusive. No correction for the several parts (each part is its own hyp
 
 Resumable: each (run, seed) writes OUT/runs/<run>_seed<k>.json (metrics and the settings) and the
 weights later runs start from (pretrain, teacher) as .pt; a finished run is skipped, a folder holding
-runs of other settings is refused. `quick=True` runs the same study on tiny data in seconds (a test
+runs of other settings is refused (the CNN arm's settings and digest are those of the first study, so a
+finished CNN folder is reused; the B-cos arm saves every run's weights, for looking at its maps). `quick=True` runs the same study on tiny data in seconds (a test
 of the machinery; its numbers mean nothing).
 """
 
@@ -80,6 +111,13 @@ FULL = dict(size=32, n_train=512, n_val=256, n_test=400, bias=1.0, teacher_bias=
             distill_layer="features")
 QUICK = dict(FULL, size=16, n_train=48, n_val=16, n_test=16, pretrain_epochs=1, finetune_epochs=1,
              teacher_epochs=1, student_epochs=1, limited_fraction=0.25)
+
+# The B-cos arm (module docstring): same data, B-cos nets, the authors' B-cos settings; fixed before running.
+BCOS_FULL = dict(FULL, backbone="bcos", guidance_weight=1e-3, guidance_method="bcos", distill_method="bcos",
+                 distill_layer=None, finetune_epochs=6, teacher_epochs=24, student_epochs=8)
+BCOS_QUICK = dict(BCOS_FULL, size=16, n_train=48, n_val=16, n_test=16, pretrain_epochs=1, finetune_epochs=1,
+                  teacher_epochs=1, student_epochs=1, limited_fraction=0.25)
+BACKBONES = ("cnn", "bcos")
 
 # run name -> (what it is, the runs it starts from)
 RUNS = ("pretrain", "unguided", "energy", "l1", "energy_limited", "teacher", "kd", "e2kd")
@@ -134,6 +172,12 @@ class _Study:
     def net(self, seed: int, width: int | None = None):
         from ..training.nets import small_cnn
 
+        if self.cfg.get("backbone", "cnn") == "bcos":
+            from ..models.bcos import BcosCNN
+
+            with torch.random.fork_rng(devices=[]):  # weights from the seed alone, global RNG untouched
+                torch.manual_seed(seed)
+                return BcosCNN(2, width=width or self.cfg["width"])
         return small_cnn(2, width or self.cfg["width"], seed=seed)
 
     # -- bookkeeping ----------------------------------------------------------------------------
@@ -173,6 +217,10 @@ class _Study:
         model = self.net(seed, width)
         model.load_state_dict(torch.load(path, weights_only=True))
         return model
+
+    def _keep(self, model):
+        """The B-cos arm keeps every run's weights (its maps are looked at); the CNN arm as before."""
+        return model if self.cfg.get("backbone", "cnn") == "bcos" else None
 
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self, model, seed: int, method: str, layer=None, teacher=None) -> dict:
@@ -219,7 +267,7 @@ class _Study:
                          guidance=guidance, seed=seed * 10 + 2, **common)
             metrics = self.evaluate(model, seed, **guided_eval)
             metrics["guided_images_last_epoch"] = result.history[-1].get("guided_images")
-            return self._save(run, seed, metrics, time.perf_counter() - t0)
+            return self._save(run, seed, metrics, time.perf_counter() - t0, self._keep(model))
         if run in ("kd", "e2kd"):
             teacher = self._weights("teacher", seed, c["teacher_width"])
             t0 = time.perf_counter()
@@ -231,7 +279,7 @@ class _Study:
                 **common)
             metrics = self.evaluate(student, seed, method=c["distill_method"], layer=c["distill_layer"],
                                     teacher=teacher)
-            return self._save(run, seed, metrics, time.perf_counter() - t0)
+            return self._save(run, seed, metrics, time.perf_counter() - t0, self._keep(student))
         raise ConfigError(f"unknown run '{run}'")
 
 
@@ -306,7 +354,9 @@ def _fmt(x: float) -> str:
 
 def _markdown(claims, rows, seeds, cfg, command: str, seconds: float) -> str:
     total = sum(rows[run][s]["seconds"] for run in RUNS for s in seeds)
-    lines = ["# Training with explanations: the papers' claims on the shortcut environment", "",
+    bcos = cfg.get("backbone", "cnn") == "bcos"
+    lines = ["# Training with explanations: the papers' claims on the shortcut environment"
+             + (" (B-cos arm)" if bcos else ""), "",
              f"Command: `{command}`", "",
              f"Seeds {list(seeds)}; settings digest {_digest(cfg)}; the runs took {total / 60:.1f} min in all "
              f"(this call: {seconds / 60:.1f} min; finished runs are reused). Set-up and decision rules: "
@@ -349,17 +399,29 @@ def _markdown(claims, rows, seeds, cfg, command: str, seconds: float) -> str:
             continue
         accs = [[rows[run][s]["test"]["group_accuracies"].get(str(g), math.nan) for s in seeds] for g in range(4)]
         lines.append(f"| {run} | " + " | ".join(_fmt(sum(a) / len(a)) for a in accs) + " |")
-    lines += ["", "EPG / IoU: input x gradient maps of the true class for pretrain/unguided/energy/l1/energy_limited, "
-              "Grad-CAM at `features` for teacher/kd/e2kd; exact object boxes of the balanced test images.", ""]
+    lines += ["", ("EPG / IoU: B-cos contribution maps W(x) x (method `bcos`, summed over the encoded channels) of "
+                   "the true class for every model" if bcos else
+                   "EPG / IoU: input x gradient maps of the true class for pretrain/unguided/energy/l1/energy_limited, "
+                   "Grad-CAM at `features` for teacher/kd/e2kd") + "; exact object boxes of the balanced test images.", ""]
     return "\n".join(lines)
 
 
-def run_claims(out_dir, seeds: Sequence[int] = (0, 1, 2), quick: bool = False, log=None) -> dict:
-    """Run (or resume) the study into `out_dir`; writes claims.md and claims.json; returns the json dict."""
+def run_claims(out_dir, seeds: Sequence[int] = (0, 1, 2), quick: bool = False, log=None,
+               backbone: str = "cnn") -> dict:
+    """Run (or resume) the study into `out_dir`; writes claims.md and claims.json; returns the json dict.
+
+    backbone "cnn" (the first study: `small_cnn`, files directly in `out_dir`) or "bcos" (the B-cos
+    arm: `BcosCNN` and the authors' B-cos settings, files in `out_dir`/bcos)."""
     seeds = [int(s) for s in seeds]
+    if backbone not in BACKBONES:
+        raise ConfigError(f"backbone must be one of {', '.join(BACKBONES)}, got {backbone!r}")
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
         raise ConfigError(f"the study needs at least two distinct seeds (three or more for the claims), got {seeds}")
-    cfg = dict(QUICK if quick else FULL)
+    if backbone == "bcos":
+        cfg = dict(BCOS_QUICK if quick else BCOS_FULL)
+        out_dir = Path(out_dir) / "bcos"
+    else:  # unchanged settings (and digest): a finished CNN folder is reused
+        cfg = dict(QUICK if quick else FULL)
     cfg["kd_weights"], cfg["e2kd_weights"] = list(cfg["kd_weights"]), list(cfg["e2kd_weights"])
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
@@ -370,10 +432,11 @@ def run_claims(out_dir, seeds: Sequence[int] = (0, 1, 2), quick: bool = False, l
             rows[run][seed] = study.run(run, seed)
     claims = evaluate_claims(rows, seeds, cfg)
     seconds = time.perf_counter() - t0
-    command = "python -m saliencylab.runs.training_claims OUT" + (" --quick" if quick else "") + \
+    command = "python -m saliencylab.runs.training_claims OUT" + (" --backbone bcos" if backbone == "bcos" else "") + \
+              (" --quick" if quick else "") + \
               ("" if seeds == [0, 1, 2] else " --seeds " + " ".join(map(str, seeds)))
     out = Path(out_dir)
-    result = {"config": cfg, "digest": study.digest, "seeds": seeds, "claims": claims, "computed": study.computed,
+    result = {"backbone": backbone, "config": cfg, "digest": study.digest, "seeds": seeds, "claims": claims, "computed": study.computed,
               "seconds": seconds, "run_seconds": sum(rows[r][s]["seconds"] for r in RUNS for s in seeds),
               "command": command,
               "runs": {run: {str(s): {k: v for k, v in rows[run][s].items() if k != "config"} for s in seeds}
@@ -383,6 +446,72 @@ def run_claims(out_dir, seeds: Sequence[int] = (0, 1, 2), quick: bool = False, l
     return result
 
 
+def minority_contributions(out_dir, seeds: Sequence[int] = (0, 1, 2), quick: bool = False) -> dict:
+    """Where the B-cos arm's decisions come from on the minority test images (groups 1 and 2: the
+    (class, background) pairings never seen in training). A B-cos net with two classes and logit bias 0
+    is exactly logit(y) - logit(other) = sum over pixels of (A_y - A_other), A = the contribution maps
+    W(x) x; that margin is split over the digit's pixels, the rest of its box (background texture
+    inside the box, which the box-based EPG counts as "on the object") and the pixels outside the box.
+    Also, per region, the true class's positive and negative contributions (does energy guidance leave
+    negative evidence in the background?). Needs a finished B-cos arm in `out_dir`/bcos; writes
+    minority_contributions.md / .json there."""
+    import saliencylab as sl
+
+    from ..models.bcos import BcosCNN
+
+    cfg = dict(BCOS_QUICK if quick else BCOS_FULL)
+    cfg["kd_weights"], cfg["e2kd_weights"] = list(cfg["kd_weights"]), list(cfg["e2kd_weights"])
+    folder = Path(out_dir) / "bcos"
+    study = _Study(folder, cfg, lambda line: None)
+    runs = [r for r in RUNS if r != "pretrain"]
+    rows: dict = {}
+    for run in runs:
+        for seed in seeds:
+            if study._load(run, seed) is None or not study._path(run, seed, "pt").exists():
+                raise ConfigError(f"'{folder}' has no finished B-cos run {run} seed {seed}; run the B-cos arm first")
+            test = study.data("test", seed)
+            net = BcosCNN(2, width=cfg["teacher_width"] if run == "teacher" else cfg["width"])
+            net.load_state_dict(torch.load(study._path(run, seed, "pt"), weights_only=True))
+            net.eval()
+            keep = (test.groups == 1) | (test.groups == 2)
+            x, y = test.images[keep], test.labels[keep]
+            digit = test.true_objects[keep].float()
+            x0, y0, x1, y1 = test.true_boxes[keep].round().long().unbind(1)
+            ii = torch.arange(x.shape[-1])
+            box = (((ii[None, :] >= y0[:, None]) & (ii[None, :] < y1[:, None]))[:, :, None]
+                   & ((ii[None, :] >= x0[:, None]) & (ii[None, :] < x1[:, None]))[:, None, :]).float()
+            box = torch.maximum(box, digit)
+            regions = {"digit": digit, "box_texture": box - digit, "outside": 1 - box}
+            a_true = sl.explain(net, x, "bcos", target=y).maps.detach()
+            a_other = sl.explain(net, x, "bcos", target=1 - y).maps.detach()
+            with torch.no_grad():
+                logits = net(x)
+            row = {"accuracy": float((logits.argmax(1) == y).double().mean()),
+                   "margin": float((logits.gather(1, y[:, None]) - logits.gather(1, (1 - y)[:, None])).mean())}
+            for name, r in regions.items():
+                row[f"margin_{name}"] = float(((a_true - a_other) * r).flatten(1).sum(1).mean())
+                row[f"true_pos_{name}"] = float((a_true.clamp(min=0) * r).flatten(1).sum(1).mean())
+                row[f"true_neg_{name}"] = float((a_true.clamp(max=0) * r).flatten(1).sum(1).mean())
+            rows.setdefault(run, {})[seed] = row
+    keys = ["accuracy", "margin", "margin_digit", "margin_box_texture", "margin_outside", "true_pos_digit",
+            "true_pos_box_texture", "true_pos_outside", "true_neg_box_texture", "true_neg_outside"]
+    means = {run: {k: sum(rows[run][s][k] for s in seeds) / len(seeds) for k in keys} for run in runs}
+    lines = ["# B-cos arm: where the decision comes from on the minority test images", "",
+             f"Groups 1 and 2 of the balanced test set, seeds {list(seeds)}, means over seeds. margin = logit(true) - "
+             "logit(other) = sum of the contribution differences A_true - A_other (exact for these nets), split "
+             "over the digit's pixels, the background texture inside its box and the pixels outside the box; "
+             "A_true+ / A_true-: the true class's positive / negative contributions per region (sums per image).", "",
+             "| run | accuracy | margin | from digit | from box texture | from outside | A_true+ digit | "
+             "A_true+ box texture | A_true+ outside | A_true- box texture | A_true- outside |",
+             "|---|" + "---|" * len(keys)]
+    for run in runs:
+        lines.append(f"| {run} | " + " | ".join(f"{means[run][k]:.3f}" for k in keys) + " |")
+    out = {"seeds": list(seeds), "means": means, "per_seed": {r: {str(s): v for s, v in d.items()} for r, d in rows.items()}}
+    (folder / "minority_contributions.json").write_text(json.dumps(out, indent=1), encoding="utf-8")
+    (folder / "minority_contributions.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m saliencylab.runs.training_claims",
                                  description="Test the training-with-explanations claims on the shortcut environment.")
@@ -390,12 +519,22 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny data and one epoch per phase: a test, not a result")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--backbone", choices=(*BACKBONES, "all"), default="cnn",
+                    help="cnn: small ReLU CNN (files in OUT); bcos: B-cos CNN with the authors' B-cos settings "
+                         "(files in OUT/bcos); all: both")
+    ap.add_argument("--contributions", action="store_true",
+                    help="after the B-cos arm, split its models' decisions on the minority test images over digit, "
+                         "box texture and background (OUT/bcos/minority_contributions.md)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = run_claims(args.out, seeds=args.seeds, quick=args.quick)
-    for c in result["claims"]:
-        print(f"claim {c['id']}: {c['verdict']}")
-    print(Path(args.out) / "claims.md")
+    for backbone in (BACKBONES if args.backbone == "all" else (args.backbone,)):
+        result = run_claims(args.out, seeds=args.seeds, quick=args.quick, backbone=backbone)
+        for c in result["claims"]:
+            print(f"{backbone} claim {c['id']}: {c['verdict']}")
+        print(Path(args.out) / ("bcos" if backbone == "bcos" else "") / "claims.md")
+        if backbone == "bcos" and args.contributions:
+            minority_contributions(args.out, seeds=args.seeds, quick=args.quick)
+            print(Path(args.out) / "bcos" / "minority_contributions.md")
     return 0
 
 
