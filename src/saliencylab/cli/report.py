@@ -1,5 +1,6 @@
 """`saliencylab report OUT`: merge every rows file of an output folder (all shards) into one leaderboard;
-and `evaluate --data DIR`, the folder run, whose work is `saliencylab.runs.dataset.evaluate_folder`.
+and `evaluate --data DIR`, the folder run, whose work is `saliencylab.runs.dataset.evaluate_folder`
+(`--engine ray`: `saliencylab.runs.ray_engine.evaluate_folder_ray`).
 """
 
 from __future__ import annotations
@@ -50,7 +51,14 @@ def add_data_options(p) -> None:
                    help="with --data: run shard i of N (0 <= i < N; an image's shard is a hash of its path); "
                         "merge with `saliencylab report OUT`")
     p.add_argument("--workers", type=int, default=2, help="with --data: image decoding threads (default 2)")
-    p.add_argument("--chunk-size", type=int, default=32, help="with --data: images per chunk (default 32)")
+    p.add_argument("--chunk-size", type=int, default=32, help="with --data: images per chunk (default 32; with "
+                        "--engine ray, images per actor call)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="with --data: 'local' (this process) or 'ray' (Ray Data, an actor pool that loads the model "
+                        "once per actor; a local Ray, or the cluster at RAY_ADDRESS; pip install saliencylab[ray])")
+    p.add_argument("--actors", type=int, default=2, metavar="N", help="with --engine ray: actors in the pool (default 2)")
+    p.add_argument("--gpus-per-actor", type=float, default=0, metavar="G",
+                   help="with --engine ray: GPUs each actor reserves (default 0: CPU; 1: one GPU per actor)")
 
 
 def evaluate_data(args, method_names, metric_names, method_params, metric_params) -> int:
@@ -69,13 +77,29 @@ def evaluate_data(args, method_names, metric_names, method_params, metric_params
         raise ConfigError("--boxes/--masks go with IMAGE files; a --data run takes metrics that need no regions")
     i, n = parse_shard(args.shard)
     check_requirements(metric_names)  # before the model or any image is loaded
+    engine = getattr(args, "engine", "local")
+    if engine == "ray":
+        from ..runs.ray_engine import import_ray
+
+        import_ray()  # one line naming the extra, before the model is loaded
+        if args.actors < 1:
+            raise ConfigError(f"--actors must be a positive int, got {args.actors}")
+        if args.gpus_per_actor < 0:
+            raise ConfigError(f"--gpus-per-actor must be >= 0, got {args.gpus_per_actor}")
     loaded = io.load_model(args.model, args.weights)
     target = args.target
     if target not in (None, "label", "predicted"):
         target = io.resolve_target_arg(target, loaded.labels)
-    result = evaluate_folder(loaded, args.data, method_names, metric_names, out=args.out, labels=args.labels,
-                             target=target, shard=(i, n), workers=args.workers, chunk_size=args.chunk_size,
-                             method_params=method_params, metric_params=metric_params)
+    common = dict(out=args.out, labels=args.labels, target=target, shard=(i, n), workers=args.workers,
+                  chunk_size=args.chunk_size, method_params=method_params, metric_params=metric_params)
+    if engine == "ray":
+        from ..runs.ray_engine import evaluate_folder_ray
+
+        # actors load the model themselves from the spec (the driver's copy gives labels and the fingerprint)
+        result = evaluate_folder_ray(args.model, args.data, method_names, metric_names, weights=args.weights,
+                                     num_actors=args.actors, num_gpus_per_actor=args.gpus_per_actor, **common)
+    else:
+        result = evaluate_folder(loaded, args.data, method_names, metric_names, **common)
     if result.skipped:
         print(f"warning: skipped {len(result.skipped)} file(s), listed with the reason in "
               f"{Path(args.out) / ('skipped.csv' if n == 1 else f'skipped-shard-{i}-of-{n}.csv')}",

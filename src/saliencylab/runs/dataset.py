@@ -52,7 +52,8 @@ from . import shards as _shards
 from .local import check_requirements, run_rows
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageItem", "Chunk", "LoaderStats", "ChunkLoader", "FolderRun", "scan",
-           "read_labels_file", "resolve_label", "imagenet_synsets", "evaluate_folder"]
+           "read_labels_file", "resolve_label", "imagenet_synsets", "evaluate_folder", "FolderJob",
+           "prepare_folder", "run_chunk"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _SYNSET = re.compile(r"n\d{8}")
@@ -336,8 +337,54 @@ def evaluate_folder(model, data, method_names: Sequence[str], metric_names: Sequ
     before loading any image for unknown methods or metrics, metrics that need boxes, masks or truth,
     and labels that name no class.
     """
-    from ..models import LoadedModel
     from ..core.session import model_fingerprint
+
+    job = prepare_folder(model, data, method_names, metric_names, out=out, labels=labels, target=target,
+                         shard=shard, preprocess=preprocess, class_names=class_names)
+    store = _shards.shard_store(job.out, job.shard)
+    before = len(store)
+    fingerprint = model_id or model_fingerprint(job.net)
+    loader = ChunkLoader(job.items, job.preprocess, chunk_size=chunk_size, workers=workers, stats=stats)
+    i, n = job.shard
+    bar = progress(None, desc="images" if n == 1 else f"images (shard {i}/{n})", total=len(job.items), unit="image")
+    try:
+        for chunk in loader:
+            for image_id, reason in chunk.skipped:
+                job.skips.add(image_id, reason)
+            run_chunk(job.net, chunk, job.method_names, job.metric_names, mode=job.mode, store=store,
+                      model_id=fingerprint, method_params=method_params, metric_params=metric_params,
+                      on_rows=on_rows)
+            bar.update(len(chunk.items) + len(chunk.skipped))
+            if on_chunk is not None:
+                on_chunk(chunk)
+    finally:
+        bar.close()
+    job.skips.finish()
+    return FolderRun(out=job.out, rows_file=store.path, images=len(job.items), computed=len(store) - before,
+                     skipped=sorted(job.skips.entries.items()), loader=loader.stats)
+
+
+@dataclass
+class FolderJob:
+    """What every engine decides on the driver before any image is decoded: the model, the images of this
+    shard with resolved labels, the target mode, the output folder and its skip log."""
+
+    net: torch.nn.Module
+    preprocess: Callable
+    method_names: list[str]
+    metric_names: list[str]
+    mode: object  # "predicted", "label" or a class index
+    items: list[ImageItem]
+    shard: tuple[int, int]
+    out: Path
+    skips: _SkipLog
+
+
+def prepare_folder(model, data, method_names, metric_names, *, out, labels=None, target="predicted", shard=None,
+                   preprocess=None, class_names=None) -> FolderJob:
+    """The driver's part of a folder run (shared by the local and the Ray engine): check methods, metrics and
+    target, scan and shard the folder, resolve labels (images without one go to the skip log)."""
+    from ..models import LoadedModel
 
     net = model.model if isinstance(model, LoadedModel) else model
     if preprocess is None:
@@ -371,31 +418,20 @@ def evaluate_folder(model, data, method_names: Sequence[str], metric_names: Sequ
                 it.label = resolve_label(it.label, class_names, f" of '{it.image_id}'")
                 ready.append(it)
         items = ready
+    return FolderJob(net, preprocess, method_names, metric_names, mode, items, key, out, skips)
 
-    store = _shards.shard_store(out, key)
-    before = len(store)
-    fingerprint = model_id or model_fingerprint(net)
-    loader = ChunkLoader(items, preprocess, chunk_size=chunk_size, workers=workers, stats=stats)
-    i, n = key
-    bar = progress(None, desc="images" if n == 1 else f"images (shard {i}/{n})", total=len(items), unit="image")
-    try:
-        for chunk in loader:
-            for image_id, reason in chunk.skipped:
-                skips.add(image_id, reason)
-            if chunk.x is not None:
-                chunk_target = (torch.tensor([it.label for it in chunk.items], dtype=torch.long) if mode == "label"
-                                else (None if mode == "predicted" else mode))
-                run_rows(net, chunk.x, method_names, metric_names, target=chunk_target,
-                         method_params=method_params, metric_params=metric_params, store=store,
-                         image_ids=chunk.ids, model_id=fingerprint, on_rows=on_rows)
-            bar.update(len(chunk.items) + len(chunk.skipped))
-            if on_chunk is not None:
-                on_chunk(chunk)
-    finally:
-        bar.close()
-    skips.finish()
-    return FolderRun(out=out, rows_file=store.path, images=len(items), computed=len(store) - before,
-                     skipped=sorted(skips.entries.items()), loader=loader.stats)
+
+def run_chunk(net, chunk: Chunk, method_names, metric_names, *, mode, store, model_id: str,
+              method_params: dict | None = None, metric_params: dict | None = None,
+              on_rows: Callable | None = None) -> None:
+    """The per-chunk work of every engine: the chunk's targets, then `run_rows` into `store` (rows whose
+    key is in `store` are not computed again)."""
+    if chunk.x is None:
+        return
+    chunk_target = (torch.tensor([it.label for it in chunk.items], dtype=torch.long) if mode == "label"
+                    else (None if mode == "predicted" else mode))
+    run_rows(net, chunk.x, method_names, metric_names, target=chunk_target, method_params=method_params,
+             metric_params=metric_params, store=store, image_ids=chunk.ids, model_id=model_id, on_rows=on_rows)
 
 
 def _target_mode(target):
