@@ -25,8 +25,9 @@ METRICS = ["sparseness", "deletion"]
 PARAMS = {"metric_params": {"deletion": {"steps": 4}}, "method_params": {"smoothgrad": {"samples": 4}}}
 
 
-def test_missing_ray_is_one_clear_line(monkeypatch, tmp_path):
-    """Runs first and without Ray: a missing Ray is reported before any work (monkeypatched import)."""
+def test_missing_ray_is_one_clear_line(monkeypatch, tmp_path, capsys):
+    """Runs with or without Ray: a missing Ray is reported before any work (monkeypatched import)."""
+    from saliencylab.cli import main
     from saliencylab.runs import ray_engine
 
     real = builtins.__import__
@@ -43,6 +44,10 @@ def test_missing_ray_is_one_clear_line(monkeypatch, tmp_path):
         ray_engine.evaluate_folder_ray(MODEL, tmp_path, METHODS, METRICS, out=tmp_path / "out")
     assert str(err.value) == ray_engine.RAY_MISSING and "pip install saliencylab[ray]" in str(err.value)
     assert "\n" not in str(err.value)
+    capsys.readouterr()
+    assert main(["evaluate", "--data", str(tmp_path), "--model", MODEL, "--engine", "ray", "--out",
+                 str(tmp_path / "out")]) == 2
+    assert "pip install saliencylab[ray]" in "".join(capsys.readouterr())
 
 
 def test_import_saliencylab_does_not_import_ray():
@@ -55,18 +60,17 @@ def test_import_saliencylab_does_not_import_ray():
     assert out.stdout.strip() == "False"
 
 
-ray = pytest.importorskip("ray", reason="Ray is not installed (pip install saliencylab[ray]); the Ray engine "
-                                        "tests need it")
-
-
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def local_ray():
-    """One local Ray on 2 CPUs for the module; actors find saliencylab and the test zoo on PYTHONPATH."""
+    """One local Ray on 2 CPUs for the module; actors find saliencylab and the test zoo on PYTHONPATH.
+    The tests that need it are skipped, with the reason, only where Ray cannot be imported."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install saliencylab[ray]); the Ray "
+                                            "engine tests need it")
     path = os.pathsep.join([str(SRC), str(TESTS), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
              runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1",
                                        "SALIENCYLAB_PROGRESS": "0"}})
-    yield
+    yield ray
     ray.shutdown()
 
 
@@ -116,34 +120,16 @@ def assert_same_rows(rows, reference):
                 assert v == pytest.approx(ref.curves["image"][k], rel=1e-6, abs=1e-9)
 
 
-def test_ray_rows_equal_the_local_engine(folder, reference, tmp_path):
+def test_ray_rows_equal_the_local_engine_and_resume(local_ray, folder, reference, tmp_path):
+    """A local run of shard 0/2 killed after its first chunk, then the Ray engine on the whole folder (a model
+    object pickled once into the object store, 2 actors, batches of another size than the local chunks):
+    it computes exactly the missing rows, and the merged rows equal the local engine's row for row."""
     from saliencylab.runs.ray_engine import evaluate_folder_ray
 
     local_run, ref = reference
     assert len(ref) == 10 * 4 and local_run.skipped
-    # a model object (pickled once into the object store), another batch size than the local chunks
-    run = evaluate_folder_ray(small(), folder, METHODS, METRICS, out=tmp_path, target="label", batch_size=4,
-                              num_actors=2, **PARAMS)
-    assert run.images == local_run.images == 11 and run.computed == 40 and run.rows_file == tmp_path / "rows.jsonl"
-    assert run.skipped == local_run.skipped  # the broken file, with the local engine's reason
-    assert (tmp_path / "skipped.csv").read_text() == (local_run.out / "skipped.csv").read_text()
-    lines = [json.loads(x)["key"] for x in run.rows_file.read_text().splitlines()]
-    assert len(lines) == len(set(lines)) == 40  # one writer, nothing twice
-    assert_same_rows(RunStore(tmp_path).rows(), ref)
-    # done means done: a second run computes nothing
-    assert evaluate_folder_ray(small(), folder, METHODS, METRICS, out=tmp_path, target="label",
-                               **PARAMS).computed == 0
-
-
-def test_resume_and_shards_compute_only_missing_rows(folder, reference, tmp_path):
-    from saliencylab.runs.ray_engine import evaluate_folder_ray
-
-    _, ref = reference
-    # a partial local run of shard 0/2 (killed after its first chunk), then the Ray engine on the whole folder
-    calls = []
 
     def stop(chunk):
-        calls.append(chunk)
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -151,22 +137,21 @@ def test_resume_and_shards_compute_only_missing_rows(folder, reference, tmp_path
                         on_chunk=stop, **PARAMS)
     partial = RunStore(tmp_path / "rows-shard-0-of-2.jsonl")
     assert 0 < len(partial) < 40
-    seen = []
-    run = evaluate_folder_ray(small(), folder, METHODS, METRICS, out=tmp_path, target="label", batch_size=3,
-                              on_rows=seen.extend, **PARAMS)
-    assert run.computed == 40 - len(partial) == len(seen)
-    assert not {r.key for r in seen} & {r.key for r in partial.rows()}  # only the missing rows
+    seen, batches = [], []
+    run = evaluate_folder_ray(small(), folder, METHODS, METRICS, out=tmp_path, target="label", batch_size=4,
+                              num_actors=2, on_rows=seen.extend, on_chunk=batches.append, **PARAMS)
+    assert run.images == local_run.images == 11 and run.rows_file == tmp_path / "rows.jsonl"
+    assert run.computed == 40 - len(partial) == len(seen)  # only the missing rows
+    assert not {r.key for r in seen} & {r.key for r in partial.rows()}
+    assert sorted(i for b in batches for i in b.ids) == sorted(r.image_id for r in ref.values())[::4]
+    assert run.skipped == local_run.skipped  # the broken file, with the local engine's reason
+    assert (tmp_path / "skipped.csv").read_text() == (local_run.out / "skipped.csv").read_text()
+    lines = [json.loads(x)["key"] for x in run.rows_file.read_text().splitlines()]
+    assert len(lines) == len(set(lines)) == len(seen)  # one writer, nothing twice
     assert_same_rows(shards.merge_rows(tmp_path), ref)
-    # a spec string loaded by every actor (io.load_model), sharded: every row is already there
-    from saliencylab.core.session import model_fingerprint
-
-    done = evaluate_folder_ray(MODEL, folder, METHODS, METRICS, out=tmp_path, target="label", shard="1/2",
-                               preprocess=small().preprocess, model_id=model_fingerprint(small().model),
-                               num_actors=1, **PARAMS)
-    assert done.computed == 0 and done.images > 0
 
 
-def test_cli_engine_ray(folder, tmp_path, capsys):
+def test_cli_engine_ray(local_ray, folder, tmp_path, capsys):
     from saliencylab.cli import main
 
     common = ["evaluate", "--data", str(folder), "--model", f"{__name__}:pooled_small_cnn", "--methods", "gradient",

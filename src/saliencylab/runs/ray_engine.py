@@ -146,7 +146,7 @@ def evaluate_folder_ray(model, data, method_names: Sequence[str], metric_names: 
     num_actors: actors in the pool, each holding one model; num_gpus_per_actor / num_cpus_per_actor: what
     each actor reserves (num_gpus_per_actor=1: one GPU per actor; 0.5: two actors share a GPU).
     batch_size: images per actor call (default `chunk_size`); workers: decoding threads per actor.
-    on_rows(rows) is called on the driver with the new rows of each batch; on_chunk(chunk) with each
+    on_rows(rows) is called on the driver with the rows the actors computed in each batch; on_chunk(chunk) with each
     batch's images (`x` is None: the pixels stay on the actors). `stats` counts batches, not pixels.
     """
     from .. import io
