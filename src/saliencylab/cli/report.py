@@ -56,7 +56,8 @@ def add_data_options(p) -> None:
     p.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="with --data: 'local' (this process) or 'ray' (Ray Data, an actor pool that loads the model "
                         "once per actor; a local Ray, or the cluster at RAY_ADDRESS; pip install saliencylab[ray])")
-    p.add_argument("--actors", type=int, default=2, metavar="N", help="with --engine ray: actors in the pool (default 2)")
+    p.add_argument("--actors", type=int, default=2, metavar="N",
+                   help="with --engine ray: actors in the pool (default 2)")
     p.add_argument("--gpus-per-actor", type=float, default=0, metavar="G",
                    help="with --engine ray: GPUs each actor reserves (default 0: CPU; 1: one GPU per actor)")
 
@@ -96,8 +97,9 @@ def evaluate_data(args, method_names, metric_names, method_params, metric_params
         from ..runs.ray_engine import evaluate_folder_ray
 
         # actors load the model themselves from the spec (the driver's copy gives labels and the fingerprint)
-        result = evaluate_folder_ray(args.model, args.data, method_names, metric_names, weights=args.weights,
-                                     num_actors=args.actors, num_gpus_per_actor=args.gpus_per_actor, **common)
+        result = evaluate_folder_ray(loaded, args.data, method_names, metric_names, spec=args.model,
+                                     weights=args.weights, num_actors=args.actors,
+                                     num_gpus_per_actor=args.gpus_per_actor, **common)
     else:
         result = evaluate_folder(loaded, args.data, method_names, metric_names, **common)
     if result.skipped:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -136,13 +135,15 @@ def evaluate_folder_ray(model, data, method_names: Sequence[str], metric_names: 
                         method_params: dict | None = None, metric_params: dict | None = None,
                         model_id: str | None = None, on_rows: Callable | None = None,
                         on_chunk: Callable[[Chunk], None] | None = None, stats: LoaderStats | None = None,
-                        weights: str | None = None, num_actors: int = 2, num_gpus_per_actor: float = 0,
+                        weights: str | None = None, spec: str | None = None, num_actors: int = 2,
+                        num_gpus_per_actor: float = 0,
                         num_cpus_per_actor: float = 1, batch_size: int | None = None) -> FolderRun:
     """`evaluate_folder` on Ray Data: the same arguments, rows and output files.
 
     model: a `models.LoadedModel` or nn.Module (pickled once into the object store), or a spec string (an
     embedded model name or `module:factory`, with `weights`) that every actor loads itself with
-    `io.load_model` (the driver loads it once too, for class names and the fingerprint).
+    `io.load_model` (the driver loads it once too, for class names and the fingerprint). spec= with a model
+    object: the spec (and `weights`) that object was loaded from, for the actors to load it the same way.
     num_actors: actors in the pool, each holding one model; num_gpus_per_actor / num_cpus_per_actor: what
     each actor reserves (num_gpus_per_actor=1: one GPU per actor; 0.5: two actors share a GPU).
     batch_size: images per actor call (default `chunk_size`); workers: decoding threads per actor.
@@ -158,11 +159,10 @@ def evaluate_folder_ray(model, data, method_names: Sequence[str], metric_names: 
     if not isinstance(num_gpus_per_actor, (int, float)) or num_gpus_per_actor < 0:
         raise ConfigError(f"num_gpus_per_actor must be >= 0, got {num_gpus_per_actor!r}")
     ray = import_ray()
-    spec = None
     if isinstance(model, str):
         spec = model
         model = io.load_model(spec, weights)
-    elif weights is not None:
+    elif weights is not None and spec is None:
         raise ConfigError("weights= goes with a model spec string, not a model object")
     job = prepare_folder(model, data, method_names, metric_names, out=out, labels=labels, target=target,
                          shard=shard, preprocess=preprocess, class_names=class_names)
@@ -189,7 +189,9 @@ def evaluate_folder_ray(model, data, method_names: Sequence[str], metric_names: 
     preprocess_ref = None if spec is not None and preprocess is None else ray.put(job.preprocess)
     done_ref = ray.put(frozenset(store._rows))
     # labels travel only where they are the targets (resolved class indices by then)
-    rows_in = [{"image_id": it.image_id, "path": it.path, "label": str(it.label) if job.mode == "label" else ""}
+    # absolute paths: the actors' working directory is not the driver's
+    rows_in = [{"image_id": it.image_id, "path": os.path.abspath(it.path),
+                "label": str(it.label) if job.mode == "label" else ""}
                for it in job.items]
     by_id = {it.image_id: it for it in job.items}
     ds = ray.data.from_items(rows_in, override_num_blocks=max(1, min(len(rows_in), num_actors * 4)))
