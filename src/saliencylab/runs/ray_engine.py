@@ -225,8 +225,39 @@ def evaluate_folder_ray(model, data, method_names: Sequence[str], metric_names: 
             bar.update(len(done) + len(skipped))
             if on_chunk is not None:
                 on_chunk(Chunk([by_id[d] for d in done], None, skipped))
+    except Exception as exc:  # an actor's ConfigError/InputError as the one line it is, not a Ray traceback
+        cause = _our_error(exc)
+        if cause is None:
+            raise
+        raise cause from None
     finally:
         bar.close()
     job.skips.finish()
     return FolderRun(out=job.out, rows_file=store.path, images=len(job.items), computed=len(store) - before,
                      skipped=sorted(job.skips.entries.items()), loader=stats)
+
+
+def _our_error(exc, depth: int = 0):
+    """The SaliencyLabError inside a Ray error (RayTaskError.cause, Ray Data's wrapping), if any; an actor
+    that failed in __init__ comes back as ActorDiedError whose message alone names the error, so the last
+    `saliencylab.core.errors.<Error>: message` line of the text is rebuilt."""
+    import re
+
+    from ..core import errors
+
+    if exc is None or depth > 8:
+        return None
+    if isinstance(exc, errors.SaliencyLabError):
+        return exc
+    for inner in (getattr(exc, "cause", None), exc.__cause__, exc.__context__):
+        if inner is not None and inner is not exc:
+            found = _our_error(inner, depth + 1)
+            if found is not None:
+                return found
+    if depth == 0:
+        named = re.findall(r"saliencylab\.core\.errors\.(\w+): ([^\n]*)", str(exc))
+        if named and isinstance(getattr(errors, named[-1][0], None), type):
+            cls = getattr(errors, named[-1][0])
+            if issubclass(cls, errors.SaliencyLabError):
+                return cls(named[-1][1].strip())
+    return None
