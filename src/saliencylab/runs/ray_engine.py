@@ -22,6 +22,12 @@ for chunks and shards (stochastic methods draw their noise by image id, so batch
 On GPU actors (`num_gpus_per_actor` > 0) the model and images move to the actor's GPU; keys do not
 change (image digests are taken on the CPU values), scores agree to GPU float rounding.
 
+The pattern is Ray Data's batch inference (docs.ray.io, "End-to-end: Offline Batch Inference" and
+`ray.data.Dataset.map_batches`: a callable class whose __init__ loads the model, run by an
+`ActorPoolStrategy(size=n)` pool). Deliberate difference: the rows are not written by a Ray Data sink
+(`Dataset.write_json`/`write_parquet` write one file per block, with no notion of a row already done);
+they come back to the driver, which appends them to the run's one keyed, append-only store.
+
 Ray is imported only when this engine runs (`import saliencylab` never imports it); without Ray the
 call fails with one line naming `pip install saliencylab[ray]`. `ray.init()` connects to the cluster
 named by RAY_ADDRESS when it is set and otherwise starts a local Ray on this machine; a Ray already
@@ -45,7 +51,7 @@ from .store import Row, RunStore
 __all__ = ["evaluate_folder_ray", "import_ray", "RAY_MISSING"]
 
 RAY_MISSING = "--engine ray needs Ray, which is not installed: pip install saliencylab[ray]"
-MIN_RAY = (2, 9)
+MIN_RAY = (2, 10)  # the Ray Data API used here; tested with Ray 2.60 only
 
 
 def import_ray():
@@ -194,7 +200,8 @@ def evaluate_folder_ray(model, data, method_names: Sequence[str], metric_names: 
                 "label": str(it.label) if job.mode == "label" else ""}
                for it in job.items]
     by_id = {it.image_id: it for it in job.items}
-    ds = ray.data.from_items(rows_in, override_num_blocks=max(1, min(len(rows_in), num_actors * 4)))
+    blocks = max(1, min(len(rows_in), num_actors * 4))
+    ds = ray.data.from_items(rows_in, override_num_blocks=blocks)
     ds = ds.map_batches(
         _Worker, batch_size=batch_size or chunk_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=num_actors), num_gpus=num_gpus_per_actor or None,
