@@ -183,8 +183,13 @@ def evaluate_folder_ray(model, data, method_names: Sequence[str], metric_names: 
                          skipped=sorted(job.skips.entries.items()), loader=stats)
 
     if not ray.is_initialized():  # RAY_ADDRESS set: that cluster; otherwise a local Ray on this machine
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-                 ignore_reinit_error=True, log_to_driver=False, logging_level="WARNING")
+        address = os.environ.get("RAY_ADDRESS") or None
+        try:
+            ray.init(address=address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
+                     logging_level="WARNING")
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = f"the Ray cluster at RAY_ADDRESS={address}" if address else "a local Ray"
+            raise ConfigError(f"cannot start or reach {where}: {' '.join(str(exc).split())}") from None
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours counts images over the whole job
     if hasattr(ctx, "print_on_execution_start"):
