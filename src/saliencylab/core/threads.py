@@ -1,0 +1,70 @@
+"""How many CPU threads torch may use for one piece of work: `with threads(n): ...`.
+
+On a machine whose cores are already busy, torch's intra-op threads (one per core by default) wait for
+each other at the end of every parallel operation: a thread the scheduler has put aside holds up the
+others, so a job slows down by more than its fair share of the cores (benchmarks/busy.py measures it).
+`threads(1)` runs torch's operations in the calling thread alone. SALIENCYLAB_THREADS sets the number for
+every command (`saliencylab --threads N` for one).
+
+What is changed, and only inside the `with` block: torch's intra-op thread count (`torch.set_num_threads`,
+which also sets OpenMP's and MKL's counts for the calling thread). Nothing is changed at import.
+What is not changed, and why:
+- inter-op threads (`torch.set_num_interop_threads`): torch allows setting them once per process, before
+  any inter-op work, so they cannot be restored; CPU autograd and our methods do not use them.
+- OpenMP's spin-waiting (OMP_WAIT_POLICY, GOMP_SPINCOUNT, KMP_BLOCKTIME): read once when the OpenMP
+  runtime starts (when torch is imported), so setting them later has no effect; they can only be given
+  in the environment before Python starts. The same holds for OMP_NUM_THREADS: set in the shell it works;
+  `os.environ["OMP_NUM_THREADS"] = "1"` after `import torch` does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import torch
+
+from .errors import ConfigError
+
+__all__ = ["threads", "resolve_threads", "ENV"]
+
+ENV = "SALIENCYLAB_THREADS"
+
+
+def resolve_threads(n: int | str | None = None) -> int | None:
+    """The thread count asked for: `n`, else SALIENCYLAB_THREADS, else None (leave torch as it is).
+
+    Accepts a positive int or its text; anything else is a ConfigError naming where it came from.
+    """
+    source = "threads"
+    if n is None:
+        n = os.environ.get(ENV, "").strip() or None
+        source = ENV
+        if n is None:
+            return None
+    if isinstance(n, bool):
+        raise ConfigError(f"{source} must be a positive whole number, got {n!r}")
+    try:
+        value = int(str(n).strip()) if isinstance(n, str) else int(n)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source} must be a positive whole number, got {n!r}") from None
+    if value != n and not isinstance(n, str) or value < 1:
+        raise ConfigError(f"{source} must be a positive whole number, got {n!r}")
+    return value
+
+
+@contextmanager
+def threads(n: int | str | None = None):
+    """Run the block with `n` torch intra-op threads (None: SALIENCYLAB_THREADS, or leave as is), then
+    restore the previous count, also when the block raises. Yields the count in force inside."""
+    value = resolve_threads(n)
+    before = torch.get_num_threads()
+    if value is None:
+        yield before
+        return
+    if value != before:
+        torch.set_num_threads(value)
+    try:
+        yield value
+    finally:
+        torch.set_num_threads(before)
