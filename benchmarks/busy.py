@@ -18,7 +18,7 @@ per-thread share). Slowdown = wall time / the first. CPU time is the job's own p
 threads): it stays flat under load unless threads spin-wait for each other.
 `--profile` adds, per job, the number of torch operator calls and the share of time in the 20 most
 called ones (torch.profiler), run once alone.
-Writes <out>/busy.json and <out>/busy.md.
+Writes <out>/<name>.json and <out>/<name>.md (--name, default busy).
 """
 
 from __future__ import annotations
@@ -59,18 +59,18 @@ def _setup(job: str):
     model = loaded.model
 
     if job == "iba":
-        def run():
-            return sl.explain(model, x, "iba", image_ids=list(range(n))).maps
+        def run(m=n):
+            return sl.explain(model, x[:m], "iba", image_ids=list(range(m))).maps
     elif job == "evaluate":
-        def run():
+        def run(m=n):
             out = []
             for method in ("gradient", "integrated_gradients", "gradcam"):
-                e = sl.explain(model, x, method)
+                e = sl.explain(model, x[:m], method)
                 for metric in ("deletion", "insertion"):
-                    out.append(sl.evaluate(model, x, e, metric))
+                    out.append(sl.evaluate(model, x[:m], e, metric))
             return out
     elif job == "tiny":  # for the tests: a few small operator calls
-        def run():
+        def run(m=1):
             a = torch.randn(64, 64)
             for _ in range(50):
                 a = torch.tanh(a @ a.T / 64)
@@ -90,7 +90,7 @@ def child(job: str, threads: str, warmup: bool, profile: bool) -> dict:
     run = _setup(job)
     with use_threads(None if threads == "default" else int(threads)) as n:
         if warmup:
-            run()
+            run(2 if job == "iba" else 1)  # a small run: one-time costs (caches, set-up) out of the timing
         la0 = load_avg()
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         c0, t0 = time.process_time(), time.perf_counter()
@@ -107,7 +107,7 @@ def child(job: str, threads: str, warmup: bool, profile: bool) -> dict:
                "voluntary_switches": ru1.ru_nvcsw - ru0.ru_nvcsw,
                "involuntary_switches": ru1.ru_nivcsw - ru0.ru_nivcsw,
                "load_before": la0, "load_after": load_avg(),
-               "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS")}
+               "omp_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ}}
         if profile:
             events = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
             calls = sum(e.count for e in events if e.key.startswith("aten::"))
@@ -120,15 +120,37 @@ def child(job: str, threads: str, warmup: bool, profile: bool) -> dict:
     return row
 
 
-def run_child(job: str, threads: str, warmup: bool = True, profile: bool = False, env=None) -> dict:
+def setting_env(setting: str) -> tuple[str, dict]:
+    """A thread setting -> (the child's --threads value, its environment).
+
+    'default': torch as it starts; 'N': threads(N); 'N/passive': threads(N) with OMP_WAIT_POLICY=PASSIVE (idle
+    OpenMP threads sleep at once instead of spinning; read only at start, hence the environment);
+    'omp1': OMP_NUM_THREADS=1 in the environment (what the issue tried)."""
+    env = dict(os.environ)
+    if setting == "omp1":
+        env["OMP_NUM_THREADS"] = "1"
+        return "default", env
+    if setting.endswith("/passive"):
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+        setting = setting[: -len("/passive")]
+    return setting, env
+
+
+def run_child(job: str, setting: str, warmup: bool = True, profile: bool = False, timeout: float | None = None) -> dict:
+    threads, env = setting_env(setting)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", job, "--threads", threads]
     if not warmup:
         cmd.append("--no-warmup")
     if profile:
         cmd.append("--profile")
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=timeout)
+    except subprocess.TimeoutExpired:  # the whole child (start, load, warm-up, job) ran past the limit
+        return {"job": job, "threads": int(threads) if threads.isdigit() else -1, "timeout": True,
+                "wall_s": None, "cpu_s": None, "voluntary_switches": 0, "involuntary_switches": 0,
+                "load_before": load_avg(), "load_after": load_avg()}
     if out.returncode != 0:
-        raise RuntimeError(f"child {job}/{threads} failed: {out.stderr.strip()[-2000:]}")
+        raise RuntimeError(f"child {job}/{setting} failed: {out.stderr.strip()[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -159,6 +181,14 @@ def fair_share(alone: float, k: int, cores: int, threads: int = 1) -> float:
     return alone * max(1.0, (k + min(threads, cores)) / cores)
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its affinity mask, e.g. under taskset), else os.cpu_count()."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def parse_loads(text: str, cores: int) -> list[int]:
     """'0,C,2C' (or 2*C) -> [0, cores, 2 * cores]."""
     out = []
@@ -170,21 +200,24 @@ def parse_loads(text: str, cores: int) -> list[int]:
 
 # -- driver ----------------------------------------------------------------------------------------------
 def measure(args) -> dict:
-    cores = os.cpu_count() or 1
+    cores = available_cores()
     loads = parse_loads(args.loads, cores)
     settings = args.threads.split(",")
     jobs = args.jobs.split(",")
     rows = []
-    for k in loads:
-        with BusyLoad(k):
-            for rep in range(args.repeats):
-                for job in jobs:
+    partial = dict(cores=cores, loads=loads, settings=settings, jobs=jobs, rows=rows, args=vars(args))
+    for job in jobs:
+        for k in loads:
+            with BusyLoad(k):
+                for rep in range(args.repeats):
                     for t in (settings if rep % 2 == 0 else settings[::-1]):  # interleaved against drift
-                        row = run_child(job, t)
+                        row = run_child(job, t, timeout=args.child_timeout)
                         row.update(busy=k, repeat=rep, setting=t)
                         rows.append(row)
-                        print(f"K={k} {job:9s} threads={t:8s} wall {row['wall_s']:7.2f} s  cpu {row['cpu_s']:7.2f} s"
+                        print(f"K={k} {job:9s} {t:10s} wall {row['wall_s']} s  cpu {row['cpu_s']} s"
                               f"  load {row['load_before']}", flush=True)
+                        Path(args.out).mkdir(parents=True, exist_ok=True)  # what is done survives a timeout
+                        (Path(args.out) / f"{args.name}.partial.json").write_text(json.dumps(partial, indent=1))
     profiles = {}
     if args.profile:
         for job in jobs:
@@ -210,6 +243,11 @@ def summarise(result: dict) -> list[dict]:
     table = []
     groups = {}
     for r in result["rows"]:
+        if r.get("timeout"):
+            table.append({"job": r["job"], "setting": r["setting"], "threads": r["threads"], "busy": r["busy"],
+                          "wall_s": f"> {result['args'].get('child_timeout')} (whole child)", "cpu_s": "",
+                          "load": [r["load_before"][0]] if r["load_before"] else [], "involuntary_switches": 0})
+            continue
         groups.setdefault((r["job"], r["setting"], r["busy"]), []).append(r)
     for (job, setting, k), rs in groups.items():
         quiet_rows = groups.get((job, setting, 0))
@@ -232,7 +270,8 @@ def summarise(result: dict) -> list[dict]:
 def write_report(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     result["table"] = summarise(result)
-    (out / "busy.json").write_text(json.dumps(result, indent=2))
+    name = result["args"].get("name", "busy")
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     lines = [
         "# Speed on a busy machine",
         "",
@@ -264,7 +303,7 @@ def write_report(result: dict, out: Path) -> None:
             lines.append(f"| {p['job']} | {key.split('/')[1]} | {p['wall_s']} | {p['aten_calls']} | {top} |")
     if result.get("notes"):
         lines += ["", "## Reading", "", *result["notes"]]
-    (out / "busy.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv=None) -> int:
@@ -275,15 +314,21 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--profile", action="store_true", help="also count torch operator calls per job")
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--child-timeout", type=float, default=None,
+                    help="seconds per child run (start, model load, warm-up and job); past it the row says timeout")
+    ap.add_argument("--cpus", default=None, help="run everything on these CPUs only (e.g. 0,1), like taskset")
+    ap.add_argument("--name", default="busy", help="file names: <out>/<name>.json and .md")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--no-warmup", dest="warmup", action="store_false", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args.threads, args.warmup, args.profile)))
         return 0
+    if args.cpus:
+        os.sched_setaffinity(0, [int(c) for c in args.cpus.split(",")])  # children and busy loops inherit it
     result = measure(args)
     write_report(result, Path(args.out))
-    print(f"wrote {Path(args.out) / 'busy.md'}")
+    print(f"wrote {Path(args.out) / (args.name + '.md')}")
     return 0
 
 

@@ -81,7 +81,7 @@ def test_nothing_asked_changes_nothing(restore_threads, monkeypatch):
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "two", "", True])
 def test_bad_counts_are_one_clear_line(bad, restore_threads):
-    with pytest.raises(ConfigError, match="positive whole number") as info:
+    with pytest.raises(ConfigError, match="positive whole number or .auto.") as info:
         with threads(bad):
             pass
     assert "\n" not in str(info.value)
@@ -130,3 +130,22 @@ def test_benchmark_summary_reports_slowdown_against_fair_share():
     assert table[4]["fair_s"] == 5.0 and table[4]["slowdown_vs_fair"] == 2.0
     assert table[4]["cpu_vs_alone"] == 3.0
     assert table[0]["slowdown_vs_fair"] == 1.0
+
+
+def test_auto_uses_the_idle_cores():
+    from saliencylab.core.threads import auto_threads
+
+    assert auto_threads(load=0.1, cores=2, default=2) == 2      # quiet: torch's default
+    assert auto_threads(load=0.9, cores=2, default=2) == 1      # one core busy elsewhere
+    assert auto_threads(load=12.0, cores=2, default=2) == 1     # overloaded: one thread, never 0
+    assert auto_threads(load=3.0, cores=16, default=16) == 13
+    assert auto_threads(load=0.0, cores=16, default=4) == 4     # never above torch's default
+
+
+def test_auto_from_the_environment(restore_threads, monkeypatch):
+    monkeypatch.setenv(ENV, "AUTO")
+    n = resolve_threads()
+    assert 1 <= n <= restore_threads
+    with threads("auto") as inside:
+        assert inside == torch.get_num_threads() >= 1
+    assert torch.get_num_threads() == restore_threads
