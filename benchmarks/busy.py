@@ -48,6 +48,14 @@ def load_avg() -> list[float]:
 def _setup(job: str):
     import torch
 
+    if job == "tiny":  # for the tests: a few small operator calls, no model
+        def run(m=1):
+            a = torch.randn(64, 64)
+            for _ in range(50):
+                a = torch.tanh(a @ a.T / 64)
+            return a
+        return run
+
     import saliencylab as sl
     from saliencylab import images, models
 
@@ -69,12 +77,6 @@ def _setup(job: str):
                 for metric in ("deletion", "insertion"):
                     out.append(sl.evaluate(model, x[:m], e, metric))
             return out
-    elif job == "tiny":  # for the tests: a few small operator calls
-        def run(m=1):
-            a = torch.randn(64, 64)
-            for _ in range(50):
-                a = torch.tanh(a @ a.T / 64)
-            return a
     else:
         raise SystemExit(f"unknown job {job!r}")
     return run
@@ -151,7 +153,8 @@ def run_child(job: str, setting: str, warmup: bool = True, profile: bool = False
                 "load_before": load_avg(), "load_after": load_avg()}
     if out.returncode != 0:
         raise RuntimeError(f"child {job}/{setting} failed: {out.stderr.strip()[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    # the last JSON line: the profiler may print lines of its own after it
+    return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
 
 
 # -- the busy load ---------------------------------------------------------------------------------------
@@ -171,7 +174,7 @@ class BusyLoad:
             p.kill()
         for p in self.procs:
             p.wait()
-        self.procs = []
+        self.pids, self.procs = [p.pid for p in self.procs], []
 
 
 def fair_share(alone: float, k: int, cores: int, threads: int = 1) -> float:

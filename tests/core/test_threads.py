@@ -149,3 +149,18 @@ def test_auto_from_the_environment(restore_threads, monkeypatch):
     with threads("auto") as inside:
         assert inside == torch.get_num_threads() >= 1
     assert torch.get_num_threads() == restore_threads
+
+
+def test_benchmark_end_to_end_with_a_busy_loop(tmp_path):
+    # the tiny job (no model) alone and beside one busy loop; the busy loop is ended afterwards
+    busy = load_benchmark()
+    with busy.BusyLoad(1) as load:
+        assert len(load.procs) == 1 and load.procs[0].poll() is None
+    assert all(not Path(f"/proc/{pid}").exists() for pid in load.pids)
+    assert busy.main(["--jobs", "tiny", "--loads", "0,1", "--threads", "1", "--out", str(tmp_path),
+                      "--name", "t"]) == 0
+    import json
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert {(r["busy"], r["setting"]) for r in result["rows"]} == {(0, "1"), (1, "1")}
+    assert all(r["wall_s"] > 0 and r["load_before"] for r in result["rows"])
+    assert "| tiny | 1 (1) | 1 |" in (tmp_path / "t.md").read_text()
