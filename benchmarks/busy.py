@@ -283,7 +283,9 @@ def write_report(result: dict, out: Path) -> None:
         f"{result['when']}. Load average (1 min) at start {result['load_average_start']}, "
         f"at end {result['load_average_end']}. Command: `python benchmarks/busy.py "
         f"--jobs {','.join(result['jobs'])} --loads {result['args']['loads']} --threads {result['args']['threads']} "
-        f"--repeats {result['args']['repeats']}`.",
+        f"--repeats {result['args']['repeats']}"
+        + (f" --child-timeout {result['args']['child_timeout']:g}" if result["args"].get("child_timeout") else "")
+        + (f" --cpus {result['args']['cpus']}" if result["args"].get("cpus") else "") + "`.",
         "",
         "K = busy-loop processes beside the job; `alone` = the K = 0 row of the same setting (which is the "
         "machine as it was: see the load column). fair = alone x max(1, (K+1)/cores); thread-fair = alone x "
@@ -294,7 +296,8 @@ def write_report(result: dict, out: Path) -> None:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in sorted(result["table"], key=lambda r: (r["job"], r["busy"], str(r["setting"]))):
-        lines.append(f"| {r['job']} | {r['setting']} ({r['threads']}) | {r['busy']} | "
+        shown = r['threads'] if r['threads'] > 0 else "?"  # a timed-out child never said
+        lines.append(f"| {r['job']} | {r['setting']} ({shown}) | {r['busy']} | "
                      f"{', '.join(f'{v:.1f}' for v in r['load'])} | {r['wall_s']} | {r['cpu_s']} | "
                      f"{r.get('fair_s', '')} | {r.get('thread_fair_s', '')} | {r.get('slowdown_vs_fair', '')} | "
                      f"{r.get('cpu_vs_alone', '')} | {r['involuntary_switches']} |")
