@@ -43,7 +43,8 @@ def _cores() -> int:
 
 def auto_threads(load: float | None = None, cores: int | None = None, default: int | None = None) -> int:
     """Threads for "auto": the cores not kept busy by other work, `cores - round(load)` with the 1-minute load
-    average, capped by torch's default and at least 1. Where the load cannot be read, torch's default."""
+    average, capped by the current count (torch's default, one per core, unless changed) and at least 1. Where
+    the load cannot be read, the current count."""
     default = torch.get_num_threads() if default is None else default
     cores = _cores() if cores is None else cores
     if load is None:
