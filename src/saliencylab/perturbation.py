@@ -11,6 +11,7 @@ Deletion/insertion, MoRF/LeRF, ROAD, sensitivity-N, infidelity, occlusion and RI
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable
 
 import torch
@@ -22,6 +23,41 @@ from .core.errors import ConfigError
 from .core.targets import Target
 
 MaskFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# The engine's shared passes and fast paths (issue 16): rows whose mask keeps every pixel are scored
+# from the clean forward the metric already made (`remember_clean`), not forwarded again; sensitivity-N
+# selects its random subsets by a k-th value instead of a full sort. False restores the code before
+# (benchmarks/faithfulness.py --compare alternates both in one process).
+FAST = True
+
+# session -> (images, outputs of the clean forward): what `Metric.resolve` computed, kept for the
+# session's lifetime only (a weak key: nothing outlives the metric call).
+_CLEAN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def remember_clean(session, x: torch.Tensor, outputs: torch.Tensor) -> None:
+    """Keep the model's outputs on the clean images `x` for this session: the engine then scores the
+    rows that keep every pixel (deletion's first checkpoint, insertion's last, MoRF/LeRF/ROAD at 0,
+    sensitivity-N's clean score) from them instead of another forward pass of the same image."""
+    try:
+        _CLEAN[session] = (x, outputs.detach())
+    except TypeError:  # a session that cannot be weakly referenced: no sharing
+        pass
+
+
+def resolve_remembered(metric, session, x: torch.Tensor, target):
+    """`metric.resolve(session, x, target)` (the one clean forward) that also remembers the outputs."""
+    from .core.targets import resolve_target
+
+    with torch.no_grad():
+        outputs = session.forward(x)
+    remember_clean(session, x, outputs)
+    return resolve_target(target, outputs)
+
+
+def _clean_outputs(session, x):
+    found = _CLEAN.get(session) if FAST else None
+    return found[1] if found is not None and found[0] is x else None
 
 
 def apply_masks(x_rows: torch.Tensor, masks: torch.Tensor, baseline_rows: torch.Tensor) -> torch.Tensor:
@@ -113,21 +149,29 @@ class Perturber:
         total = B * n
         size = self.batch_size or auto_batch_size(x.device, pixels=x.shape[-2] * x.shape[-1])
         starts = range(0, total, size)
+        # rows that keep every pixel are the clean image: scored from the clean forward, if remembered
+        clean = None if grads or perturb is not None else _clean_outputs(session, x)
         for start in progress(starts, desc=desc, total=len(starts)):
             rows = torch.arange(start, min(start + size, total), device=x.device)
             image, k = rows // n, rows % n
             masks = fit_masks(make_masks(image, k), x.shape[-2:]).to(x.dtype)
             if grads:
                 masks = masks.detach().requires_grad_(True)
-            xr = x[image]
+            if clean is not None:
+                whole = masks.flatten(1).eq(1).all(1)
+                if bool(whole.any()):
+                    s = torch.empty(len(rows), device=x.device, dtype=x.dtype)
+                    s[whole] = target(clean[image[whole]], image[whole]).to(x.dtype)
+                    rest = ~whole
+                    if bool(rest.any()):
+                        s[rest] = self._forward(session, x, target, image[rest], k[rest], masks[rest], rows[rest],
+                                                base, imputing, None).to(x.dtype)
+                    out[image, k] = s.to(out.dtype)
+                    if reduce is not None:
+                        reduce(s, image, k, masks)
+                    continue
             with torch.enable_grad() if grads else torch.no_grad():
-                if imputing:
-                    inputs = self.baseline.impute(xr, masks, seed_rows=rows)
-                else:
-                    inputs = apply_masks(xr, masks, base[image])
-                if perturb is not None:
-                    inputs = perturb(inputs, image, k)
-                s = target(session.forward(inputs), image)
+                s = self._forward(session, x, target, image, k, masks, rows, base, imputing, perturb)
                 g = session.grad(s, masks) if grads else None
             s = s.detach()
             out[image, k] = s.to(out.dtype)
@@ -136,6 +180,17 @@ class Perturber:
             elif reduce is not None:
                 reduce(s, image, k, masks)
         return out
+
+    def _forward(self, session, x, target, image, k, masks, rows, base, imputing, perturb):
+        """Scores of one chunk's perturbed rows (one forward pass)."""
+        xr = x[image]
+        if imputing:
+            inputs = self.baseline.impute(xr, masks, seed_rows=rows)
+        else:
+            inputs = apply_masks(xr, masks, base[image])
+        if perturb is not None:
+            inputs = perturb(inputs, image, k)
+        return target(session.forward(inputs), image)
 
 
 MASK_UPSAMPLING = ("nearest", "bilinear")

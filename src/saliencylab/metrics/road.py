@@ -54,7 +54,7 @@ from ..core.errors import ConfigError
 from ..core.randomness import KeyedRandom
 from ..core.registry import Param
 from ..core.targets import SCORES
-from ..perturbation import Imputer, LinearImputer, check_normalization
+from ..perturbation import Imputer, LinearImputer, check_normalization, resolve_remembered
 from .base import Measurement, Metric, register
 from .faithfulness import AUC_RULES, area, ranked_curves
 
@@ -186,7 +186,7 @@ class ROADMetric(Metric):
         return area(curves, fractions, self.auc) / float(fractions[-1] - fractions[0])
 
     def compute(self, session, x, maps, target, **data):
-        target = self.resolve(session, x, target)
+        target = resolve_remembered(self, session, x, target)
         fractions, curves = self.curves(session, x, maps, target, self.least_first)
         return Measurement(self.summary(curves, fractions), {"fraction": fractions, "scores": curves})
 
@@ -213,7 +213,7 @@ class ROAD(ROADMetric):
     description = "ROAD: LeRF minus MoRF mean score under noisy linear imputation (higher is better)."
 
     def compute(self, session, x, maps, target, **data):
-        target = self.resolve(session, x, target)
+        target = resolve_remembered(self, session, x, target)
         fractions, morf = self.curves(session, x, maps, target, False)
         _, lerf = self.curves(session, x, maps, target, True)
         return Measurement(self.summary(lerf, fractions) - self.summary(morf, fractions),
