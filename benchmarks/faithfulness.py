@@ -25,6 +25,7 @@ Usage:  python benchmarks/faithfulness.py [--images 4] [--leaderboard-images 2] 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -123,11 +124,21 @@ def part_metrics(model, x, compare: bool, unit: tuple[float, float]) -> dict:
     return rows
 
 
-def part_leaderboard(model, x, methods) -> dict:
+def part_leaderboard(model, x, methods, share: bool = True) -> dict:
     with torch.no_grad():
         target = model(x).argmax(1)
     mparams = lb.method_params_for(methods, small=False)
     qparams = metric_params()
+    rows = {}
+    # the runner's loop over methods on the same images, inside one shared_passes() scope (what
+    # runs/leaderboard.py is to do): the map-independent passes run once per image
+    scope = perturbation.shared_passes() if share else contextlib.nullcontext()
+    with scope:
+        rows = _leaderboard_rows(model, x, target, methods, mparams, qparams)
+    return rows
+
+
+def _leaderboard_rows(model, x, target, methods, mparams, qparams) -> dict:
     rows = {}
     for method in methods:
         wall, cpu, expl = timed(lambda: sl.explain(model, x, method, target=target, **mparams.get(method, {})))
@@ -243,6 +254,7 @@ def main(argv=None) -> None:
     p.add_argument("--memory", default="64,512", help="image counts for the peak-memory check ('' to skip)")
     p.add_argument("--memory-size", type=int, default=64, help="image side for the memory check")
     p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--no-share", action="store_true", help="leaderboard without perturbation.shared_passes()")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--name", default="faithfulness")
@@ -263,7 +275,7 @@ def main(argv=None) -> None:
         result["metrics"] = part_metrics(model, x[:args.images], args.compare, unit)
     if args.leaderboard_images:
         methods = args.methods.split(",") if args.methods else list(lb.PHOTO_DEFAULT_METHODS)
-        result["leaderboard"] = part_leaderboard(model, x[:args.leaderboard_images], methods)
+        result["leaderboard"] = part_leaderboard(model, x[:args.leaderboard_images], methods, not args.no_share)
     if args.memory:
         result["memory"] = part_memory([int(n) for n in args.memory.split(",")], args.memory_size, args.threads)
     out = Path(args.out)

@@ -144,9 +144,35 @@ def subset_drops(session, x, maps, target, *, sizes: Sequence[int], samples: int
         return (~removed).view(-1, c, h, w)
 
     perturber = Perturber(subset_baseline(baseline), score, batch_size)
-    clean = clean_scores(perturber, session, x, target)
-    scores = perturber.scores(session, x, target, n, make_masks, desc=desc)
-    return attribution.view(B, S, samples), (clean[:, None] - scores).view(B, S, samples)
+    # The subsets, and so the score drops, do not depend on the map: a leaderboard that measures
+    # several methods' maps on the same images runs these passes once (perturbation.SHARED); the
+    # attribution sums are then computed for this map over the same rows and chunks.
+    key = _drops_key(session, x, target, sizes, samples, tile, baseline, score, batch_size, seed, rng, elements)
+    drops = _perturbation.SHARED.get(key)
+    if drops is None:
+        clean = clean_scores(perturber, session, x, target)
+        scores = perturber.scores(session, x, target, n, make_masks, desc=desc)
+        drops = (clean[:, None] - scores).view(B, S, samples)
+        _perturbation.SHARED.put(key, drops)
+    else:
+        size = batch_size or _perturbation.auto_batch_size(x.device, pixels=x.shape[-2] * x.shape[-1])
+        for start in range(0, B * n, size):
+            rows = torch.arange(start, min(start + size, B * n), device=x.device)
+            make_masks(rows // n, rows % n)
+    return attribution.view(B, S, samples), drops
+
+
+def _drops_key(session, x, target, sizes, samples, tile, baseline, score, batch_size, seed, rng, elements):
+    """The `perturbation.SHARED` key of `subset_drops`' score drops, or None where they are not shared
+    (a callable target, a baseline given as an object or tensor)."""
+    if getattr(target, "fn", None) is not None or getattr(target, "classes", None) is None:
+        return None
+    if not (baseline is None or isinstance(baseline, (str, int, float))):
+        return None
+    keys = None if rng.keys is None else tuple(str(k) for k in rng.keys)
+    return _perturbation.shared_key(session, x, "subset drops", _perturbation._digest(target.classes),
+                                    tuple(int(v) for v in sizes), int(samples), int(tile), baseline, score,
+                                    batch_size, int(seed), rng.purpose, keys, bool(elements))
 
 
 class ImageMinimum(Baseline):
