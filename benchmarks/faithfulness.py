@@ -169,9 +169,10 @@ def memory_child(n: int, size: int, batch: int = 8) -> dict:
         with torch.no_grad():
             target = model(x).argmax(1)
         maps = sl.explain(model, x, "gradient", target=target).maps
-        for name, params in TINY_METRICS.items():
-            m = _metrics.build(name, **params)
-            scores[name].append(m(model if m.needs_model else None, x, maps, target).to(torch.float16))
+        with perturbation.shared_passes():  # as the leaderboard runs (its cache must not grow either)
+            for name, params in TINY_METRICS.items():
+                m = _metrics.build(name, **params)
+                scores[name].append(m(model if m.needs_model else None, x, maps, target).to(torch.float16))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     return {"images": n, "size": size, "peak_rss_bytes": peak,
             "rows": sum(len(t) for v in scores.values() for t in v)}

@@ -6,6 +6,15 @@ the caller gives a function that builds the masks of one chunk of rows (row = im
 the engine chunks by `batch_size`, so memory stays flat however many images or masks there are.
 
 Deletion/insertion, MoRF/LeRF, ROAD, sensitivity-N, infidelity, occlusion and RISE all run here.
+
+Shared passes (issue 16; `FAST = False` turns them off, for the benchmark's before/after): a metric's
+clean forward (`resolve_remembered`) is remembered for its session, and rows whose mask keeps every
+pixel (deletion's first checkpoint, insertion's last, MoRF/LeRF/ROAD at 0, sensitivity-N's clean
+score) are scored from it instead of forwarded again. Their scores then come from a forward at
+another batch size: equal to before up to float rounding (1e-7 on the EfficientNet-Lite0 softmax,
+the same order as changing `batch_size`). Inside `shared_passes()`, what does not depend on the map
+(the clean outputs, sensitivity-N's score drops) is also reused across metric calls on the same
+model and images, bit for bit: a leaderboard's methods share those passes.
 """
 
 from __future__ import annotations

@@ -35,6 +35,10 @@ Protocols (reproducible through parameters):
     by the number of points, and an x axis ending at (780 + 15) / 784 > 1; we report the area above.
 - IBA degradation: tiles 8 or 14, "mean" baseline, 100 checkpoints: `morf`, `lerf`, `morf_lerf`.
 - ROAD: the same with noisy linear imputation (baseline="road"): `road_morf`, `road_lerf`, `road`.
+
+Shared passes: the checkpoint that keeps every unit (deletion's first, insertion's last, MoRF/LeRF's
+first) is scored from the metric's clean forward (see perturbation), and `morf_lerf` scores the
+all-removed image, where both of its curves end, once.
 """
 
 from __future__ import annotations

@@ -42,7 +42,9 @@ The curves (`return_curves=True`) are {"fraction", "scores"} (or {"fraction", "m
 `road`). The imputation noise is drawn per (image, checkpoint) from `seed` through
 `session.random(seed, ROAD_NOISE)` (`KeyedImputer`), so an image's score depends neither on
 `batch_size` nor, with `image_ids=`, on the other images of its batch. MoRF and LeRF rows of the same
-checkpoint share their noise (as `road_morf`'s curve is `road`'s MoRF curve).
+checkpoint share their noise (as `road_morf`'s curve is `road`'s MoRF curve). The checkpoint at 0
+(nothing removed: the clean image, for MoRF and LeRF alike) is scored from the metric's clean forward
+(perturbation.resolve_remembered), not imputed and forwarded again.
 """
 
 from __future__ import annotations

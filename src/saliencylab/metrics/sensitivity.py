@@ -33,7 +33,10 @@ Subsets and noise are drawn per (image, sample) from `seed` through `session.ran
 (`draw_subsets`, `draw_noise`; purposes SUBSETS and INFIDELITY_NOISE), so an image's score depends
 neither on `batch_size` nor, with `image_ids=`, on the other images of its batch; the numbers are
 generated on the CPU, so they do not depend on the device either.
-The clean score f(x) also goes through the engine (one all-kept mask per image).
+The clean score f(x) also goes through the engine (one all-kept mask per image), which takes it from
+the metric's own clean forward (perturbation.resolve_remembered). The subsets do not depend on the
+map, so inside `perturbation.shared_passes()` the score drops of a (model, images, settings) are
+computed once and reused for every map measured on them (a leaderboard's methods), bit for bit.
 Where the attribution sums or the drops do not vary (a constant map), the correlation is 0.
 """
 
