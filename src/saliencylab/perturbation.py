@@ -558,13 +558,20 @@ def channel_stats(mean, std, x: torch.Tensor):
 
 
 def _pool2(t: torch.Tensor, reduce: str = "sum", pad: float = 0.0) -> torch.Tensor:
-    """2x2 sum (or min) pooling of (N, C, H, W), odd sizes padded at the end with `pad`. (A reshape
-    reduction: avg/max_pool2d cost milliseconds per call on small CPU tensors.)"""
+    """2x2 sum (or min) pooling of (N, C, H, W), odd sizes padded at the end with `pad`. (The four
+    strided corners added pairwise, (a + b) + (c + d), the order of the reshape reduction this replaced
+    (equal bit for bit, tested): 2-15x faster on CPU than it, and than avg/max_pool2d, which cost
+    milliseconds per call on small CPU tensors.)"""
     N, C, H, W = t.shape
     if H % 2 or W % 2:
         t = F.pad(t, (0, W % 2, 0, H % 2), value=pad)
-    t = t.reshape(N, C, (H + 1) // 2, 2, (W + 1) // 2, 2)
-    return t.sum((3, 5)) if reduce == "sum" else t.amin((3, 5))
+    if not FAST:  # the reshape reduction (before issue 16)
+        t = t.reshape(N, C, (H + 1) // 2, 2, (W + 1) // 2, 2)
+        return t.sum((3, 5)) if reduce == "sum" else t.amin((3, 5))
+    a, b, c, d = t[..., 0::2, 0::2], t[..., 0::2, 1::2], t[..., 1::2, 0::2], t[..., 1::2, 1::2]
+    if reduce == "sum":
+        return (a + b).add_(c + d)
+    return torch.minimum(torch.minimum(a, b), torch.minimum(c, d))
 
 
 def _pyramid_fill(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
