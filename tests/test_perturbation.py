@@ -159,3 +159,18 @@ def test_nothing_is_shared_without_the_metrics_clean_forward():
         ones = lambda image, k: torch.ones(len(image), 1, 16, 16)  # noqa: E731
         Perturber().scores(session, x, target, 3, ones)
     assert session.cost.forward_images == 2 + 2 * 3
+
+
+def test_multigrid_pooling_by_corners_is_the_reshape_reduction_bit_for_bit(monkeypatch):
+    from saliencylab import perturbation
+    from saliencylab.perturbation import _pool2
+
+    torch.manual_seed(0)
+    for shape in ((2, 3, 224, 224), (2, 1, 7, 9), (1, 3, 57, 113), (1, 1, 1, 1)):
+        for dtype in (torch.float32, torch.float64):
+            t = torch.randn(shape, dtype=dtype) * 1e3
+            fast = [_pool2(t), _pool2(t, "min", 1.0)]
+            monkeypatch.setattr(perturbation, "FAST", False)
+            slow = [_pool2(t), _pool2(t, "min", 1.0)]
+            monkeypatch.setattr(perturbation, "FAST", True)
+            assert all(torch.equal(a, b) for a, b in zip(fast, slow))
