@@ -121,3 +121,56 @@ def test_ranked_bilinear_masks_insertion_is_one_minus_deletion():
     # the binary grid under the tents is the hard one
     hard = ranked_masks(*args, insertion=False)(image, k)
     torch.testing.assert_close(d, fit_masks(hard.double(), (32, 32), "bilinear"))
+
+
+# -- shared passes (issue 16): rows that keep every pixel are scored from the metric's clean forward --------
+@pytest.mark.parametrize("name, params, shared", [
+    ("deletion", {"steps": 4}, 1),  # the first checkpoint is the clean image
+    ("insertion", {"steps": 4}, 1),  # the last one reveals everything
+    ("morf_lerf", {"steps": 4, "tile": 4}, 3),  # both start clean, and both end on the all-removed image
+    ("road", {"fractions": (0.0, 0.5), "tile": 4}, 2),  # MoRF and LeRF at 0
+    ("sensitivity_n", {"samples": 3, "fraction": 0.1}, 1),  # the clean score
+])
+def test_shared_passes_save_forwards_and_keep_the_scores(monkeypatch, name, params, shared):
+    from saliencylab import perturbation
+
+    model, x = make_small_cnn(), torch.randn(3, 3, 16, 16)
+    maps = torch.randn(3, 16, 16)
+    metric = sl.metrics.build(name, **params)
+    fast = metric.measure(model, x, maps)
+    monkeypatch.setattr(perturbation, "FAST", False)
+    slow = metric.measure(model, x, maps)
+    assert slow.cost.forward_images - fast.cost.forward_images == shared * len(x)
+    # the shared rows come from a forward at another batch size: equal up to float rounding
+    torch.testing.assert_close(fast.scores, slow.scores, rtol=0, atol=1e-6)
+    for key, curve in (fast.curves or {}).items():
+        torch.testing.assert_close(curve, slow.curves[key], rtol=0, atol=1e-6)
+
+
+def test_nothing_is_shared_without_the_metrics_clean_forward():
+    # an engine call on its own (no remembered clean outputs) forwards every row, all-kept ones included
+    model, x = make_small_cnn(), torch.randn(2, 3, 16, 16)
+    from saliencylab.core.session import ModelSession
+    from saliencylab.core.targets import resolve_target
+
+    with ModelSession(model) as session:
+        with torch.no_grad():
+            target = resolve_target(None, session.forward(x))
+        ones = lambda image, k: torch.ones(len(image), 1, 16, 16)  # noqa: E731
+        Perturber().scores(session, x, target, 3, ones)
+    assert session.cost.forward_images == 2 + 2 * 3
+
+
+def test_multigrid_pooling_by_corners_is_the_reshape_reduction_bit_for_bit(monkeypatch):
+    from saliencylab import perturbation
+    from saliencylab.perturbation import _pool2
+
+    torch.manual_seed(0)
+    for shape in ((2, 3, 224, 224), (2, 1, 7, 9), (1, 3, 57, 113), (1, 1, 1, 1)):
+        for dtype in (torch.float32, torch.float64):
+            t = torch.randn(shape, dtype=dtype) * 1e3
+            fast = [_pool2(t), _pool2(t, "min", 1.0)]
+            monkeypatch.setattr(perturbation, "FAST", False)
+            slow = [_pool2(t), _pool2(t, "min", 1.0)]
+            monkeypatch.setattr(perturbation, "FAST", True)
+            assert all(torch.equal(a, b) for a, b in zip(fast, slow))

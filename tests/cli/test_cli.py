@@ -342,3 +342,21 @@ def test_leaderboard_lines_name_the_group_and_resume_counts(tmp_path, monkeypatc
     assert "[env a] gradient / auc: 0.5000 [0.4000, 0.6000]" in lines
     assert "resumed: 4 of 6 rows were already done, 2 computed" in lines
     assert "[env a] 1 methods, 6 rows" in lines
+
+
+def test_threads_option_applies_to_the_command_and_is_restored(monkeypatch, capsys):
+    import torch
+
+    from saliencylab.cli import methods as methods_cmd
+
+    seen = []
+    monkeypatch.setattr(methods_cmd, "run", lambda args: seen.append(torch.get_num_threads()) or 0)
+    before = torch.get_num_threads()
+    assert main(["--threads", "1", "methods"]) == 0
+    assert seen == [1] and torch.get_num_threads() == before
+    monkeypatch.setenv("SALIENCYLAB_THREADS", "1")
+    assert main(["methods"]) == 0 and seen[-1] == 1
+    monkeypatch.setenv("SALIENCYLAB_THREADS", "many")
+    assert main(["methods"]) == 2
+    assert "SALIENCYLAB_THREADS" in capsys.readouterr().err
+    assert main(["--threads", "0", "methods"]) == 2  # a usage error, before anything runs

@@ -2,6 +2,8 @@
 minimum, attribution broadcast over the channels): against Quantus itself with matched draws, and against
 a one-image port of its semantics (quantus/metrics/faithfulness/faithfulness_correlation.py, MIT)."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -120,3 +122,46 @@ def test_black_is_each_images_minimum_and_units_are_checked():
     b = ImageMinimum()(x)
     assert b.shape == x.shape and torch.equal(b[:, 0, 0, 0], x.flatten(1).min(1).values)
     assert (b == b[:, :1, :1, :1]).all()
+
+
+def test_subset_selection_without_a_sort_is_the_sorts_bit_for_bit():
+    from saliencylab.metrics.sensitivity import _smallest, _smallest_by_sort
+
+    rng = KeyedRandom(0, SUBSETS)
+    keys = rng.uniform(torch.zeros(6, dtype=torch.long), torch.arange(6), (5000,), dtype=torch.float64)
+    # coarse keys: many ties, some of them at the cut (those rows take the sort's order)
+    coarse = (keys * 300).floor()
+    for k in (keys, coarse):
+        for sizes in (torch.tensor([1, 50, 2500, 4999, 5000, 0]), torch.full((6,), 17)):
+            assert torch.equal(_smallest(k, sizes), _smallest_by_sort(k, sizes))
+    assert (_smallest(coarse, torch.full((6,), 17)).sum(1) == 17).all()
+
+
+def test_score_drops_are_shared_between_maps_of_the_same_images(monkeypatch):
+    # the random subsets do not depend on the map: a second map on the same images and model reuses
+    # the drops (no forward pass) and scores exactly as a fresh run would
+    from saliencylab import perturbation
+
+    torch.manual_seed(0)
+    model, x = SmallCNN().eval(), torch.randn(2, 3, 16, 16)
+    first, second = torch.randn(2, 16, 16), torch.randn(2, 16, 16)
+    metric = saliencylab.metrics.build("sensitivity_n", samples=4, fraction=(0.1, 0.5))
+    with perturbation.shared_passes():
+        metric.measure(model, x, first)
+        shared = metric.measure(model, x, second)
+        assert shared.cost.forward_images == 0
+        changed = metric.measure(model, x + 1, second)  # other images: nothing reused
+        other = copy.deepcopy(model)
+        with torch.no_grad():
+            other.conv1.weight.add_(0.1)  # other weights: nothing reused
+        assert metric.measure(other, x, second).cost.forward_images == 2 + 2 * 2 * 4
+    assert changed.cost.forward_images == 2 + 2 * 2 * 4  # resolve and subsets; the clean rows are shared
+    assert not perturbation.SHARED.items  # emptied at the end of the scope
+    # outside the scope nothing is reused across calls, and the scores are the same bit for bit
+    fresh = metric.measure(model, x, second)
+    assert fresh.cost.forward_images == 2 + 2 * 2 * 4
+    assert torch.equal(shared.scores, fresh.scores)
+    monkeypatch.setattr(perturbation, "FAST", False)
+    before = metric.measure(model, x, second)  # the code before issue 16: the clean rows forwarded again
+    assert before.cost.forward_images == 2 + 2 + 2 * 2 * 4  # resolve, clean, subsets
+    torch.testing.assert_close(shared.scores, before.scores, rtol=0, atol=1e-6)

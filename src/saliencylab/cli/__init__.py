@@ -11,10 +11,13 @@ Exit codes: 0 all good; 1 some images (or demo methods) failed, the rest have re
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
 from .. import __version__
+from ..core.errors import ConfigError
+from ..core.threads import ENV as THREADS_ENV, resolve_threads, threads
 from . import demo, distill, evaluate, explain, guide, leaderboard, methods, report
 from ._common import Fail, error, one_line
 
@@ -31,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="saliencylab", description="Explain PyTorch vision models with saliency maps.")
     parser.add_argument("--version", action="version", version=f"saliencylab {__version__}")
+    parser.add_argument("--threads", default=None, type=_threads_arg, metavar="N",
+                        help="torch CPU threads: a number, or 'auto' (the cores other work leaves idle; 1 on a busy "
+                             f"machine). Default: ${THREADS_ENV}, else auto")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMANDS.values():
         module.add_parser(sub)
@@ -49,17 +55,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.argv = argv
     module = COMMANDS.get(args.command) or _ALIASES[args.command]
+    try:  # --threads, else SALIENCYLAB_THREADS, else "auto" (1 thread when other work fills the cores)
+        n_threads = resolve_threads(args.threads if args.threads is not None
+                                    else None if os.environ.get(THREADS_ENV, "").strip() else "auto")
+    except ConfigError as exc:  # a bad SALIENCYLAB_THREADS (a bad --threads is a usage error above)
+        error(exc)
+        return 2
     with warnings.catch_warnings():
         warnings.simplefilter("default")  # each distinct warning once
         warnings.showwarning = _show_warning
         try:
-            return module.run(args)
+            with threads(n_threads):
+                return module.run(args)
         except Fail as exc:
             error(exc)
             return 2
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
+
+
+def _threads_arg(text: str) -> str:
+    try:
+        resolve_threads(text)  # checked now; "auto" is worked out when the command starts
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

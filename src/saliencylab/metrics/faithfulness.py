@@ -35,16 +35,21 @@ Protocols (reproducible through parameters):
     by the number of points, and an x axis ending at (780 + 15) / 784 > 1; we report the area above.
 - IBA degradation: tiles 8 or 14, "mean" baseline, 100 checkpoints: `morf`, `lerf`, `morf_lerf`.
 - ROAD: the same with noisy linear imputation (baseline="road"): `road_morf`, `road_lerf`, `road`.
+
+Shared passes: the checkpoint that keeps every unit (deletion's first, insertion's last, MoRF/LeRF's
+first) is scored from the metric's clean forward (see perturbation), and `morf_lerf` scores the
+all-removed image, where both of its curves end, once.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .. import perturbation as _perturbation
 from ..baselines import Blur
 from ..core.errors import ConfigError
-from ..perturbation import (MASK_UPSAMPLING, STEP_RULES, Perturber, rank_positions, ranked_masks, step_counts,
-                            tile_sums)
+from ..perturbation import (MASK_UPSAMPLING, STEP_RULES, Perturber, rank_positions, ranked_masks, resolve_remembered,
+                            step_counts, tile_sums)
 from ..core.registry import Param, declared_params
 from .base import Measurement, Metric, register
 
@@ -72,13 +77,15 @@ def area(curves: torch.Tensor, fractions: torch.Tensor, rule: str) -> torch.Tens
 
 def ranked_curves(session, x, maps, target, *, insertion: bool, least_first: bool, steps, per_step, tile,
                   baseline, score, batch_size, seed, desc="", fractions=None, step_rule="even",
-                  mask_upsampling="nearest"):
+                  mask_upsampling="nearest", all_removed=None):
     """Scores after acting on the top-ranked units, at each checkpoint: fractions (K,), curves (B, K).
 
     Checkpoints: `fractions` (of the units, e.g. ROAD's 0, 0.1, ..., 0.9) if given, else `steps`/`per_step`
     (by `step_rule`, see perturbation.step_counts). `mask_upsampling`: "nearest" (hard tiles) or
     "bilinear" (the binary unit grid interpolated to the image, I-GOS's soft masks).
     All checkpoints of all images go through the engine's chunked batches.
+    `all_removed`: (B,) scores already known for the image with every unit removed (MoRF's last
+    checkpoint, when LeRF's is the same image): that checkpoint is not scored again.
     """
     if not isinstance(tile, int) or tile < 1:
         raise ConfigError(f"tile must be a positive int, got {tile!r}")
@@ -93,7 +100,10 @@ def ranked_curves(session, x, maps, target, *, insertion: bool, least_first: boo
     perturber = Perturber(baseline, score, batch_size)
     masks = ranked_masks(positions, counts, (h, w), insertion=insertion, size=tuple(x.shape[-2:]),
                          upsampling=mask_upsampling, dtype=x.dtype)
-    curves = perturber.scores(session, x, target, len(counts), masks, desc=desc)
+    known = all_removed is not None and not insertion and int(counts[-1]) == h * w
+    curves = perturber.scores(session, x, target, len(counts) - known, masks, desc=desc)
+    if known:
+        curves = torch.cat([curves, all_removed.to(curves)[:, None]], 1)
     return counts.to(x.dtype) / (h * w), curves
 
 
@@ -137,15 +147,16 @@ class RankedCurveMetric(Metric):
             raise ConfigError(f"unknown mask_upsampling '{self.mask_upsampling}'; "
                               f"choose one of {', '.join(MASK_UPSAMPLING)}")
 
-    def curves(self, session, x, maps, target, *, least_first=None):
+    def curves(self, session, x, maps, target, *, least_first=None, all_removed=None):
         least_first = self.least_first if least_first is None else least_first
         return ranked_curves(session, x, maps, target, insertion=self.insertion, least_first=least_first,
                              steps=self.steps, per_step=self.per_step, tile=self.tile, baseline=self.baseline,
                              score=self.score, batch_size=self.batch_size, seed=self.seed, desc=self.name,
-                             step_rule=self.step_rule, mask_upsampling=self.mask_upsampling)
+                             step_rule=self.step_rule, mask_upsampling=self.mask_upsampling,
+                             all_removed=all_removed)
 
     def compute(self, session, x, maps, target, **data):
-        target = self.resolve(session, x, target)
+        target = resolve_remembered(self, session, x, target)
         fractions, curves = self.curves(session, x, maps, target)
         return Measurement(area(curves, fractions, self.auc), {"fraction": fractions, "scores": curves})
 
@@ -190,8 +201,10 @@ class MoRFLeRF(MoRF):
     higher_is_better = True
 
     def compute(self, session, x, maps, target, **data):
-        target = self.resolve(session, x, target)
+        target = resolve_remembered(self, session, x, target)
         fractions, morf = self.curves(session, x, maps, target, least_first=False)
-        _, lerf = self.curves(session, x, maps, target, least_first=True)
+        # both curves end on the image with every tile removed (the same image): scored once
+        _, lerf = self.curves(session, x, maps, target, least_first=True,
+                              all_removed=morf[:, -1] if _perturbation.FAST else None)
         return Measurement(area(lerf, fractions, self.auc) - area(morf, fractions, self.auc),
                            {"fraction": fractions, "morf": morf, "lerf": lerf})

@@ -42,7 +42,9 @@ The curves (`return_curves=True`) are {"fraction", "scores"} (or {"fraction", "m
 `road`). The imputation noise is drawn per (image, checkpoint) from `seed` through
 `session.random(seed, ROAD_NOISE)` (`KeyedImputer`), so an image's score depends neither on
 `batch_size` nor, with `image_ids=`, on the other images of its batch. MoRF and LeRF rows of the same
-checkpoint share their noise (as `road_morf`'s curve is `road`'s MoRF curve).
+checkpoint share their noise (as `road_morf`'s curve is `road`'s MoRF curve). The checkpoint at 0
+(nothing removed: the clean image, for MoRF and LeRF alike) is scored from the metric's clean forward
+(perturbation.resolve_remembered), not imputed and forwarded again.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from ..core.errors import ConfigError
 from ..core.randomness import KeyedRandom
 from ..core.registry import Param
 from ..core.targets import SCORES
-from ..perturbation import Imputer, LinearImputer, check_normalization
+from ..perturbation import Imputer, LinearImputer, check_normalization, resolve_remembered
 from .base import Measurement, Metric, register
 from .faithfulness import AUC_RULES, area, ranked_curves
 
@@ -186,7 +188,7 @@ class ROADMetric(Metric):
         return area(curves, fractions, self.auc) / float(fractions[-1] - fractions[0])
 
     def compute(self, session, x, maps, target, **data):
-        target = self.resolve(session, x, target)
+        target = resolve_remembered(self, session, x, target)
         fractions, curves = self.curves(session, x, maps, target, self.least_first)
         return Measurement(self.summary(curves, fractions), {"fraction": fractions, "scores": curves})
 
@@ -213,7 +215,7 @@ class ROAD(ROADMetric):
     description = "ROAD: LeRF minus MoRF mean score under noisy linear imputation (higher is better)."
 
     def compute(self, session, x, maps, target, **data):
-        target = self.resolve(session, x, target)
+        target = resolve_remembered(self, session, x, target)
         fractions, morf = self.curves(session, x, maps, target, False)
         _, lerf = self.curves(session, x, maps, target, True)
         return Measurement(self.summary(lerf, fractions) - self.summary(morf, fractions),

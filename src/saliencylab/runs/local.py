@@ -15,6 +15,7 @@ import torch
 
 from .. import methods as _methods
 from .. import metrics as _metrics
+from .. import perturbation as _perturbation
 from ..api import explain
 from ..core.errors import ConfigError
 from ..core.session import Cost, ModelSession, model_fingerprint
@@ -162,52 +163,54 @@ def run_rows(model, x: torch.Tensor, method_names: Sequence[str], metric_names: 
     row_targets, explain_target = resolve_targets(model, x, target)
 
     out: list[Row] = []
-    for method in method_names:
-        mparams = method_params.get(method, {})
-        plan = []
-        for metric in metric_names:
-            params = dict(metric_params.get(metric, {}))
-            if "method" in _metrics.requirements(metric):
-                params.setdefault("method", method)
-                params.setdefault("method_params", mparams)
-            settings = settings_digest(method, mparams, metric, params)
-            regions = data_digests(metric, n, boxes=boxes, masks=masks, truth=truth)
-            identity = [dict(image_id=ids[i], image_digest=digests[i], model=fingerprint, method=method,
-                             method_params=spec_value(mparams), metric=metric,
-                             metric_params=spec_value(params) if regions[i] is None
-                             else {**spec_value(params), "data": regions[i]},
-                             target=spec_value(row_targets[i]), settings=settings) for i in range(n)]
-            keys = [row_key(**d) for d in identity]
-            plan.append((metric, params, identity, keys))
-        pending = sorted({i for _, _, _, keys in plan for i, k in enumerate(keys) if k not in store})
-        explanation, explain_share = None, {}
-        if pending:
-            explanation = explain(model, _take(x, pending), method, _take(explain_target, pending),
-                                  image_ids=[ids[i] for i in pending], **mparams)
-            explain_share = share_cost(explanation.cost, len(pending))
-            if on_explanation is not None:
-                on_explanation(method, explanation)
-        where = {i: j for j, i in enumerate(pending)}
-        for metric, params, identity, keys in plan:
-            need = [i for i, k in enumerate(keys) if k not in store]
-            if need:
-                cls = _metrics.get(metric)
-                instance = _metrics.build(metric, **params)
-                rows_in_expl = [where[i] for i in need]
-                maps = explanation.maps[torch.as_tensor(rows_in_expl, device=explanation.maps.device)]
-                data = {k: _take(v, need) for k, v in
-                        metric_data(metric, boxes=boxes, masks=masks, truth=truth).items()}
-                measured = instance.measure(model if cls.needs_model else None, _take(x, need), maps,
-                                            _take(explain_target, need), image_ids=[ids[i] for i in need], **data)
-                scores = measured.scores.detach().cpu().flatten().tolist()
-                metric_share = share_cost(measured.cost, len(need))
-                curves = split_curves(measured.curves, len(need))
-                computed = [Row(**identity[i], score=s, cost={"explain": explain_share, "metric": metric_share},
-                                higher_is_better=cls.higher_is_better, category=cls.category, curves=c, key=keys[i])
-                            for i, s, c in zip(need, scores, curves)]
-                store.append(computed)
-            rows = [store.get(k) for k in keys]
-            out += rows
-            if need and on_rows is not None:
-                on_rows(rows)
+    # map-independent passes (clean outputs, sensitivity-N drops) are computed once for all methods
+    with _perturbation.shared_passes():
+        for method in method_names:
+            mparams = method_params.get(method, {})
+            plan = []
+            for metric in metric_names:
+                params = dict(metric_params.get(metric, {}))
+                if "method" in _metrics.requirements(metric):
+                    params.setdefault("method", method)
+                    params.setdefault("method_params", mparams)
+                settings = settings_digest(method, mparams, metric, params)
+                regions = data_digests(metric, n, boxes=boxes, masks=masks, truth=truth)
+                identity = [dict(image_id=ids[i], image_digest=digests[i], model=fingerprint, method=method,
+                                 method_params=spec_value(mparams), metric=metric,
+                                 metric_params=spec_value(params) if regions[i] is None
+                                 else {**spec_value(params), "data": regions[i]},
+                                 target=spec_value(row_targets[i]), settings=settings) for i in range(n)]
+                keys = [row_key(**d) for d in identity]
+                plan.append((metric, params, identity, keys))
+            pending = sorted({i for _, _, _, keys in plan for i, k in enumerate(keys) if k not in store})
+            explanation, explain_share = None, {}
+            if pending:
+                explanation = explain(model, _take(x, pending), method, _take(explain_target, pending),
+                                      image_ids=[ids[i] for i in pending], **mparams)
+                explain_share = share_cost(explanation.cost, len(pending))
+                if on_explanation is not None:
+                    on_explanation(method, explanation)
+            where = {i: j for j, i in enumerate(pending)}
+            for metric, params, identity, keys in plan:
+                need = [i for i, k in enumerate(keys) if k not in store]
+                if need:
+                    cls = _metrics.get(metric)
+                    instance = _metrics.build(metric, **params)
+                    rows_in_expl = [where[i] for i in need]
+                    maps = explanation.maps[torch.as_tensor(rows_in_expl, device=explanation.maps.device)]
+                    data = {k: _take(v, need) for k, v in
+                            metric_data(metric, boxes=boxes, masks=masks, truth=truth).items()}
+                    measured = instance.measure(model if cls.needs_model else None, _take(x, need), maps,
+                                                _take(explain_target, need), image_ids=[ids[i] for i in need], **data)
+                    scores = measured.scores.detach().cpu().flatten().tolist()
+                    metric_share = share_cost(measured.cost, len(need))
+                    curves = split_curves(measured.curves, len(need))
+                    computed = [Row(**identity[i], score=s, cost={"explain": explain_share, "metric": metric_share},
+                                    higher_is_better=cls.higher_is_better, category=cls.category, curves=c, key=keys[i])
+                                for i, s, c in zip(need, scores, curves)]
+                    store.append(computed)
+                rows = [store.get(k) for k in keys]
+                out += rows
+                if need and on_rows is not None:
+                    on_rows(rows)
     return out
