@@ -91,12 +91,19 @@ def test_one_entry_per_method_sorted_with_unique_styles():
     assert len(pairs) == N_METHODS  # no two curves look alike
 
 
-def test_higher_is_better_sorts_descending():
-    records = _records(12, metric="insertion", higher=True, seed=3)
-    fig = curves_figure(records, "insertion")
-    labels = [t.get_text() for t in fig.legends[0].get_texts()]
-    scores = [float(label.rsplit(":", 1)[1]) for label in labels]
-    assert scores == sorted(scores, reverse=True)
+def test_each_metric_sorts_in_its_own_direction():
+    # a report's records mix metrics: deletion (lower is better) first, then insertion (higher is better)
+    records = _records(12, seed=2) + _records(12, metric="insertion", higher=True, seed=3)
+    for metric, higher in (("deletion", False), ("insertion", True)):
+        labels = [t.get_text() for t in curves_figure(records, metric).legends[0].get_texts()]
+        scores = [float(label.rsplit(":", 1)[1]) for label in labels]
+        assert scores == sorted(scores, reverse=higher), metric
+        ax = ranking_figure(records, metric).axes[0]
+        top_down = [t.get_text() for _, t in sorted(zip(ax.get_yticks(), ax.get_yticklabels()),
+                                                    key=lambda p: -p[0])]
+        by_name = {r.method: r.mean for r in records if r.metric == metric}
+        assert [by_name[n] for n in top_down] == sorted(by_name.values(), reverse=higher), metric
+        assert ("higher" if higher else "lower") in ax.get_xlabel()
 
 
 @pytest.mark.parametrize("n", [1, 10, 29, 45])

@@ -67,6 +67,8 @@ def method_styles(names: Sequence[str]) -> dict[str, tuple[str, object]]:
 
 def _higher_is_better(records: Sequence, metric: str) -> bool:
     for r in records:
+        if r.metric != metric:
+            continue
         value = getattr(r, "higher_is_better", None)
         if value is not None:
             return bool(value)
