@@ -27,7 +27,7 @@ __all__ = ["new_figure", "method_styles", "curves_figure", "ranking_figure", "pl
 # A qualitative palette, then line styles once its colours run out: (colour, style) pairs never repeat.
 PALETTE = "tab10"
 LINESTYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1)), (0, (7, 2)), (0, (3, 1, 1, 1))]
-BANDS_UP_TO = 8  # +-1 s.e. bands only while they do not turn the panel into mud
+BANDS_UP_TO = 4  # +-1 s.e. bands only while they do not turn the panel into mud
 DPI = 110
 
 
@@ -141,7 +141,7 @@ def curves_figure(records: Sequence, metric: str, title: str | None = None) -> F
 
     Each legend entry is 'method: score'; entries are sorted by score (NaN last). The figure grows
     with the number of entries (two legend columns past 36), so it can be saved without clipping
-    by `save_figure`. Bands (+-1 standard error over images) are drawn for up to 8 curves."""
+    by `save_figure`. Bands (+-1 standard error over images) are drawn for up to 4 curves."""
     lines = _curve_lines(records, metric)
     if not lines:
         return None
@@ -220,7 +220,7 @@ def ranking_figure(records: Sequence, metric: str, title: str | None = None) -> 
 
 
 def plot_metric_curves(records: Sequence, metric: str, path, title: str | None = None) -> Path | None:
-    """Mean curve over images per method (band: +-1 standard error, up to 8 curves) for a curve metric,
+    """Mean curve over images per method (band: +-1 standard error, up to 4 curves) for a curve metric,
     saved to `path` with the legend outside the axes; None when no record of `metric` has curves."""
     fig = curves_figure(records, metric, title=title)
     return None if fig is None else save_figure(fig, path)
