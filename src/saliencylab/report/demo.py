@@ -56,7 +56,8 @@ def run_demo(out_dir, *, methods: Sequence[str] | None = None, preset: str = "de
              on_error: Callable[[str, str], None] | None = None) -> DemoResult:
     """Explain `photos` (bundled sample names; default `presets.DEMO_PHOTOS`) with `methods` (default
     `presets.DEMO_METHODS`) at `preset`'s settings, score every method's maps with `metrics` and write
-    `out_dir/index.html` (overlays, a metrics table with intervals, curve plots, metrics.md).
+    `out_dir/index.html` (overlays, a metrics table with intervals, ranking charts and curve plots,
+    metrics.md).
 
     Methods that take `data=` get `features.sample_crops(data_size, seed=0)`, so their feature
     statistics come from crops of the bundled photos rather than from the 3 images being explained.
@@ -66,7 +67,7 @@ def run_demo(out_dir, *, methods: Sequence[str] | None = None, preset: str = "de
     from .. import features, images, io, models
     from ..evaluation import markdown_table, score_explanation
     from . import DemoCell, DemoMethod, DemoRow, MetricsTable, overlay, save_png, write_demo_page
-    from .plots import plot_metric_curves
+    from .plots import plot_metric_curves, plot_metric_ranking
 
     names = [_methods.get(n).name for n in (methods if methods is not None else _presets.DEMO_METHODS)]
     table = _presets.get(preset)
@@ -146,8 +147,11 @@ def run_demo(out_dir, *, methods: Sequence[str] | None = None, preset: str = "de
     if result.records:
         records = result.records
         (out_dir / "metrics.md").write_text(markdown_table(records))
+        # per metric: the ranking with intervals (readable with any number of methods), then the curves
         figures = [str(path.relative_to(out_dir)) for metric in metric_names
-                   if (path := plot_metric_curves(records, metric, out_dir / f"curves_{metric}.png"))]
+                   for path in (plot_metric_ranking(records, metric, out_dir / f"ranking_{metric}.png"),
+                                plot_metric_curves(records, metric, out_dir / f"curves_{metric}.png"))
+                   if path is not None]
         steps = sorted({str(_presets.metric_params(preset, m).get("steps", "default")) for m in metric_names})
         tables.append(MetricsTable.from_records(
             records, title="Faithfulness of each method's maps",

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup, escape
 
 __all__ = ["DemoCell", "DemoRow", "DemoMethod", "MetricsTable", "write_demo_page", "write_bench_page"]
 
@@ -110,6 +111,8 @@ def _environment() -> Environment:
     env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=select_autoescape(["html", "j2"]),
                       trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     env.filters["relpath"] = lambda p: Path(p).as_posix()
+    # long method names in narrow columns break after an underscore, not inside a word
+    env.filters["breakable"] = lambda name: escape(name).replace("_", Markup("_<wbr>"))
     return env
 
 
@@ -121,7 +124,9 @@ def write_demo_page(out_dir: str | os.PathLike, rows: Sequence, methods: Sequenc
     name to a DemoCell (image path relative to `out_dir`, or an error message).
     methods: DemoMethod (or dicts, or plain names), the columns in display order.
     meta: free-form facts for the header and footer; known keys: title, model, command, date,
-    versions (a dict name -> version), notes (a list of strings).
+    versions (a dict name -> version), notes (a list of strings), layout ("methods": methods as rows,
+    "images": images as rows; default: methods as rows when there are more methods than images, so
+    the page grows downwards rather than sideways).
     tables: MetricsTable sections shown under the grid (scores with intervals, curve figures).
     """
     out_dir = Path(out_dir)
