@@ -33,7 +33,7 @@ def evaluate_files(paths: Sequence[str], method_names: Sequence[str], metric_nam
     """
     from .. import io
     from ..evaluation import run_evaluation, write_tables
-    from ..report.plots import plot_metric_curves
+    from ..report.plots import plot_metric_curves, plot_metric_ranking
     from .local import check_requirements
 
     background = io.DEFAULT_BACKGROUND if background is None else background
@@ -92,6 +92,7 @@ def evaluate_files(paths: Sequence[str], method_names: Sequence[str], metric_nam
                              out_dir=out, image_ids=[it.path for it in items], on_record=on_record)
     paths_written = write_tables(records, out)
     for metric in dict.fromkeys(r.metric for r in records):
+        plot_metric_ranking(records, metric, out / f"ranking_{metric}.png")
         plot_metric_curves(records, metric, out / f"curves_{metric}.png")
     print(paths_written["markdown"].read_text(), end="")
     print(paths_written["json"])
