@@ -164,3 +164,22 @@ def test_benchmark_end_to_end_with_a_busy_loop(tmp_path):
     assert {(r["busy"], r["setting"]) for r in result["rows"]} == {(0, "1"), (1, "1")}
     assert all(r["wall_s"] > 0 and r["load_before"] for r in result["rows"])
     assert "| tiny | 1 (1) | 1 |" in (tmp_path / "t.md").read_text()
+
+
+def test_auto_counts_the_processes_running_now_not_the_load_average(tmp_path, monkeypatch):
+    """The 1-minute load average still holds the user's previous command; procs_running is now."""
+    from saliencylab.core import threads as module
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  1 2 3\nprocs_running 1\nprocs_blocked 0\n")
+    assert module.running_elsewhere(samples=3, interval=0, stat=str(stat)) == 0  # only this process
+    stat.write_text("cpu  1 2 3\nprocs_running 3\n")
+    assert module.running_elsewhere(samples=3, interval=0, stat=str(stat)) == 2
+    assert module.running_elsewhere(stat=str(tmp_path / "missing")) is None
+    monkeypatch.setattr(module, "running_elsewhere", lambda: 0.0)
+    monkeypatch.setattr(module.os, "getloadavg", lambda: (1.4, 1.0, 0.5))  # a previous command, now finished
+    assert module.auto_threads(cores=2, default=2) == 2
+    monkeypatch.setattr(module, "running_elsewhere", lambda: 2.0)
+    assert module.auto_threads(cores=2, default=2) == 1
+    monkeypatch.setattr(module, "running_elsewhere", lambda: None)  # not Linux: the load average
+    assert module.auto_threads(cores=2, default=2) == 1

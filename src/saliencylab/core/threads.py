@@ -4,7 +4,10 @@ On a machine whose cores are already busy, torch's intra-op threads (one per cor
 each other at the end of every parallel operation: a thread the scheduler has put aside holds up the
 others, so a job slows down by more than its fair share of the cores (benchmarks/busy.py measures it).
 `threads(1)` runs torch's operations in the calling thread alone; `threads("auto")` uses torch's default
-count less the cores other work keeps busy (1-minute load average), at least 1. SALIENCYLAB_THREADS sets the
+count less the cores other work keeps busy right now (the processes running or runnable besides this
+one, read from /proc/stat; the 1-minute load average where that cannot be read), at least 1. Not the load
+average first: it still counts the user's previous command for a minute, so a quiet machine would get one
+thread after every command (measured: `evaluate` 28 s with 2 threads, 48 s with 1). SALIENCYLAB_THREADS sets the
 number (or "auto") for every command, `saliencylab --threads N` for one.
 Measured (benchmarks/results/busy.md): IBA on 2 photos, 2 cores beside 2 busy loops, default 2 threads ran
 past 45 s where 1 thread took 8.3 s (its fair share: 8.0 s); on a quiet machine 2 threads are 1.7x faster.
@@ -23,13 +26,15 @@ What is not changed, and why:
 from __future__ import annotations
 
 import os
+import statistics
+import time
 from contextlib import contextmanager
 
 import torch
 
 from .errors import ConfigError
 
-__all__ = ["threads", "resolve_threads", "auto_threads", "ENV"]
+__all__ = ["threads", "resolve_threads", "auto_threads", "running_elsewhere", "ENV"]
 
 ENV = "SALIENCYLAB_THREADS"
 
@@ -41,12 +46,33 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+def running_elsewhere(samples: int = 7, interval: float = 0.005, stat: str = "/proc/stat") -> float | None:
+    """Processes running or runnable now besides this one: the median over `samples` readings of Linux's
+    `procs_running` (which counts this process too) minus one; None where it cannot be read."""
+    readings = []
+    for i in range(samples):
+        try:
+            with open(stat) as f:
+                running = next((int(line.split()[1]) for line in f if line.startswith("procs_running")), None)
+        except (OSError, ValueError, IndexError):
+            return None
+        if running is None:
+            return None
+        readings.append(running)
+        if i + 1 < samples:
+            time.sleep(interval)
+    return max(0.0, statistics.median(readings) - 1)
+
+
 def auto_threads(load: float | None = None, cores: int | None = None, default: int | None = None) -> int:
-    """Threads for "auto": the cores not kept busy by other work, `cores - round(load)` with the 1-minute load
-    average, capped by the current count (torch's default, one per core, unless changed) and at least 1. Where
-    the load cannot be read, the current count."""
+    """Threads for "auto": the cores not kept busy by other work, `cores - round(load)`, capped by the current
+    count (torch's default, one per core, unless changed) and at least 1. `load`: the processes running
+    elsewhere now (`running_elsewhere`), else the 1-minute load average; where neither can be read, the
+    current count."""
     default = torch.get_num_threads() if default is None else default
     cores = _cores() if cores is None else cores
+    if load is None:
+        load = running_elsewhere()
     if load is None:
         try:
             load = os.getloadavg()[0]
