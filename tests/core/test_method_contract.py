@@ -88,7 +88,7 @@ def test_differentiable_maps_reach_the_parameters(name, four_images):
 @pytest.mark.parametrize("name", [n for n in methods.available() if not methods.get(n).differentiable])
 def test_other_methods_refuse_create_graph(name, four_images):
     with pytest.raises(sl.ConfigError, match="not differentiable"):
-        sl.explain(make_small_cnn(), four_images, name, create_graph=True, **cheap_params(name))
+        sl.explain(model_for(name), four_images, name, create_graph=True, **cheap_params(name))
 
 
 @pytest.mark.parametrize("name", [n for n in methods.available() if "baseline" in methods.parameters(n)])

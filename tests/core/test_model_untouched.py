@@ -28,12 +28,17 @@ def cheap_params(name, **extra):
 
 def model_for(name=None):
     """The model a method's contract tests run on: the small CNN, or a small B-cos CNN for a method that
-    declares `requires = "bcos_model"` (its class metadata)."""
+    declares `requires = "bcos_model"`, or a small ViT for `requires = "vit"` (its class metadata)."""
     if name is not None and getattr(methods.get(name), "requires", None) == "bcos_model":
         from saliencylab.models.bcos import BcosCNN
 
         torch.manual_seed(0)
         return BcosCNN(num_classes=5, width=4).eval()
+    if name is not None and getattr(methods.get(name), "requires", None) == "vit":
+        from saliencylab.models.vit import small_vit
+
+        torch.manual_seed(0)
+        return small_vit(num_classes=5, img_size=12, patch_size=4, dim=16, depth=2, heads=2).eval()
     return make_small_cnn()
 
 
@@ -119,13 +124,14 @@ def user_model(name=None):
     """A model in train mode, with a frozen parameter and a hook of the user's own."""
     model = model_for(name)
     model.train()
-    (model.conv1.bias if hasattr(model.conv1, "bias") else model.conv1.linear.weight).requires_grad_(False)
+    first = getattr(model, "conv1", None) or model.patch_embed.proj  # a ViT has no conv1/conv2
+    (first.bias if hasattr(first, "bias") else first.linear.weight).requires_grad_(False)
     model.user_hook_calls = 0
 
     def user_hook(module, args, out):
         model.user_hook_calls += 1
 
-    model.conv2.register_forward_hook(user_hook)
+    (getattr(model, "conv2", None) or model.blocks[0]).register_forward_hook(user_hook)
     return model
 
 

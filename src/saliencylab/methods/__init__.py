@@ -13,3 +13,4 @@ from .base import (Method, Param, available, build, clean_outputs, describe, get
 from . import gradient, integrated, smoothgrad, guided, cam, fullgrad, occlusion, rise  # noqa: F401,E402
 from . import iba, readout_iba, input_iba, igos, extremal, sag, propagation, pathway  # noqa: F401,E402
 from . import bcos  # noqa: F401,E402
+from . import rollout  # noqa: F401,E402
