@@ -140,3 +140,23 @@ def test_read_rows_leaves_a_line_being_written_alone(tmp_path, folder):
     # the other shard reads it as done without touching it
     store = shards.shard_store(tmp_path, "1/2")
     assert len(store) == len(rows) and path.read_text().endswith('"x"')
+
+
+def test_report_uses_the_newest_rows_of_an_image_whose_pixels_changed(tmp_path):
+    """An image overwritten between runs gets new rows; the report must show them, not the stale ones."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(data / f"img{i}.png")
+    out = tmp_path / "out"
+    evaluate_folder(loaded(), data, ["gradient"], ["sparseness"], out=out)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(data / "img0.png")
+    assert evaluate_folder(loaded(), data, ["gradient"], ["sparseness"], out=out).computed == 1
+    fresh = evaluate_folder(loaded(), data, ["gradient"], ["sparseness"], out=tmp_path / "fresh")
+    with pytest.warns(UserWarning, match="pixels changed"):
+        paths = shards.write_report(out)
+    report = json.loads(paths["json"].read_text())
+    fresh_report = json.loads(shards.write_report(tmp_path / "fresh")["json"].read_text())
+    assert fresh.computed == 3
+    assert report["groups"][0]["scores"] == fresh_report["groups"][0]["scores"]

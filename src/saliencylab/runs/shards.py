@@ -151,7 +151,8 @@ def write_report(out, dest=None, *, command: str | None = None) -> dict[str, Pat
     leaderboard.json, index.html (means, 95% bootstrap intervals, paired permutation tests against the
     best method with Holm's correction, costs) and summary.md; one table per model. Rows of one image
     under several targets (e.g. a 'label' and a 'predicted' run into one folder) are counted once (the
-    first read) and reported in a warning."""
+    first read) and reported in a warning; an image whose pixels changed between runs counts with its
+    newest rows (also reported)."""
     import warnings
 
     from ..core.errors import InputError
@@ -166,15 +167,20 @@ def write_report(out, dest=None, *, command: str | None = None) -> dict[str, Pat
     if not rows:
         raise InputError(f"the rows files in '{out}' hold no complete rows")
     seen: dict[tuple, Row] = {}
-    doubled = 0
-    for r in rows:
+    doubled = changed = 0
+    for r in rows:  # in file order: a later row was written later
         k = (r.model, r.method, r.metric, r.image_id)
-        if k in seen:
-            doubled += 1
-        else:
+        if k not in seen:
             seen[k] = r
+        elif seen[k].image_digest != r.image_digest:  # the file changed since: its old rows are stale
+            seen[k] = r
+            changed += 1
+        else:
+            doubled += 1
     if doubled:
         warnings.warn(f"{doubled} row(s) repeat an image under another target or setting; the first is used")
+    if changed:
+        warnings.warn(f"{changed} row(s) are of images whose pixels changed since an earlier run; the newest is used")
     skipped = skipped_entries(out)
     # tables independent of the order shards ran in: methods and metrics in order of first appearance,
     # each one's images sorted by id (the bootstrap resamples by position)
