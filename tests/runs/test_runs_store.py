@@ -159,3 +159,25 @@ def test_rows_scored_against_other_boxes_are_computed_again(tmp_path):
     assert epg["1"].key == old["1"].key                                        # image 1's did not
     assert {r.key for r in third if r.metric == "sparseness"} == {r.key for r in rows if r.metric == "sparseness"}
     assert len(store) == 5
+
+
+def test_numpy_masks_key_rows_by_their_contents(tmp_path):
+    """Masks given as numpy arrays: each image gets its own mask, and other masks give other rows."""
+    import numpy as np
+
+    from saliencylab.runs import RunStore, run_rows
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    x = torch.rand(2, 3, 40, 40)
+    a = np.zeros((2, 40, 40), dtype=bool)
+    a[:, 5:15, 5:15] = True
+    b = np.zeros((2, 40, 40), dtype=bool)
+    b[:, 20:35, 20:35] = True
+    store = RunStore(tmp_path)
+    first = run_rows(model, x, ["gradient"], ["energy_pointing_game"], masks=a, store=store, target=0)
+    second = run_rows(model, x, ["gradient"], ["energy_pointing_game"], masks=b, store=store, target=0)
+    fresh = run_rows(model, x, ["gradient"], ["energy_pointing_game"], masks=torch.as_tensor(b), target=0)
+    assert [r.score for r in second] == pytest.approx([r.score for r in fresh])
+    assert [r.score for r in second] != pytest.approx([r.score for r in first])

@@ -17,6 +17,8 @@ def jsonable(value):
         return [jsonable(v) for v in value]
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
+    if type(value).__module__ == "numpy" and hasattr(value, "shape") and hasattr(value, "dtype"):
+        value = torch.as_tensor(value)  # arrays like tensors: by content (repr cuts large arrays to "...")
     if isinstance(value, torch.Tensor):
         # the content digest keeps two data tensors of the same shape apart in a result's key
         import hashlib

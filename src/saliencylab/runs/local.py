@@ -76,6 +76,8 @@ def resolve_targets(model, x: torch.Tensor, target) -> tuple[list, object]:
 def _take(value, idx: list[int]):
     if value is None:
         return None
+    if type(value).__module__ == "numpy" and hasattr(value, "shape"):
+        value = torch.as_tensor(value)  # numpy boxes/masks: one entry per image, like a tensor
     if isinstance(value, torch.Tensor):
         return value[torch.as_tensor(idx, dtype=torch.long, device=value.device)]
     if isinstance(value, (list, tuple)):
