@@ -240,3 +240,36 @@ def test_resuming_with_other_settings_is_refused(tmp_path, data):
         run(data, tmp_path, epochs=2, lr=0.01)
     restarted = run(data, tmp_path, epochs=1, lr=0.01, resume=False)
     assert restarted.resumed_from is None
+
+
+def test_fit_leaves_the_callers_random_state_and_mode(tmp_path):
+    import random
+
+    import numpy as np
+
+    from saliencylab.envs.shortcut import shortcut_data
+    from saliencylab.training.loop import fit
+    from saliencylab.training.nets import small_cnn
+
+    data = shortcut_data("train", n=16, size=16)
+    model = small_cnn(width=4, seed=0).eval()
+    random.seed(5)
+    np.random.seed(5)
+    expected = (random.random(), float(np.random.rand()))
+    random.seed(5)
+    np.random.seed(5)
+    fit(model, data, epochs=1, batch_size=8, progress=False)
+    assert (random.random(), float(np.random.rand())) == expected
+    assert not model.training
+
+
+def test_resume_into_a_run_of_another_network_is_one_clear_error(tmp_path):
+    from saliencylab.core.errors import ConfigError
+    from saliencylab.envs.shortcut import shortcut_data
+    from saliencylab.training.loop import fit
+    from saliencylab.training.nets import small_cnn
+
+    data = shortcut_data("train", n=16, size=16)
+    fit(small_cnn(width=4, seed=0), data, epochs=1, batch_size=8, progress=False, out_dir=tmp_path, report=False)
+    with pytest.raises(ConfigError, match="architecture"):
+        fit(small_cnn(width=8, seed=0), data, epochs=2, batch_size=8, progress=False, out_dir=tmp_path, report=False)

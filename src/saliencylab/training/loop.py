@@ -801,73 +801,80 @@ def fit(model: nn.Module, train, val=None, *, epochs: int = 5, lr: float = 1e-3,
     config = {"lr": lr, "batch_size": batch_size, "seed": seed, "guidance": _describe(g), "distill": _describe(d),
               "eval_method": eval_method, "eval_layer": eval_layer if not isinstance(eval_layer, nn.Module) else repr(eval_layer),
               "train": train.fingerprint(), "val": val.fingerprint() if val is not None else None,
-              "optimizer": "Adam"}
+              "optimizer": "Adam", "architecture": _architecture(model)}
     meta = {"num_classes": train.num_classes, **dict(meta or {})}
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     run_dir = Path(out_dir) if out_dir is not None else None
     history: list[dict] = []
     start, resumed_from, example_rows = 0, None, []
     devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        if run_dir is not None:
-            try:
-                run_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise InputError(f"cannot create output folder '{run_dir}': {exc.strerror or exc}") from None
-            if not resume:
-                for p in _checkpoints(run_dir):
-                    p.unlink()
-                for name in ("metrics.csv", "metrics.json", "model.pt", "report.html", "examples.json"):
-                    (run_dir / name).unlink(missing_ok=True)
-            path, blob = _load_last_checkpoint(run_dir)
-            if blob is not None:
-                _check_resumable(blob["config"], config, run_dir)
-                if blob["epoch"] > epochs:
-                    raise ConfigError(f"'{run_dir}' already holds {blob['epoch']} epochs, more than the {epochs} asked "
-                                      "for; use another folder or resume=False")
-                model.load_state_dict(blob["model"])
-                optimizer.load_state_dict(blob["optimizer"])
-                _set_rng_state(blob["rng"], device)
-                history = list(blob["history"])
-                start = resumed_from = int(blob["epoch"])
-                _write_metrics(run_dir, history, config)  # drop rows written after that checkpoint
-                example_rows = _read_examples(run_dir)
-
-        examples_data = val if val is not None else train
-        example_idx = _pick_examples(examples_data, examples)
-        if not history:  # epoch 0: the model before training
-            _seed_epoch(seed, 0)
-            row = {"epoch": 0, "loss": None, "ce": None, "guidance": None, "guided_images": None}
-            if val is not None:
-                row.update(_evaluation_row(model, val, eval_method, eval_layer, eval_batch_size))
-            row["seconds"] = 0.0
-            history.append(row)
+    # the caller's numpy and Python random state and the model's mode come back as they were (torch's: fork_rng)
+    outer_numpy, outer_python, was_training = np.random.get_state(), random.getstate(), model.training
+    try:
+        with torch.random.fork_rng(devices=devices):
             if run_dir is not None:
-                if example_idx:
-                    maps = _example_maps(model, examples_data, example_idx, eval_method, eval_params)
-                    example_rows = _save_examples(run_dir, examples_data, example_idx, maps, "before")
-                    _atomic_text(json.dumps(example_rows, indent=1), run_dir / "examples.json")
-                _save_checkpoint(run_dir, 0, model, optimizer, history, config, meta, device)
-                _write_metrics(run_dir, history, config)
+                try:
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise InputError(f"cannot create output folder '{run_dir}': {exc.strerror or exc}") from None
+                if not resume:
+                    for p in _checkpoints(run_dir):
+                        p.unlink()
+                    for name in ("metrics.csv", "metrics.json", "model.pt", "report.html", "examples.json"):
+                        (run_dir / name).unlink(missing_ok=True)
+                path, blob = _load_last_checkpoint(run_dir)
+                if blob is not None:
+                    _check_resumable(blob["config"], config, run_dir)
+                    if blob["epoch"] > epochs:
+                        raise ConfigError(f"'{run_dir}' already holds {blob['epoch']} epochs, more than the {epochs} asked "
+                                          "for; use another folder or resume=False")
+                    model.load_state_dict(blob["model"])
+                    optimizer.load_state_dict(blob["optimizer"])
+                    _set_rng_state(blob["rng"], device)
+                    history = list(blob["history"])
+                    start = resumed_from = int(blob["epoch"])
+                    _write_metrics(run_dir, history, config)  # drop rows written after that checkpoint
+                    example_rows = _read_examples(run_dir)
 
-        n_batches = math.ceil(len(train) / batch_size)
-        show = progress and _progress._enabled
-        bar = tqdm(total=(epochs - start) * n_batches, desc="train", unit="batch", delay=1.0, leave=False,
-                   disable=None if show else True, dynamic_ncols=True)
-        try:
-            for epoch in range(start + 1, epochs + 1):
-                history.append(_train_epoch(model, teacher, optimizer, train, epoch, seed, batch_size, g, d, device,
-                                            bar, callback, val, eval_method, eval_layer, eval_batch_size, epochs))
+            examples_data = val if val is not None else train
+            example_idx = _pick_examples(examples_data, examples)
+            if not history:  # epoch 0: the model before training
+                _seed_epoch(seed, 0)
+                row = {"epoch": 0, "loss": None, "ce": None, "guidance": None, "guided_images": None}
+                if val is not None:
+                    row.update(_evaluation_row(model, val, eval_method, eval_layer, eval_batch_size))
+                row["seconds"] = 0.0
+                history.append(row)
                 if run_dir is not None:
-                    _save_checkpoint(run_dir, epoch, model, optimizer, history, config, meta, device)
+                    if example_idx:
+                        maps = _example_maps(model, examples_data, example_idx, eval_method, eval_params)
+                        example_rows = _save_examples(run_dir, examples_data, example_idx, maps, "before")
+                        _atomic_text(json.dumps(example_rows, indent=1), run_dir / "examples.json")
+                    _save_checkpoint(run_dir, 0, model, optimizer, history, config, meta, device)
                     _write_metrics(run_dir, history, config)
-                    if keep_checkpoints is not None:  # older ones go only once the new one is in place
-                        for old in _checkpoints(run_dir)[:-keep_checkpoints]:
-                            old.unlink()
-                if callback is not None:
-                    callback("epoch", dict(history[-1]))
-        finally:
-            bar.close()
+
+            n_batches = math.ceil(len(train) / batch_size)
+            show = progress and _progress._enabled
+            bar = tqdm(total=(epochs - start) * n_batches, desc="train", unit="batch", delay=1.0, leave=False,
+                       disable=None if show else True, dynamic_ncols=True)
+            try:
+                for epoch in range(start + 1, epochs + 1):
+                    history.append(_train_epoch(model, teacher, optimizer, train, epoch, seed, batch_size, g, d, device,
+                                                bar, callback, val, eval_method, eval_layer, eval_batch_size, epochs))
+                    if run_dir is not None:
+                        _save_checkpoint(run_dir, epoch, model, optimizer, history, config, meta, device)
+                        _write_metrics(run_dir, history, config)
+                        if keep_checkpoints is not None:  # older ones go only once the new one is in place
+                            for old in _checkpoints(run_dir)[:-keep_checkpoints]:
+                                old.unlink()
+                    if callback is not None:
+                        callback("epoch", dict(history[-1]))
+            finally:
+                bar.close()
+    finally:
+        np.random.set_state(outer_numpy)
+        random.setstate(outer_python)
+        model.train(was_training)
 
     result = TrainResult(model, history, run_dir, resumed_from=resumed_from)
     if run_dir is not None:
@@ -889,8 +896,18 @@ def fit(model: nn.Module, train, val=None, *, epochs: int = 5, lr: float = 1e-3,
     return result
 
 
+def _architecture(model: nn.Module) -> str:
+    """The model's class and its parameter and buffer names and shapes, as a digest: a resumed run must
+    continue the same network (another width would fail to load; the same shapes under another class
+    would silently continue the old weights)."""
+    text = type(model).__qualname__ + ";" + ";".join(f"{k}:{tuple(v.shape)}" for k, v in model.state_dict().items())
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
 def _check_resumable(saved: dict, now: dict, run_dir: Path) -> None:
-    diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    # "architecture" is checked only where the checkpoint records it (checkpoints written before it was added)
+    diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)
+            and (k != "architecture" or k in saved)]
     if diff:
         raise ConfigError(f"'{run_dir}' holds a run with other settings ({', '.join(diff)} differ); "
                           "resume=False (--no-resume) starts over, or use another folder")
