@@ -167,3 +167,12 @@ def test_cli_engine_ray(local_ray, folder, tmp_path, capsys):
     assert main([*common, "--engine", "ray", "--actors", "0", "--out", str(tmp_path / "bad")]) == 2
     bad = capsys.readouterr()
     assert "--actors must be a positive int" in bad.err + bad.out
+
+
+def test_more_gpus_than_the_cluster_has_is_one_line_not_a_hang(local_ray, folder, tmp_path):
+    from saliencylab.core.errors import ConfigError
+    from saliencylab.runs.ray_engine import evaluate_folder_ray
+
+    with pytest.raises(ConfigError, match="GPU"):
+        evaluate_folder_ray(small(), folder, ["gradient"], ["sparseness"], out=tmp_path / "out",
+                            num_actors=1, num_gpus_per_actor=1)

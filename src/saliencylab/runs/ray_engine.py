@@ -190,6 +190,12 @@ def evaluate_folder_ray(model, data, method_names: Sequence[str], metric_names: 
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = f"the Ray cluster at RAY_ADDRESS={address}" if address else "a local Ray"
             raise ConfigError(f"cannot start or reach {where}: {' '.join(str(exc).split())}") from None
+    # Ray waits forever for resources the cluster does not have: say so instead of hanging
+    for resource, each in (("GPU", num_gpus_per_actor), ("CPU", num_cpus_per_actor)):
+        have = float(ray.cluster_resources().get(resource, 0) or 0)
+        if each and num_actors * each > have:
+            raise ConfigError(f"{num_actors} Ray actor(s) x {each:g} {resource} need {num_actors * each:g} {resource}(s), "
+                              f"but the cluster has {have:g}; use fewer actors or less per actor")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours counts images over the whole job
     if hasattr(ctx, "print_on_execution_start"):
