@@ -242,3 +242,25 @@ def test_bcos_student_and_teacher_when_the_bcos_models_are_there():
         flat[i] = old
         fd.append((plus - minus) / (2 * eps))
     torch.testing.assert_close(grad.reshape(-1)[:4], torch.tensor(fd, dtype=torch.float64), rtol=1e-4, atol=1e-8)
+
+
+def test_a_loss_that_raises_leaves_the_batch_norm_statistics_alone():
+    from torch import nn
+
+    from saliencylab.core.errors import SaliencyLabError
+    from saliencylab.training import distillation_loss, guidance_loss
+
+    def net(classes):
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                             nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, classes))
+
+    torch.manual_seed(0)
+    student, teacher = net(2).train(), net(5).eval()
+    x, y = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 1, 0])
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    with pytest.raises(SaliencyLabError, match="number of classes"):
+        distillation_loss(student, teacher, x, y, method="gradcam", student_layer="3", teacher_layer="3")
+    with pytest.raises(SaliencyLabError):
+        guidance_loss(student, x, torch.tensor([0, 1, 7, 0]), boxes=torch.tensor([[2, 2, 10, 10]] * 4), with_logits=True)
+    assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
+    assert student.training

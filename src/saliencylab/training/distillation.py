@@ -55,9 +55,10 @@ import torch.nn.functional as F
 
 from ..core.errors import ConfigError, InputError, SaliencyLabError
 from ..core.layers import resolve_layers
-from .guidance import _SharedForward
+from .guidance import _SharedForward, buffers_kept_on_error
 
 
+@buffers_kept_on_error
 def distillation_loss(student, teacher, x, y=None, method="gradcam", temperature=1.0, weights=(1.0, 1.0, 1.0),
                       teacher_logits=None, teacher_maps=None, student_layer=None, teacher_layer=None,
                       details=False, **method_params):

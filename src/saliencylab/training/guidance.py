@@ -79,6 +79,25 @@ import torch.nn.functional as F
 
 from ..core.errors import ConfigError, InputError, unknown_name
 
+
+def buffers_kept_on_error(fn):
+    """A loss that raises leaves the model's buffers (batch-norm running statistics) as they were: its
+    forward pass in train mode may already have moved them before the error was found."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        saved = [(b, b.detach().clone()) for b in model.buffers()] if isinstance(model, torch.nn.Module) \
+            and model.training else []
+        try:
+            return fn(model, *args, **kwargs)
+        except BaseException:
+            with torch.no_grad():
+                for buffer, value in saved:
+                    buffer.copy_(value)
+            raise
+    return wrapper
+
 GUIDANCE_LOSSES = ("energy", "l1", "rrr", "ppce")
 
 # Which maps each loss sees (attribution_methods.py, the flags each loss class sets in losses.py):
@@ -88,6 +107,7 @@ _RESCALE = {"energy": False, "l1": True, "rrr": True, "ppce": True}
 _REDUCTIONS = ("sum", "mean")
 
 
+@buffers_kept_on_error
 def guidance_loss(model, x, target, boxes=None, masks=None, method="input_x_gradient", loss="energy",
                   layer=None, *, details=False, reduction="sum", seed=None, generator=None, with_logits=False,
                   **method_params):
