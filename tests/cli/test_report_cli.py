@@ -108,4 +108,6 @@ def test_folder_argument_errors(data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "pointing_game" in err and "boxes" in err
     assert report([str(tmp_path / "empty")]) == 2
+    assert main(["evaluate", "--data", str(data), *MODEL, "--actors", "4", "--out", str(tmp_path)]) == 2
+    assert "go with --engine ray" in capsys.readouterr().err
     assert not list(tmp_path.glob("rows*.jsonl"))

@@ -56,7 +56,7 @@ def add_data_options(p) -> None:
     p.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="with --data: 'local' (this process) or 'ray' (Ray Data, an actor pool that loads the model "
                         "once per actor; a local Ray, or the cluster at RAY_ADDRESS; pip install saliencylab[ray])")
-    p.add_argument("--actors", type=int, default=2, metavar="N",
+    p.add_argument("--actors", type=int, default=None, metavar="N",
                    help="with --engine ray: actors in the pool (default 2)")
     p.add_argument("--gpus-per-actor", type=float, default=0, metavar="G",
                    help="with --engine ray: GPUs each actor reserves (default 0: CPU; 1: one GPU per actor)")
@@ -79,8 +79,12 @@ def evaluate_data(args, method_names, metric_names, method_params, metric_params
     i, n = parse_shard(args.shard)
     check_requirements(metric_names)  # before the model or any image is loaded
     engine = getattr(args, "engine", "local")
+    if engine != "ray" and (getattr(args, "actors", None) is not None or getattr(args, "gpus_per_actor", 0)):
+        raise ConfigError("--actors and --gpus-per-actor go with --engine ray")
     if engine == "ray":
         from ..runs.ray_engine import import_ray
+
+        args.actors = 2 if args.actors is None else args.actors
 
         import_ray()  # one line naming the extra, before the model is loaded
         if args.actors < 1:
