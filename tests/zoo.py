@@ -197,3 +197,38 @@ class VGGLike(nn.Module):
     def forward(self, x):
         x = self.avgpool(self.features(x))
         return self.classifier(torch.flatten(x, 1))
+
+
+class SmoothToy(nn.Module):
+    """conv - tanh - conv (stride 2) - softplus - average pool - linear; 2x6x6 inputs, 3 classes. Smooth (no
+    kinks for finite differences to straddle): the network of the double-backprop tests."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv1 = nn.Conv2d(2, 3, 3, padding=1)
+        self.act1 = nn.Tanh()
+        self.conv2 = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.act2 = nn.Softplus()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.act2(self.conv2(self.act1(self.conv1(x))))).flatten(1))
+
+
+def central_differences(f, weight: torch.Tensor, entries: int, *, seed: int = 3, eps: float = 1e-6):
+    """(indices, d f / d weight at those flat indices by central differences): `entries` weights chosen
+    at random (fixed by `seed`); f() -> a scalar, re-evaluated with each weight moved by +-eps."""
+    index = torch.randperm(weight.numel(), generator=torch.Generator().manual_seed(seed))[:entries]
+    fd = torch.zeros(len(index), dtype=torch.float64)
+    flat = weight.data.view(-1)
+    for j, i in enumerate(index.tolist()):
+        old = float(flat[i])
+        flat[i] = old + eps
+        plus = float(f())
+        flat[i] = old - eps
+        minus = float(f())
+        flat[i] = old
+        fd[j] = (plus - minus) / (2 * eps)
+    return index, fd

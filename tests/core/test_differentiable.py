@@ -12,26 +12,9 @@ import torch
 from torch import nn
 
 import saliencylab as sl
+from zoo import SmoothToy as Toy, central_differences
 
 TARGETS = [0, 2]
-
-
-class Toy(nn.Module):
-    """conv - tanh - conv (stride 2) - softplus - average pool - linear; 6x6 inputs, 3 classes."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv1 = nn.Conv2d(2, 3, 3, padding=1)
-        self.act1 = nn.Tanh()
-        self.conv2 = nn.Conv2d(3, 4, 3, stride=2, padding=1)
-        self.act2 = nn.Softplus()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        h = self.act2(self.conv2(self.act1(self.conv1(x))))
-        return self.fc(self.pool(h).flatten(1))
 
 
 CASES = [
@@ -71,18 +54,7 @@ def test_parameter_gradient_matches_finite_differences(images, name, params):
     assert grad.abs().max() > 0
 
     # Central differences on 18 of the 54 weights (fixed at random: every output and input channel).
-    eps = 1e-6
-    entries = torch.randperm(weight.numel(), generator=torch.Generator().manual_seed(3))[:18]
-    fd = torch.zeros(len(entries), dtype=torch.float64)
-    flat = weight.data.view(-1)
-    for j, i in enumerate(entries.tolist()):
-        old = float(flat[i])
-        flat[i] = old + eps
-        plus = (maps_of(model, images, name, params, False) * w).sum()
-        flat[i] = old - eps
-        minus = (maps_of(model, images, name, params, False) * w).sum()
-        flat[i] = old
-        fd[j] = (plus - minus) / (2 * eps)
+    entries, fd = central_differences(lambda: (maps_of(model, images, name, params, False) * w).sum(), weight, 18)
     torch.testing.assert_close(grad.reshape(-1)[entries], fd, rtol=1e-4, atol=1e-7 * float(fd.abs().max()))
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 import saliencylab as sl
 from saliencylab.training import distillation_loss, teacher_targets
-from zoo import make_small_cnn, sequential_cnn
+from zoo import SmoothToy, central_differences, make_small_cnn, sequential_cnn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -142,27 +142,10 @@ def test_the_teacher_is_untouched_and_gets_no_gradient():
     assert hooks == 0
 
 
-class Toy(nn.Module):
-    """conv - tanh - conv (stride 2) - softplus - pool - linear: smooth (finite differences)."""
-
-    def __init__(self, seed):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.conv1 = nn.Conv2d(2, 3, 3, padding=1)
-        self.act1 = nn.Tanh()
-        self.conv2 = nn.Conv2d(3, 4, 3, stride=2, padding=1)
-        self.act2 = nn.Softplus()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.fc(self.pool(self.act2(self.conv2(self.act1(self.conv1(x))))).flatten(1))
-
-
 @pytest.mark.parametrize("method,params", [("gradcam", {"student_layer": "conv2", "teacher_layer": "conv2"}),
                                            ("input_x_gradient", {})])
 def test_student_gradients_match_finite_differences(method, params):
-    student, teacher = Toy(0).double().train(), Toy(1).double()
+    student, teacher = SmoothToy(0).double().train(), SmoothToy(1).double()
     x = torch.randn(3, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([0, 2, 1])
 
@@ -171,18 +154,7 @@ def test_student_gradients_match_finite_differences(method, params):
 
     for weight in (student.conv1.weight, student.fc.weight):
         (grad,) = torch.autograd.grad(f(), weight)
-        eps = 1e-6
-        entries = torch.randperm(weight.numel(), generator=torch.Generator().manual_seed(3))[:8]
-        fd = torch.zeros(len(entries), dtype=torch.float64)
-        flat = weight.data.view(-1)
-        for j, i in enumerate(entries.tolist()):
-            old = float(flat[i])
-            flat[i] = old + eps
-            plus = float(f())
-            flat[i] = old - eps
-            minus = float(f())
-            flat[i] = old
-            fd[j] = (plus - minus) / (2 * eps)
+        entries, fd = central_differences(f, weight, 8)
         assert fd.abs().max() > 0
         torch.testing.assert_close(grad.reshape(-1)[entries], fd, rtol=1e-4, atol=1e-6 * float(fd.abs().max()))
 

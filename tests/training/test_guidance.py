@@ -10,7 +10,7 @@ from torch import nn
 
 import saliencylab as sl
 from saliencylab.training import GUIDANCE_LOSSES, guidance_loss
-from zoo import make_small_cnn
+from zoo import SmoothToy, central_differences, make_small_cnn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -170,23 +170,6 @@ def test_the_model_is_untouched():
 
 
 # -- gradients against finite differences -----------------------------------------------------------
-class Toy(nn.Module):
-    """conv - tanh - conv (stride 2) - softplus - pool - linear on 2x6x6 images: smooth, no kinks."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv1 = nn.Conv2d(2, 3, 3, padding=1)
-        self.act1 = nn.Tanh()
-        self.conv2 = nn.Conv2d(3, 4, 3, stride=2, padding=1)
-        self.act2 = nn.Softplus()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.fc(self.pool(self.act2(self.conv2(self.act1(self.conv1(x))))).flatten(1))
-
-
 FD_CASES = [(loss, "input_x_gradient", {}) for loss in GUIDANCE_LOSSES] + [
     ("energy", "gradcam", {"layer": "conv2"}), ("l1", "gradcam", {"layer": "conv2", "relu": False}),
     ("rrr", "integrated_gradients", {"steps": 3})]
@@ -194,7 +177,7 @@ FD_CASES = [(loss, "input_x_gradient", {}) for loss in GUIDANCE_LOSSES] + [
 
 @pytest.mark.parametrize("loss,method,params", FD_CASES, ids=[f"{c[0]}-{c[1]}" for c in FD_CASES])
 def test_parameter_gradients_match_finite_differences(loss, method, params):
-    model = Toy().double().train()
+    model = SmoothToy().double().train()
     x = torch.randn(2, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     boxes = [[0, 0, 4, 3], [2, 1, 6, 6]]
     target = [0, 2]
@@ -205,18 +188,7 @@ def test_parameter_gradients_match_finite_differences(loss, method, params):
     weight = model.conv1.weight
     (grad,) = torch.autograd.grad(f(), weight)
     assert grad.abs().max() > 0
-    eps = 1e-6
-    entries = torch.randperm(weight.numel(), generator=torch.Generator().manual_seed(3))[:12]
-    fd = torch.zeros(len(entries), dtype=torch.float64)
-    flat = weight.data.view(-1)
-    for j, i in enumerate(entries.tolist()):
-        old = float(flat[i])
-        flat[i] = old + eps
-        plus = float(f())
-        flat[i] = old - eps
-        minus = float(f())
-        flat[i] = old
-        fd[j] = (plus - minus) / (2 * eps)
+    entries, fd = central_differences(f, weight, 12)
     torch.testing.assert_close(grad.reshape(-1)[entries], fd, rtol=1e-4, atol=1e-6 * float(fd.abs().max()))
 
 
