@@ -114,3 +114,7 @@ def test_boxes_outside_the_image_are_refused(tmp_path, capsys):
     assert cli(["guide", "--data", str(root), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "outside the 10x10 image" in err and err.count("\n") == 1
+    # resized with --size: the error still quotes the file's own coordinates
+    assert cli(["guide", "--data", str(root), "--size", "16", "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "[2.0, 2.0, 11.0, 8.0]" in err and "a.png" in err and "10x10" in err

@@ -253,6 +253,10 @@ def load_folder(root, boxes_file=None, *, size: int | None = None) -> TrainingDa
         except OSError as exc:
             raise InputError(f"cannot read image '{path}': {exc}") from None
         b = torch.tensor(e["boxes"], dtype=torch.float64).reshape(-1, 4)
+        bad = [box for box in b.tolist() if not (0 <= box[0] <= box[2] <= w0 and 0 <= box[1] <= box[3] <= h0)]
+        if bad:  # named in the file's own pixels, before any resizing
+            raise InputError(f"box {[round(v, 3) for v in bad[0]]} of '{file}' in {Path(boxes_file).name} lies outside "
+                             f"the {w0}x{h0} image or is not (x0, y0, x1, y1) with x0 <= x1, y0 <= y1")
         if size is not None:
             b = b * torch.tensor([size / w0, size / h0, size / w0, size / h0], dtype=torch.float64)
         if images and arr.shape != images[0].shape:
