@@ -217,10 +217,12 @@ class SmoothToy(nn.Module):
         return self.fc(self.pool(self.act2(self.conv2(self.act1(self.conv1(x))))).flatten(1))
 
 
-def central_differences(f, weight: torch.Tensor, entries: int, *, seed: int = 3, eps: float = 1e-6):
+def central_differences(f, weight: torch.Tensor, entries: int, *, seed: int | None = 3, eps: float = 1e-6):
     """(indices, d f / d weight at those flat indices by central differences): `entries` weights chosen
-    at random (fixed by `seed`); f() -> a scalar, re-evaluated with each weight moved by +-eps."""
-    index = torch.randperm(weight.numel(), generator=torch.Generator().manual_seed(seed))[:entries]
+    at random (fixed by `seed`; seed=None: the first ones); f() -> a scalar, re-evaluated with each weight
+    moved by +-eps."""
+    index = (torch.arange(min(entries, weight.numel())) if seed is None
+             else torch.randperm(weight.numel(), generator=torch.Generator().manual_seed(seed))[:entries])
     fd = torch.zeros(len(index), dtype=torch.float64)
     flat = weight.data.view(-1)
     for j, i in enumerate(index.tolist()):

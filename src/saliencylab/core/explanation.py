@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .session import Cost
+from .validation import numpy_as_tensor
 
 
 def jsonable(value):
@@ -17,8 +18,7 @@ def jsonable(value):
         return [jsonable(v) for v in value]
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
-    if type(value).__module__ == "numpy" and hasattr(value, "shape") and hasattr(value, "dtype"):
-        value = torch.as_tensor(value)  # arrays like tensors: by content (repr cuts large arrays to "...")
+    value = numpy_as_tensor(value)  # arrays like tensors: by content (repr cuts large arrays to "...")
     if isinstance(value, torch.Tensor):
         # the content digest keeps two data tensors of the same shape apart in a result's key
         import hashlib

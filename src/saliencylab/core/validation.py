@@ -7,6 +7,13 @@ import torch
 from .errors import InputError
 
 
+def numpy_as_tensor(value):
+    """A numpy array as a tensor (same values; keyed and indexed like one); anything else as it is."""
+    if type(value).__module__ == "numpy" and hasattr(value, "shape") and hasattr(value, "dtype"):
+        return torch.as_tensor(value)
+    return value
+
+
 def check_images(x, device: torch.device | None = None) -> torch.Tensor:
     """Check a batch of images (B, C, H, W) and move it to `device`."""
     if not isinstance(x, torch.Tensor):

@@ -20,6 +20,7 @@ from ..api import explain
 from ..core.errors import ConfigError
 from ..core.session import Cost, ModelSession, model_fingerprint
 from ..core.targets import resolve_target
+from ..core.validation import numpy_as_tensor
 from .store import Row, RunStore, callable_description, row_key, settings_digest, spec_value, tensor_digest
 
 # Curve entries that are axes common to a batch (one value per step, not per image).
@@ -76,8 +77,7 @@ def resolve_targets(model, x: torch.Tensor, target) -> tuple[list, object]:
 def _take(value, idx: list[int]):
     if value is None:
         return None
-    if type(value).__module__ == "numpy" and hasattr(value, "shape"):
-        value = torch.as_tensor(value)  # numpy boxes/masks: one entry per image, like a tensor
+    value = numpy_as_tensor(value)  # numpy boxes/masks: one entry per image, like a tensor
     if isinstance(value, torch.Tensor):
         return value[torch.as_tensor(idx, dtype=torch.long, device=value.device)]
     if isinstance(value, (list, tuple)):

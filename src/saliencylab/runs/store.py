@@ -25,6 +25,7 @@ from typing import Iterable
 import torch
 
 from ..core.explanation import jsonable
+from ..core.validation import numpy_as_tensor
 
 FILENAME = "rows.jsonl"
 IDENTITY = ("image_id", "image_digest", "model", "method", "method_params", "metric", "metric_params", "target",
@@ -34,8 +35,7 @@ IDENTITY = ("image_id", "image_digest", "model", "method", "method_params", "met
 def spec_value(value):
     """A JSON-friendly value for a row's identity: `jsonable`, except that tensors keep a digest of their
     contents (two data tensors of the same shape are different settings)."""
-    if type(value).__module__ == "numpy" and hasattr(value, "shape") and hasattr(value, "dtype"):
-        value = torch.as_tensor(value)  # a numpy array keys by its contents, as a tensor does
+    value = numpy_as_tensor(value)  # a numpy array keys by its contents, as a tensor does
     if isinstance(value, torch.Tensor):
         return f"tensor{tuple(value.shape)}#{tensor_digest(value)}"
     if isinstance(value, (list, tuple)):
