@@ -56,7 +56,8 @@ TINY = dict(size=32, batches=(1, 4), repeat=1, occ_window=16, occ_stride=16, occ
             board_methods=("gradient", "occlusion"), lrp_images=2,
             lrp_composites=("epsilon",))
 
-PARTS = ("agreement", "agreement_no_tf32", "batch_curve", "occlusion", "igos", "iba", "leaderboard", "lrp")
+PARTS = ("agreement", "agreement_no_tf32", "batch_curve", "occlusion", "igos", "igos_profile", "iba", "leaderboard",
+         "lrp")
 
 
 def sync(device: torch.device) -> None:
@@ -201,6 +202,38 @@ def igos_one(model, x, targets, device, cfg, batch_size):
     return out
 
 
+SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize",
+            "cudaMemcpyAsync", "aten::nonzero")
+
+
+def igos_profile(model, x, targets, device, cfg):
+    """Where batched I-GOS spends its time on this device: torch.profiler over one batched call and over
+    one one-image call (fewer iterations), host-sync counts and the top operators by self CPU time.
+    Follows up the first GPU run, where batched I-GOS was slower per image than one image per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    params = {"iterations": max(2, cfg["igos_iterations"] // 3), "steps": cfg["igos_steps"], "batch_size": 10}
+    out = {"params": params}
+    for label, xs, ts in (("batched", x, targets), ("one_image", x[:1], targets[:1])):
+        sl.explain(model, xs, "igos", target=ts, **params)  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        with profile(activities=activities) as prof:
+            sl.explain(model, xs, "igos", target=ts, **params)
+            sync(device)
+        wall = time.perf_counter() - t0
+        events = prof.key_averages()
+        counts = {e.key: e.count for e in events if e.key in SYNC_OPS}
+        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+        out[label] = {"images": len(xs), "wall_seconds": wall, "seconds_per_image": wall / len(xs),
+                      "sync_counts": counts,
+                      "top_self_cpu": [{"op": e.key, "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3}
+                                       for e in top]}
+        print(f"  igos profile {label}: {wall / len(xs):.3f} s/image (profiled); syncs {counts}", flush=True)
+    return out
+
+
 def iba_speed(model, x, targets, device, cfg):
     data = features.sample_crops(cfg["iba_crops"], seed=0, size=x.shape[-1])
     est_t, stats = timed(lambda: features.feature_stats(model, "blocks.4", data, batch_size=64, cache=False),
@@ -318,6 +351,16 @@ def markdown(result) -> str:
                   "|---|---|---|---|---|"]
         lines += [f"| {k if k != 'None' else 'None (device default)'} | {g['images']} | {g['batched_seconds_per_image']:.3f} | "
                   f"{g['single_seconds_per_image']:.3f} | {g['speedup']:.2f}x |" for k, g in runs.items()]
+    prof = result.get("igos_profile")
+    if prof:
+        lines += ["", f"## 4b. I-GOS profile ({prof['params']})", ""]
+        for label in ("batched", "one_image"):
+            r = prof[label]
+            lines += [f"**{label}** ({r['images']} images): {r['seconds_per_image']:.3f} s/image under the profiler; "
+                      f"host-sync ops: " + (", ".join(f"{k} x{v}" for k, v in r["sync_counts"].items()) or "none"), "",
+                      "| op | calls | self CPU ms |", "|---|---|---|"]
+            lines += [f"| {e['op']} | {e['count']} | {e['self_cpu_ms']:.1f} |" for e in r["top_self_cpu"]]
+            lines.append("")
     i = result.get("iba")
     if i:
         lines += ["", f"## 5. IBA ({i['images']} images)", "",
@@ -404,6 +447,7 @@ def main(argv=None) -> int:
     part("batch_curve", lambda: batch_curve(model, photos, device, cfg))
     part("occlusion", lambda: occlusion_vs_captum(model, *on_device(cfg["occ_images"]), device, cfg))
     part("igos", lambda: igos_batched(model, *on_device(cfg["igos_images"]), device, cfg))
+    part("igos_profile", lambda: igos_profile(model, *on_device(cfg["igos_images"]), device, cfg))
     part("iba", lambda: iba_speed(model, *on_device(cfg["iba_images"]), device, cfg))
     part("leaderboard", lambda: leaderboard_throughput(model, *on_device(cfg["board_images"]), device, cfg))
     part("lrp", lambda: lrp_cost(model, *on_device(cfg["lrp_images"]), device, cfg))
