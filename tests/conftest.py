@@ -27,3 +27,15 @@ def small_cnn():
 def images():
     torch.manual_seed(1)
     return torch.randn(3, 3, 12, 12)
+
+
+@pytest.fixture
+def model64():
+    """The zoo's small CNN in float64: oracle comparisons (Captum, slow references) to 1e-10."""
+    return make_small_cnn(dtype=torch.float64)
+
+
+@pytest.fixture
+def x64():
+    torch.manual_seed(1)
+    return torch.randn(3, 3, 12, 12, dtype=torch.float64)

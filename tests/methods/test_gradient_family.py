@@ -6,24 +6,12 @@ import pytest
 import torch
 
 import saliencylab as sl
-from conftest import make_small_cnn
 from saliencylab.core.randomness import KeyedRandom
 
 captum_attr = pytest.importorskip("captum.attr")
 warnings.filterwarnings("ignore", module="captum")
 
 TARGETS = [0, 1, 2]
-
-
-@pytest.fixture
-def model64():
-    return make_small_cnn(dtype=torch.float64)
-
-
-@pytest.fixture
-def x64():
-    torch.manual_seed(1)
-    return torch.randn(3, 3, 12, 12, dtype=torch.float64)
 
 
 def test_gradient_matches_captum(model64, x64):

@@ -17,17 +17,6 @@ warnings.filterwarnings("ignore", module="captum")
 TARGETS = [0, 1, 2]
 
 
-@pytest.fixture
-def model64():
-    return make_small_cnn(dtype=torch.float64)
-
-
-@pytest.fixture
-def x64():
-    torch.manual_seed(1)
-    return torch.randn(3, 3, 12, 12, dtype=torch.float64)
-
-
 def n_windows(size, window, stride):
     return len(window_offsets(size[0], window[0], stride[0])) * len(window_offsets(size[1], window[1], stride[1]))
 
