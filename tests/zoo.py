@@ -234,3 +234,20 @@ def central_differences(f, weight: torch.Tensor, entries: int, *, seed: int | No
         flat[i] = old
         fd[j] = (plus - minus) / (2 * eps)
     return index, fd
+
+
+def write_image_folder(root, n: int, *, classes: int | None = 2, broken: str | None = None, prefix: str = "img",
+                       size: int = 32, seed: int = 0):
+    """n random PNG images under root: in class subfolders `str(i % classes)` (flat with classes=None), plus
+    an unreadable file named `broken` in the last class folder when given (folder-run tests)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        path = root / (str(i % classes) if classes else "") / f"{prefix}{i:02d}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+    if broken:
+        (root / (str(classes - 1) if classes else "") / broken).write_bytes(b"not a png")
+    return root

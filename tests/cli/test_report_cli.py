@@ -4,15 +4,13 @@ import argparse
 import csv
 import json
 
-import numpy as np
 import pytest
-from PIL import Image
 from torch import nn
 
 from saliencylab.cli import COMMANDS, main
 from saliencylab.cli import report as report_cli
 from saliencylab.cli._common import Fail
-from zoo import make_small_cnn
+from zoo import make_small_cnn, write_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,14 +39,7 @@ def report(argv):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("folder")
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        path = root / str(i % 2) / f"im{i:02d}.png"
-        path.parent.mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
-    (root / "1" / "broken.png").write_bytes(b"garbage")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("folder"), 12, broken="broken.png", prefix="im")
 
 
 def evaluate(data, out, *extra):

@@ -8,14 +8,13 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from saliencylab.core.errors import ConfigError
 from saliencylab.runs import shards
 from saliencylab.runs.dataset import evaluate_folder
 from saliencylab.runs.store import RunStore
+from zoo import write_image_folder
 
 TESTS = Path(__file__).resolve().parents[1]
 SRC = TESTS.parent / "src"
@@ -76,14 +75,7 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for i in range(10):
-        path = root / str(i % 2) / f"img{i:02d}.png"
-        path.parent.mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
-    (root / "1" / "broken.png").write_bytes(b"not a png")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("data"), 10, broken="broken.png")
 
 
 def pooled_small_cnn():

@@ -12,7 +12,7 @@ from saliencylab.models import LoadedModel
 from saliencylab.runs import shards
 from saliencylab.runs.dataset import evaluate_folder
 from saliencylab.runs.store import RunStore
-from zoo import make_small_cnn
+from zoo import make_small_cnn, write_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,11 +28,7 @@ def loaded():
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for i in range(14):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / f"img{i:02d}.png")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("data"), 14, classes=None)
 
 
 def values(rows):
