@@ -22,7 +22,8 @@ Authors' code (khorrams/c3lt, GPL: read for its semantics, not copied): c3lt/eva
 (`cout_num_steps = 50`, step `max(1, img_size ** 2 // cout_num_steps)`), `calculate_cout`, `phi`, `auc`,
 `calculate_validity`, `calculate_proximity`, and c3lt/helper.py `gen_masks(..., mode='abs')` (the
 insertion order). As theirs: the curves start at the query itself and end at x_cf, the probabilities
-are a softmax over all classes, pixels are ranked by decreasing |x_cf - x|. Where we differ:
+are a softmax over all classes of the model's outputs (their MnistNet returns log-probabilities, whose
+softmax is that of its logits), pixels are ranked by decreasing |x_cf - x|. Where we differ:
 - checkpoints and area: by default `steps=50` evenly spread checkpoints (round(k * HW / 50) pixels,
   51 points) and the trapezoid over the fraction of pixels inserted, on [0, 1]. Theirs inserts
   max(1, HW // 50) pixels per step, the last step the rest (28x28: 15 pixels, 53 steps, the last of 4;
