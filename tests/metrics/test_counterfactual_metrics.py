@@ -228,6 +228,9 @@ def test_bad_counterfactual_inputs_fail_in_one_line():
         cf.cout(model, x, x_cf, 0, 9)
     with pytest.raises(InputError, match="x="):
         cf.validity(model, x_cf)
+    explanation = saliencylab.explain(model, x, "gradient", target=0)
+    with pytest.raises(InputError, match="not an explanation"):
+        saliencylab.evaluate(model, x, explanation, "cout")
     for params in ({"protocol": "igos"}, {"auc": "simpson"}, {"probability": "logit"}, {"steps": 0},
                    {"step_rule": "odd"}, {"batch_size": 0}):
         with pytest.raises(ConfigError):

@@ -49,6 +49,7 @@ from __future__ import annotations
 import torch
 
 from ..core.errors import ConfigError, InputError
+from ..core.explanation import Explanation
 from ..core.registry import Param, declared_params
 from ..core.targets import Target, resolve_target
 from ..perturbation import Perturber, STEP_RULES, auto_batch_size, rank_positions, ranked_masks, step_counts
@@ -138,6 +139,12 @@ class CounterfactualMetric(Metric):
     """A metric of counterfactual images x_cf, given where the other metrics take their maps."""
 
     category = "counterfactual"
+
+    def measure(self, model, x, maps, target=None, *, image_ids=None, **data) -> Measurement:
+        if isinstance(maps, Explanation):  # saliency maps are not counterfactuals
+            raise InputError(f"metric '{self.name}' scores counterfactual images shaped like the queries, "
+                             "not an explanation's maps")
+        return super().measure(model, x, maps, target, image_ids=image_ids, **data)
 
     def check_input(self, maps, x):
         return check_counterfactuals(maps, x)
