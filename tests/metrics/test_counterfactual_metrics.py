@@ -112,6 +112,9 @@ def test_hand_computed_curve_on_a_linear_two_class_model():
     m2 = cf.cout(model, x, x_cf, source=0, target=1, steps=2)
     g2 = [2 * sigmoid(d) - 1 for d in (0, 7, 10)]
     assert float(m2.scores[0]) == pytest.approx(0.5 * (g2[0] / 2 + g2[1] + g2[2] / 2), abs=1e-6)
+    # one step: the query and the counterfactual only (2 passes)
+    m1 = cf.cout(model, x, x_cf, source=0, target=1, steps=1)
+    assert float(m1.scores[0]) == pytest.approx((2 * sigmoid(10) - 1) / 2, abs=1e-6) and m1.cost.forward_images == 2
 
 
 def test_hand_computed_c3lt_protocol_with_a_short_last_step():
