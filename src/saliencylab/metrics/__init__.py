@@ -10,3 +10,4 @@ from .base import (CATEGORIES, Measurement, Metric, Param, available, build, des
 
 # Importing the family modules registers their metrics.
 from . import faithfulness, road, soundness, sensitivity, sanity, localization, complexity, groundtruth  # noqa: F401,E402
+from . import counterfactual  # noqa: F401,E402

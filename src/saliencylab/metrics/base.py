@@ -3,7 +3,7 @@
 A metric is a class: `Metric(**params)(model, x, maps, target=None, **data) -> (B,) scores`, with
 metadata on the class:
 - `name`, a one-line `description`, `category` (faithfulness / sanity / localization / complexity /
-  groundtruth), `higher_is_better`;
+  groundtruth / counterfactual), `higher_is_better`;
 - `needs_model` (False: the metric reads the maps and data only);
 - `requires`: the data or parameters it cannot run without: "boxes_or_masks" (localization:
   `boxes=` or `masks=`), "truth" (ground truth: `truth=`), "method" (sanity metrics re-explain with
@@ -39,7 +39,7 @@ from ..core.session import Cost, ModelSession, model_device
 from ..core.targets import Target, resolve_target
 from ..core.validation import check_images
 
-CATEGORIES = ("faithfulness", "sanity", "localization", "complexity", "groundtruth")
+CATEGORIES = ("faithfulness", "sanity", "localization", "complexity", "groundtruth", "counterfactual")
 DATA_KEYS = ("boxes", "masks", "truth")
 # What each requirement asks of the caller, in the words of the error message.
 REQUIREMENTS = {"boxes_or_masks": "boxes= or masks=", "truth": "truth=", "method": "method="}
@@ -163,7 +163,7 @@ class Metric:
             maps = maps.maps
         device = model_device(model) if model is not None else None
         x = check_images(x, device)
-        maps = check_maps(maps, x)
+        maps = self.check_input(maps, x)
         if image_ids is not None:
             from ..core.randomness import image_keys
 
@@ -182,6 +182,11 @@ class Metric:
         result.scores = result.scores.detach()
         result.cost = cost
         return result
+
+    def check_input(self, maps, x: torch.Tensor) -> torch.Tensor:
+        """The evaluated input checked against the images x: (B, H, W) maps (`check_maps`). The
+        counterfactual metrics evaluate images shaped like x instead (metrics.counterfactual)."""
+        return check_maps(maps, x)
 
     def compute(self, session, x, maps, target, **data) -> Measurement:
         """(B,) scores and curves for maps (B, H, W) already checked against images x (B, C, H, W)."""
