@@ -240,3 +240,13 @@ def test_bad_counterfactual_inputs_fail_in_one_line():
             metrics.build("cout", **params)
     with pytest.raises(ConfigError):
         metrics.build("counterfactual_proximity", channels="max")
+
+
+def test_explanation_runs_refuse_counterfactual_metrics():
+    """`evaluate --metrics cout` would score saliency maps as if they were counterfactual images."""
+    from saliencylab.core.errors import ConfigError
+    from saliencylab.runs.local import check_requirements
+
+    check_requirements(["deletion", "sparseness"])
+    with pytest.raises(ConfigError, match="cout scores counterfactual images"):
+        check_requirements(["deletion", "cout"])

@@ -36,6 +36,10 @@ def missing_requirements(name: str, *, boxes=None, masks=None, truth=None) -> li
 def check_requirements(metric_names: Sequence[str], *, boxes=None, masks=None, truth=None) -> None:
     """Raise ConfigError naming every metric whose data (boxes, masks, truth) was not given."""
     problems = [m for name in metric_names for m in missing_requirements(name, boxes=boxes, masks=masks, truth=truth)]
+    # counterfactual metrics score images where maps go: an explanation run would feed them saliency maps
+    problems += [f"{name} scores counterfactual images, not explanation maps (use "
+                 f"saliencylab.metrics.counterfactual or `saliencylab counterfactual`)"
+                 for name in metric_names if _metrics.get(name).category == "counterfactual"]
     if problems:
         raise ConfigError("cannot run: " + "; ".join(problems))
 
