@@ -84,7 +84,8 @@ from .propagation.composites import CONVOLUTIONS
 from .propagation.lrp import _pass_hook
 from .rollout import _VitMethod, _cat, attention_modules, token_grid
 
-__all__ = ["TransformerAttribution", "AttnLRP", "CPLRP", "vit_blocks", "safe_divide"]
+__all__ = ["TransformerAttribution", "AttnLRP", "CPLRP", "vit_blocks", "safe_divide", "attention_forward",
+           "check_rewrite"]
 
 
 # -- the model's layout ----------------------------------------------------------------------------------
@@ -138,6 +139,19 @@ def attention_forward(module: nn.Module, ops, x: torch.Tensor) -> torch.Tensor:
     out = module.proj(out)
     drop = getattr(module, "proj_drop", None)
     return drop(out) if isinstance(drop, nn.Module) else out
+
+
+def check_rewrite(method: str, out: torch.Tensor, reference: torch.Tensor) -> None:
+    """The rewritten forward must give the model's own outputs (a block or attention that computes something
+    else than the layout assumed here is refused, not explained wrongly)."""
+    out, reference = out.detach(), reference.detach()
+    scale = float(reference.abs().max()) if reference.numel() else 0.0
+    tol = 1e-4 if reference.dtype == torch.float64 else 1e-3
+    if out.shape != reference.shape or not torch.allclose(out, reference, rtol=tol, atol=tol * max(scale, 1e-6)):
+        diff = float((out - reference).abs().max()) if out.shape == reference.shape else float("nan")
+        raise ConfigError(f"method '{method}': the rewritten forward does not reproduce the model's outputs (max "
+                          f"difference {diff:.3g}); its blocks must compute x + attn(norm1(x)), x + mlp(norm2(x)) and "
+                          "its attention modules timm's softmax(q k^T * scale) v")
 
 
 def _branch(block, index, h, identity):
@@ -279,6 +293,8 @@ class TransformerAttribution(_VitMethod):
     def compute(self, session, x, target):
         maps, outputs, classes = [], [], []
         state = {"relevance": False, "attentions": []}
+        with torch.no_grad():  # the model's own outputs on the first batch, to check the rewrite against
+            reference = session.forward(x[:self.batch_size])
         self._install(session, state)
         with torch.enable_grad():
             for start in range(0, x.shape[0], self.batch_size):
@@ -286,6 +302,8 @@ class TransformerAttribution(_VitMethod):
                 state["relevance"], state["attentions"] = False, []
                 out = session.forward(inputs)
                 attentions, state["attentions"] = state["attentions"], []
+                if start == 0:
+                    check_rewrite(self.name, out, reference)
                 if not attentions:
                     raise ConfigError(f"method '{self.name}': the forward pass ran no rewritten attention module")
                 resolved = resolve_target(slice_target(target, start, start + len(inputs), len(x)), out)
@@ -416,11 +434,15 @@ class _GradientTimesInput(_VitMethod):
 
     def compute(self, session, x, target):
         maps, outputs, classes = [], [], []
+        with torch.no_grad():  # the model's own outputs on the first batch, to check the rewrite against
+            reference = session.forward(x[:self.batch_size])
         self._install(session)
         with torch.enable_grad():
             for start in range(0, x.shape[0], self.batch_size):
                 inputs = x[start:start + self.batch_size].detach().requires_grad_(True)
                 out = session.forward(inputs)
+                if start == 0:
+                    check_rewrite(self.name, out, reference)
                 resolved = resolve_target(slice_target(target, start, start + len(inputs), len(x)), out)
                 grads = session.grad(resolved(out), inputs, create_graph=False)
                 maps.append(inputs.detach() * grads)
