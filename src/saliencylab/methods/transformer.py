@@ -10,11 +10,16 @@ activations are hooked (session edits); all are undone at exit. A block must com
 where present); an attention module with a q/k norm or a norm after the mixing (timm's `qk_norm`,
 `scale_norm`) is refused with a ConfigError.
 
+Before the first batch, one forward pass of the unmodified model (no graph, counted in `cost`) gives the
+outputs the rewritten forward must reproduce; a model it does not reproduce is refused (ConfigError), not
+explained with the wrong graph.
+
 `transformer_attribution` follows hila-chefer/Transformer-Explainability (MIT), baselines/ViT/
 ViT_explanation_generator.py `LRP.generate_LRP` (method "transformer_attribution"), baselines/ViT/ViT_LRP.py
 (`VisionTransformer.relprop`, `Block.relprop`, `Attention.relprop`) and modules/layers_ours.py (the relprop
 of each layer type). Their relevance starts from the one-hot vector of the target class at the logits
-(not the logit's value) and travels with these rules, as their code implements them:
+(not the logit's value; here the gradient of the target's score with respect to the outputs, which is
+that one-hot vector for a class target) and travels with these rules, as their code implements them:
 - `Linear`: alpha-beta with alpha=1 (beta=0), biases ignored: Z = W+ x+ + W- x-,
   R_in = x+ (W+^T S) + x- (W-^T S), S = safe_divide(R, Z) (their `safe_divide`: a / (b + 1e-9), 0 where b = 0);
 - `LayerNorm`, `GELU`, `Softmax`, `Dropout`: the base `RelProp.relprop`, which returns R unchanged (identity);
@@ -166,9 +171,9 @@ def _branch(block, index, h, identity):
 # -- Chefer et al.'s relprop as switch nodes ------------------------------------------------------------
 def safe_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Chefer et al.'s `safe_divide` (modules/layers_ours.py, MIT): a / (b + 1e-9), 0 where b == 0."""
-    den = b.clamp(min=1e-9) + b.clamp(max=1e-9)
-    den = den + den.eq(0).to(den.dtype) * 1e-9
-    return a / den * b.ne(0).to(b.dtype)
+    # theirs: den = b.clamp(min=1e-9) + b.clamp(max=1e-9), which is b + 1e-9 for every b; +1e-9 where that is 0
+    den = (b + 1e-9).masked_fill_(b == -1e-9, 1e-9)
+    return (a / den).masked_fill_(b == 0, 0.0)
 
 
 class _Switch(torch.autograd.Function):
@@ -179,18 +184,18 @@ class _Switch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, state, rule, y, *inputs):
         ctx.state, ctx.rule = state, rule
-        ctx.save_for_backward(*inputs)
+        ctx.save_for_backward(y, *inputs)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        inputs = ctx.saved_tensors
+        y, *inputs = ctx.saved_tensors
         if not ctx.state["relevance"]:
             return (None, None, grad) + (None,) * len(inputs)
-        return (None, None, None) + tuple(ctx.rule(grad, *inputs))
+        return (None, None, None) + tuple(ctx.rule(grad, y, *inputs))
 
 
-def _identity_rule(R, x):
+def _identity_rule(R, y, x):
     return (R,)
 
 
@@ -198,29 +203,33 @@ def _linear_alpha1(weight):
     """Chefer's `Linear.relprop` with alpha=1 (beta=0): only the x+ W+ and x- W- contributions, no bias."""
     pw, nw = weight.clamp(min=0), weight.clamp(max=0)
 
-    def rule(R, x):
+    def rule(R, y, x):
         px, nx = x.clamp(min=0), x.clamp(max=0)
         S = safe_divide(R, F.linear(px, pw) + F.linear(nx, nw))
         return (px * (S @ pw) + nx * (S @ nw),)
     return rule
 
 
-def _scores_rule(R, q, k):
-    """einsum('bhid,bhjd->bhij') relprop, halved (`cam_q /= 2`, `cam_k /= 2`); Z without the scale."""
-    S = safe_divide(R, q @ k.transpose(-2, -1))
+def _scores_rule(scale):
+    """einsum('bhid,bhjd->bhij') relprop, halved (`cam_q /= 2`, `cam_k /= 2`); Z = q k^T without the scale."""
+    return functools.partial(_scores_relevance, scale)
+
+
+def _scores_relevance(scale, R, y, q, k):
+    S = safe_divide(R, y / scale)
     return q * (S @ k) / 2, k * (S.transpose(-2, -1) @ q) / 2
 
 
-def _mix_rule(R, attn, v):
-    """einsum('bhij,bhjd->bhid') relprop, halved (`cam1 /= 2`, `cam_v /= 2`)."""
-    S = safe_divide(R, attn @ v)
+def _mix_rule(R, y, attn, v):
+    """einsum('bhij,bhjd->bhid') relprop, halved (`cam1 /= 2`, `cam_v /= 2`); Z = y, the product itself."""
+    S = safe_divide(R, y)
     return attn * (S @ v.transpose(-2, -1)) / 2, v * (attn.transpose(-2, -1) @ S) / 2
 
 
-def _add_rule(R, a, b):
+def _add_rule(R, y, a, b):
     """Chefer's `Add.relprop`: proportional parts, each rescaled to its share |sum| / (|sum a| + |sum b|)
     of sum R; sums per image (dims after the batch)."""
-    S = safe_divide(R, a + b)
+    S = safe_divide(R, y)
     ra, rb = a * S, b * S
     dims = tuple(range(1, R.dim()))
     sa, sb, total = ra.sum(dims, keepdim=True), rb.sum(dims, keepdim=True), R.sum(dims, keepdim=True)
@@ -237,7 +246,7 @@ class _CheferOps:
         return _Switch.apply(self.state, rule, y, *inputs)
 
     def scores(self, q, k, scale):
-        return self.switch(_scores_rule, (q * scale) @ k.transpose(-2, -1), q, k)
+        return self.switch(_scores_rule(scale), (q * scale) @ k.transpose(-2, -1), q, k)
 
     def softmax(self, logits):
         return self.switch(_identity_rule, logits.softmax(dim=-1), logits)
