@@ -46,6 +46,9 @@ Differences from their code (deliberate):
 - Relevance below the first block's attention (its qkv, the embedding, the patch convolution) is never
   needed for the map and is not computed (their `relprop` runs the whole network down to the pixels).
 - A register token (Darcet et al.) is a prefix token: the map drops all `num_prefix_tokens` (theirs: 1).
+- timm's LayerScale (`ls1`, `ls2`; absent from their ViT) gets the identity rule, as their LayerNorm does.
+- Rules are applied to modules: every nn.Linear (alpha=1), nn.LayerNorm, nn.Softmax and activation module
+  (identity); an activation called as a function inside an MLP would get its ordinary gradient instead.
 
 `attnlrp` and `cp_lrp` follow rachtibat/LRP-eXplains-Transformers (LXT, Clear BSD), lxt/efficient/rules.py
 and lxt/efficient/patches.py (`layer_norm_forward`, `non_linear_forward`, `wrap_attention_forward`,
@@ -54,7 +57,8 @@ modified forward pass, the rules of AttnLRP (Achtibat et al. 2024) implemented b
 rescaled in that forward:
 - element-wise non-linearities (GELU and the other activation modules): the identity rule, y = x * (f(x) / x)
   with the ratio constant (their `identity_rule_implicit`);
-- LayerNorm: the 1/std constant (`layer_norm_forward`), the centring kept (a linear map);
+- LayerNorm (nn.LayerNorm modules; other norms keep their gradient): the 1/std constant
+  (`layer_norm_forward`), the centring kept (a linear map);
 - the softmax: its ordinary gradient, which in gradient x input is AttnLRP's rule (Proposition 3.1,
   R_x = x (R_s - s sum R_s); not conservative: the softmax's bias absorbs the rest);
 - the products q k^T and A v: the uniform rule, each factor's gradient halved (LXT divides q and k by 4,
