@@ -14,3 +14,4 @@ from . import gradient, integrated, smoothgrad, guided, cam, fullgrad, occlusion
 from . import iba, readout_iba, input_iba, igos, extremal, sag, propagation, pathway  # noqa: F401,E402
 from . import bcos  # noqa: F401,E402
 from . import rollout  # noqa: F401,E402
+from . import transformer  # noqa: F401,E402
