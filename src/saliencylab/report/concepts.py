@@ -77,6 +77,10 @@ def run_concepts(out_dir, *, layer: str = "features", concepts: int = 32, k: int
     for name, v in (("images", images), ("top", top), ("show", show), ("probe", probe)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+    from ..concepts.bcos_concepts import _build
+    from ..core.layers import get_layer
+
+    get_layer(_build(seed), layer)  # a bad layer fails before anything is trained
     out_dir = Path(out_dir)
     img_dir = out_dir / "img"
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -134,6 +138,8 @@ def run_concepts(out_dir, *, layer: str = "features", concepts: int = 32, k: int
                                     smooth=3)
         parts = []
         for r, j in enumerate(top_c[i].tolist()):
+            if float(contrib[j]) == 0:
+                continue  # fewer active concepts than shown
             parts.append({"concept": j, "contribution": float(contrib[j]), "percent": 100 * float(contrib[j]) / positive,
                           "activation": float(cc.activations[i, j]),
                           "trace": _png(img_dir / f"i{i}_c{j}_trace.png", _on_white(colours[r]))})
