@@ -81,11 +81,12 @@ class TopKSAE(nn.Module):
         return F.relu(self.encoder(x))
 
     def encode(self, x: torch.Tensor, return_pre: bool = False):
-        """(N, dim) -> (N, concepts): the k largest of ReLU(E x) per row kept, the rest zero."""
+        """(N, dim) -> (N, concepts): the k largest of ReLU(E x) per row kept, the rest zero.
+        return_pre=True: (codes, ReLU(E x), the kept indices (N, k))."""
         pre = self.pre_activations(x)
         top = pre.topk(int(self.k), dim=-1, sorted=False)
         codes = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
-        return (codes, pre) if return_pre else codes
+        return (codes, pre, top.indices) if return_pre else codes
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         return self.decoder(f)
@@ -231,12 +232,12 @@ def train_sae(features: torch.Tensor, *, concepts: int = 64, k: int = 4, epochs:
                 x = xs[idx]
                 for group in optimizer.param_groups:
                     group["lr"] = lr * lr_factor(step, total, warmup, decay_start)
-                codes, pre = sae.encode(x, return_pre=True)
+                codes, pre, kept = sae.encode(x, return_pre=True)
                 residual = x - sae.decode(codes)
                 loss = residual.pow(2).sum(-1).mean()
                 # dictionary_learning counts every top-k index as fired (even at value 0)
                 fired = torch.zeros(concepts, dtype=torch.bool)
-                fired[pre.topk(int(sae.k), dim=-1).indices.flatten()] = True
+                fired[kept.flatten()] = True
                 since_fired += len(idx)
                 since_fired[fired] = 0
                 if auxk_alpha > 0:
