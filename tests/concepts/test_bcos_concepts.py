@@ -172,3 +172,5 @@ def test_model_untouched_and_errors(setup):
         concept_contributions(torch.nn.Conv2d(3, 4, 3), sae, x)
     with pytest.raises(ConfigError):
         concept_contributions(model, sae, x, layer="nope")
+    with pytest.raises(InputError, match="channels"):  # an SAE trained at another layer
+        concept_contributions(model, sae, x, layer="conv1")

@@ -168,6 +168,16 @@ def _check_map(h) -> torch.Tensor:
     return h
 
 
+def _check_sae(sae, h: torch.Tensor) -> None:
+    if not isinstance(sae, TopKSAE):
+        raise InputError(f"sae must be a saliencylab.concepts.sae.TopKSAE, got {type(sae).__name__}")
+    if h.shape[1] != sae.dim:
+        raise InputError(f"the SAE reads {sae.dim} channels, the layer gives {h.shape[1]}: train it at this layer")
+    if sae.decoder.weight.device != h.device or sae.decoder.weight.dtype != h.dtype:
+        raise InputError(f"the SAE is on {sae.decoder.weight.device} ({sae.decoder.weight.dtype}), the layer's output on "
+                         f"{h.device} ({h.dtype}); move it with sae.to(...)")
+
+
 def _find_encoder(model):
     from ..methods.bcos import find_encoder
 
@@ -260,6 +270,7 @@ def concept_contributions(model: nn.Module, sae: TopKSAE, x: torch.Tensor, *, la
 
             def hook(m, args, output, store=store):
                 h = _check_map(output).detach()
+                _check_sae(sae, h)
                 f = sae.encode_map(h).detach().requires_grad_(True)
                 rec = sae.decode_map(f)
                 store.update(h=h, f=f, rec=rec.detach())
@@ -334,6 +345,7 @@ def concept_traces(model: nn.Module, sae: TopKSAE, x: torch.Tensor, concepts, *,
                 if store is None:
                     xr.requires_grad_(True)
                 h = _layer_output(session, module, xr)
+                _check_sae(sae, h)
                 presence = sae.encode_map(h).sum((2, 3))
                 a = presence.gather(1, cb[:, None]).squeeze(1)
                 enc = xr if store is None else store.get("encoded")
