@@ -19,7 +19,7 @@ from .. import __version__
 from ..core.errors import ConfigError
 from ..core.threads import ENV as THREADS_ENV, resolve_threads, threads
 from . import demo, distill, evaluate, explain, guide, leaderboard, methods, report
-from . import concepts  # noqa: E402  (issue 18: saliencylab concepts)
+from . import concepts  # issue 18: `saliencylab concepts`
 from ._common import Fail, error, one_line
 
 __all__ = ["main", "build_parser", "COMMANDS"]
