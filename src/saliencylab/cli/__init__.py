@@ -19,6 +19,7 @@ from .. import __version__
 from ..core.errors import ConfigError
 from ..core.threads import ENV as THREADS_ENV, resolve_threads, threads
 from . import demo, distill, evaluate, explain, guide, leaderboard, methods, report
+from . import concepts  # issue 18: `saliencylab concepts`
 from ._common import Fail, error, one_line
 
 __all__ = ["main", "build_parser", "COMMANDS"]
@@ -27,6 +28,7 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 # `leaderboard`.
 COMMANDS = {"methods": methods, "explain": explain, "evaluate": evaluate, "leaderboard": leaderboard,
             "demo": demo, "report": report, "guide": guide, "distill": distill}
+COMMANDS["concepts"] = concepts
 _ALIASES = {leaderboard.DEPRECATED: leaderboard}
 
 
