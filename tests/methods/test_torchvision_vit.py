@@ -324,3 +324,57 @@ def test_refusals(images):
     with pytest.raises(sl.ConfigError, match="bias_k"):
         sl.explain(model, images, "attention_rollout")
     assert "forward" not in block.self_attention.__dict__
+
+
+class EncoderViT(nn.Module):
+    """A ViT on nn.TransformerEncoder, whose eval-mode fast path runs the attention without its forward."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.patch = nn.Conv2d(3, 16, 4, 4)
+        self.cls = nn.Parameter(torch.randn(1, 1, 16))
+        self.pos = nn.Parameter(torch.randn(1, 17, 16) * 0.1)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 5)
+        with torch.no_grad():
+            for block in self.encoder.layers:
+                block.self_attn.in_proj_weight.normal_(0, 0.5)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(len(x), -1, -1), x], dim=1) + self.pos
+        return self.head(self.encoder(x)[:, 0])
+
+
+def test_transformer_encoder_fast_path_switched_off_and_restored(images):
+    model = EncoderViT().eval()
+    assert torch.backends.mha.get_fastpath_enabled()
+    with torch.no_grad():
+        logits = model(images)
+        # the weights each layer's attention computes, from the module itself
+        x = model.patch(images).flatten(2).transpose(1, 2)
+        x = torch.cat([model.cls.expand(3, -1, -1), x], dim=1) + model.pos
+        expected = []
+        for layer in model.encoder.layers:
+            h = layer.norm1(x)
+            out, w = layer.self_attn(h, h, h, need_weights=True, average_attn_weights=False)
+            expected.append(w)
+            x = x + out
+            x = x + layer._ff_block(layer.norm2(x))
+    with ModelSession(model) as session, torch.no_grad():
+        store = capture_attention(session)
+        out = session.forward(images)
+        assert not torch.backends.mha.get_fastpath_enabled()
+        weights = recorded(model, store)
+    assert torch.backends.mha.get_fastpath_enabled()
+    assert_close(out, logits, 1e-5)
+    for w, ref in zip(weights, expected):
+        assert_close(w, ref, 1e-5)
+    e = sl.explain(model, images, "gradient_rollout")
+    assert e.lowres.shape == (3, 4, 4) and torch.backends.mha.get_fastpath_enabled()
+    with pytest.raises(Exception):
+        sl.explain(model, images, "attention_rollout", target=torch.tensor([9, 9, 9]))
+    assert torch.backends.mha.get_fastpath_enabled()
+    assert all("forward" not in layer.self_attn.__dict__ for layer in model.encoder.layers)

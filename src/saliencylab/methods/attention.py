@@ -14,8 +14,10 @@ Two module layouts are recognised, in forward (module-tree) order by `attention_
   only in training) that records the per-head (B, heads, T, S) weights, the very tensor that
   multiplies the values, so gradients with respect to it are the true ones. The module is otherwise
   untouched: its parameters are used as they are, and the original `forward` is back at the
-  session's (or scope's) exit, also when the call raises. `bias_k`/`bias_v` and `add_zero_attn` add
-  key positions that are not tokens and are refused.
+  session's (or scope's) exit, also when the call raises. nn.TransformerEncoderLayer's fast path
+  (eval mode without gradients) bypasses the attention's `forward`; the global
+  `torch.backends.mha` fast-path flag is switched off for the call and restored. `bias_k`/`bias_v`
+  and `add_zero_attn` add key positions that are not tokens and are refused.
 
 `capture_attention(session)` applies the edits and returns a dict filled by the next forward pass;
 `recorded(model, store)` lists the weights in module order, refusing silently empty captures.
@@ -140,7 +142,13 @@ def capture_attention(session, modules: list[tuple[str, nn.Module]] | None = Non
     Returns {module name: weights}, filled during the forward pass (the last call wins when a module
     is called twice). The edits are undone at the session's or the enclosing scope's exit."""
     store: dict[str, torch.Tensor] = {}
-    for name, module in attention_modules(session.model) if modules is None else modules:
+    modules = attention_modules(session.model) if modules is None else modules
+    if any(attention_kind(m) == "torch" for _, m in modules) and torch.backends.mha.get_fastpath_enabled():
+        # nn.TransformerEncoderLayer's fast path (eval, no grad) runs the attention's weights without
+        # calling its forward; switched off for the call (a global flag, restored at exit).
+        torch.backends.mha.set_fastpath_enabled(False)
+        session.edit(lambda: torch.backends.mha.set_fastpath_enabled(True), "torch.backends.mha fast path")
+    for name, module in modules:
         if attention_kind(module) == "torch":
             def record(weights, name=name):
                 store[name] = weights
@@ -169,7 +177,8 @@ def recorded(model: nn.Module, store: dict, *, square: bool = True) -> list[torc
     names = [n for n, _ in attention_modules(model)]
     missing = [n for n in names if n not in store]
     if missing:
-        raise ConfigError(f"no attention weights recorded for {missing} (the module never called attn_drop)")
+        raise ConfigError(f"no attention weights recorded for {missing} (the module did not run its forward, "
+                          f"or did not call attn_drop)")
     weights = [store[n] for n in names]
     if square:
         for n, w in zip(names, weights):
