@@ -202,7 +202,9 @@ def _patch_grid(model: nn.Module, n: int, input_hw) -> tuple[int, int] | None:
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
     if grid is not None and int(grid[0]) * int(grid[1]) == n:  # timm
         return int(grid[0]), int(grid[1])
-    patch = getattr(model, "patch_size", None)  # torchvision: an int; timm keeps it on patch_embed
+    patch = getattr(model, "patch_size", None)  # torchvision: an int; timm: patch_embed.patch_size, a pair
+    if patch is None:
+        patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     if isinstance(patch, (tuple, list)):
         patch = patch[0] if len(set(patch)) == 1 else None
     if input_hw is not None:
