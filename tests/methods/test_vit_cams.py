@@ -15,7 +15,7 @@ from saliencylab.models.vit import small_vit
 from test_torchvision_vit import make_tv_vit
 
 CAMS = sorted(n for n in methods.available() if methods.get(n).__module__ == "saliencylab.methods.cam")
-GRADIENTS = {"gradient": {}, "input_x_gradient": {}, "integrated_gradients": dict(steps=6),
+GRADIENTS = {"gradient": {}, "input_x_gradient": {}, "integrated_gradients": dict(steps=4),
              "smoothgrad": dict(samples=3, seed=1)}
 
 
@@ -126,15 +126,6 @@ def test_gradient_methods(model_name, method, images):
     # an image explained alone, under its own id (SmoothGrad's noise is keyed by it)
     alone = sl.explain(model, images[2:], method, target=targets[2:], image_ids=[2], **kwargs)
     assert_close(alone.maps[0], whole.maps[2])
-
-
-@pytest.mark.parametrize("method", ["attention_rollout", "gradient_rollout"])
-def test_rollout_with_register_tokens_batch_invariant(method, images):
-    model = make_timm(reg_tokens=4)
-    whole = sl.explain(model, images, method)
-    assert whole.lowres.shape == (3, 4, 4) and whole.maps.shape == (3, 16, 16)
-    one = sl.explain(model, images, method, batch_size=1)
-    assert_close(one.lowres, whole.lowres)
 
 
 @pytest.mark.xfail(strict=True, reason="core.layers.to_grid guesses the prefix-token count from the shape; with a "
