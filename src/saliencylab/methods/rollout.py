@@ -86,6 +86,7 @@ class _VitMethod(Method):
             raise not_a_vit(self.name, self.model)
         prefix_tokens(self.model)  # rollout reads the class token's row: refuse a model without one now
 
+
 @register
 class AttentionRollout(_VitMethod):
     name = "attention_rollout"
