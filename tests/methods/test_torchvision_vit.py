@@ -3,8 +3,9 @@
 `TorchvisionViT` copies the module structure of torchvision/models/vision_transformer.py (BSD-3-Clause,
 (c) Soumith Chintala 2016 and the PyTorch contributors): `conv_proj`, `class_token`, `encoder`
 (`pos_embedding`, `dropout`, `layers.encoder_layer_i`, `ln`), `heads.head`; `EncoderBlock` (`ln_1`,
-`self_attention` = nn.MultiheadAttention(batch_first=True) called with need_weights=False, `dropout`,
-`ln_2`, `mlp` = torchvision.ops.MLP: Linear, GELU, Dropout, Linear, Dropout). Left out: the conv stem
+`self_attention` = nn.MultiheadAttention(batch_first=True), called with keywords query=x, key=x, value=x,
+need_weights=False, `dropout`, `ln_2`, `mlp` = torchvision.ops.MLP: Linear, GELU, Dropout, Linear,
+Dropout). Left out: the conv stem
 option, `representation_size` (pre-logits) and the legacy state-dict loader. The references recompute
 every block from the weights with loops over heads, one image at a time."""
 
@@ -42,7 +43,7 @@ class EncoderBlock(nn.Module):
     def forward(self, input):
         torch._assert(input.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {input.shape}")
         x = self.ln_1(input)
-        x, _ = self.self_attention(x, x, x, need_weights=False)
+        x, _ = self.self_attention(query=x, key=x, value=x, need_weights=False)  # keywords, as torchvision
         x = self.dropout(x)
         x = x + input
         y = self.ln_2(x)
