@@ -5,9 +5,8 @@
 (`pos_embedding`, `dropout`, `layers.encoder_layer_i`, `ln`), `heads.head`; `EncoderBlock` (`ln_1`,
 `self_attention` = nn.MultiheadAttention(batch_first=True), called with keywords query=x, key=x, value=x,
 need_weights=False, `dropout`, `ln_2`, `mlp` = torchvision.ops.MLP: Linear, GELU, Dropout, Linear,
-Dropout). Left out: the conv stem
-option, `representation_size` (pre-logits) and the legacy state-dict loader. The references recompute
-every block from the weights with loops over heads, one image at a time."""
+Dropout). Left out: the conv stem option, `representation_size` (pre-logits) and the legacy state-dict
+loader. The references recompute every block from the weights with loops over heads, one image at a time."""
 
 import math
 from collections import OrderedDict
