@@ -167,3 +167,25 @@ def test_errors(images):
     model.blocks[0].attn = broken
     with pytest.raises(sl.ConfigError, match="no attention weights recorded"):
         sl.explain(model, images, "attention_rollout")
+
+
+@pytest.mark.parametrize("name", ["attention_rollout", "gradient_rollout"])
+def test_flags_and_hooks_restored_when_the_call_raises(name, images):
+    model = make_vit()
+    seen = []
+    handle = model.blocks[0].attn.register_forward_pre_hook(lambda m, a: seen.append(m.fused_attn))
+    try:
+        with pytest.raises(Exception):
+            sl.explain(model, images, name, target=torch.tensor([99, 0, 0]))  # fails after the forward pass
+    finally:
+        handle.remove()
+    assert seen == [False]  # explicit attention during the call
+    assert all(b.attn.fused_attn for b in model.blocks)
+    assert not any(b.attn.attn_drop._forward_hooks for b in model.blocks)
+
+
+def test_a_model_without_class_token_is_refused():
+    model = make_vit()
+    model.num_prefix_tokens = 0  # timm's class_token=False (global pooling): no class-token row to read
+    with pytest.raises(sl.ConfigError, match="no class token"):
+        methods.build("gradient_rollout", model)

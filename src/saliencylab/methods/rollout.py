@@ -1,18 +1,22 @@
 """Attention rollout (Abnar & Zuidema, ACL 2020) and gradient-weighted rollout (Chefer et al., ICCV 2021)
-on timm-style vision transformers, batched over images, without hand-written reshapes.
+on vision transformers, batched over images, without hand-written reshapes.
 
-Attention weights: every attention module of the timm layout (`qkv` Linear, `num_heads`, `attn_drop`;
-e.g. `blocks[i].attn`, ours in saliencylab.models.vit) has its `fused_attn` flag set to False for the
-call (fused attention, timm's default, never materialises the weights; hooking `attn_drop` then silently
-collects nothing) and a forward hook on its `attn_drop` records the (B, heads, T, T) softmax output. Both
-are session edits, undone at exit. A model whose attention modules do not call `attn_drop` is refused.
+Attention weights are read by `methods.attention.capture_attention` (session edits, undone at exit):
+on timm-style modules (`qkv` Linear, `num_heads`, `attn_drop`; e.g. `blocks[i].attn`, ours in
+saliencylab.models.vit) `fused_attn` is set to False (fused attention, timm's default, never
+materialises the weights; hooking `attn_drop` then silently collects nothing) and a hook on `attn_drop`
+records the (B, heads, T, T) softmax output; on `nn.MultiheadAttention` (torchvision's
+VisionTransformer, `encoder.layers.encoder_layer_i.self_attention`) the module's `forward` is swapped
+for the same math written out, which exposes the per-head weights in the graph. A model with neither
+is refused in one line, and so is an attention module that recorded nothing.
 
 `attention_rollout` follows jacobgil/vit-explain (MIT) `vit_rollout.py`, function `rollout`: per block,
 heads fused (mean | max | min), the lowest `discard_ratio` of the fused (T x T) matrix's entries set to
 zero except entry (0, 0) (the class token's attention to itself), A' = (A + I) / 2 (the residual),
 rows re-normalised, R = A'_L ... A'_1; the map is the class token's row of R over the patch tokens.
-Token layout: the model's `num_prefix_tokens` (class + register tokens, default 1) are dropped; the
-grid side is the square root of the patch-token count (or `patch_embed.grid_size`).
+Token layout (`attention.token_grid`): the model's `num_prefix_tokens` (timm: class + register tokens;
+absent, as in torchvision: 1, the class token first) are dropped; the grid is `patch_embed.grid_size`
+(timm), the input size over `patch_size` (torchvision), or the input's aspect ratio.
 
 `gradient_rollout` follows hila-chefer/Transformer-MM-Explainability (MIT), `lxmert/lxmert/src/
 ExplanationGenerator.py` `avg_heads` + `apply_self_attention_rules` (and the ViT notebook): per block
@@ -32,29 +36,17 @@ Deliberate differences from the authors:
 
 from __future__ import annotations
 
-import math
-
 import torch
-from torch import nn
 
 from ..core.errors import ConfigError
 from ..core.explanation import Explanation
 from ..core.targets import resolve_target, slice_target
+from .attention import attention_modules, capture_attention, is_vit, not_a_vit, prefix_tokens, recorded, token_grid
 from .base import Method, Param, check_batch_size, register, upsample
 
-__all__ = ["AttentionRollout", "GradientRollout", "attention_modules", "is_vit", "rollout"]
+__all__ = ["AttentionRollout", "GradientRollout", "attention_modules", "is_vit", "rollout", "token_grid"]
 
 FUSIONS = ("mean", "max", "min")
-
-
-def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The timm-layout attention modules (`qkv` Linear, `num_heads`), in forward (module-tree) order."""
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(getattr(m, "qkv", None), nn.Linear) and hasattr(m, "num_heads")]
-
-
-def is_vit(model: nn.Module) -> bool:
-    return bool(attention_modules(model))
 
 
 def discard_lowest(fused: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -82,22 +74,6 @@ def rollout(attentions, head_fusion: str = "mean", discard_ratio: float = 0.0) -
     return result
 
 
-def token_grid(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """(B, T) values of all tokens -> (B, h, w) over the patch tokens (prefix tokens dropped)."""
-    prefix = int(getattr(model, "num_prefix_tokens", 1))
-    patches = tokens[:, prefix:]
-    n = patches.shape[1]
-    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-    if grid is not None and grid[0] * grid[1] == n:
-        h, w = int(grid[0]), int(grid[1])
-    else:
-        h = w = math.isqrt(n)
-        if h * w != n:
-            raise ConfigError(f"{n} patch tokens (after {prefix} prefix tokens) do not form a square grid; "
-                              f"give the model a patch_embed.grid_size")
-    return patches.reshape(-1, h, w)
-
-
 class _VitMethod(Method):
     requires = "vit"
     input_space = False  # maps live on the token grid, upsampled
@@ -107,27 +83,8 @@ class _VitMethod(Method):
     def check(self):
         check_batch_size(self.batch_size)
         if not is_vit(self.model):
-            raise ConfigError(f"method '{self.name}' needs a vision transformer with timm-style attention modules "
-                              f"(`qkv` Linear, `num_heads`, `attn_drop`); {type(self.model).__name__} has none")
-
-    def _capture(self, session):
-        """Edits for the call: explicit attention, and a hook on each block's `attn_drop` (session-owned)."""
-        drops = {}
-        for name, module in attention_modules(self.model):
-            drop = getattr(module, "attn_drop", None)
-            if not isinstance(drop, nn.Module):
-                raise ConfigError(f"attention module '{name}' has no `attn_drop` submodule to read the weights from")
-            if hasattr(module, "fused_attn"):
-                session.set_attr(module, "fused_attn", False)
-            drops[name] = drop
-        return session.capture(drops, make_differentiable=False)  # filled by the forward pass
-
-    def _attentions(self, store):
-        names = [n for n, _ in attention_modules(self.model)]
-        missing = [n for n in names if n not in store]
-        if missing:
-            raise ConfigError(f"no attention weights recorded for {missing} (the module never called attn_drop)")
-        return [store[n] for n in names]
+            raise not_a_vit(self.name, self.model)
+        prefix_tokens(self.model)  # rollout reads the class token's row: refuse a model without one now
 
 
 @register
@@ -153,12 +110,12 @@ class AttentionRollout(_VitMethod):
             for start in range(0, x.shape[0], self.batch_size):
                 inputs = x[start:start + self.batch_size]
                 with session.scope():
-                    store = self._capture(session)
+                    store = capture_attention(session)
                     out = session.forward(inputs)
-                attentions = self._attentions(store)
+                attentions = recorded(self.model, store)
                 resolved = resolve_target(slice_target(target, start, start + len(inputs), len(x)), out)
                 r = rollout([a.float() for a in attentions], self.head_fusion, float(self.discard_ratio))
-                maps.append(token_grid(self.model, r[:, 0]))
+                maps.append(token_grid(self.model, r[:, 0], x.shape[-2:]))
                 outputs.append(out)
                 classes.append(resolved.classes)
         lowres = torch.cat(maps)
@@ -178,9 +135,9 @@ class GradientRollout(_VitMethod):
             for start in range(0, x.shape[0], self.batch_size):
                 inputs = x[start:start + self.batch_size].detach().requires_grad_(True)  # keeps the graph whole
                 with session.scope():
-                    store = self._capture(session)
+                    store = capture_attention(session)
                     out = session.forward(inputs)
-                attentions = self._attentions(store)
+                attentions = recorded(self.model, store)
                 resolved = resolve_target(slice_target(target, start, start + len(inputs), len(x)), out)
                 grads = session.grad(resolved(out), attentions, create_graph=False)
                 r = None
@@ -189,7 +146,7 @@ class GradientRollout(_VitMethod):
                     if r is None:
                         r = torch.eye(cam.shape[-1], dtype=cam.dtype, device=cam.device).expand_as(cam)
                     r = r + cam @ r
-                maps.append(token_grid(self.model, r[:, 0]))
+                maps.append(token_grid(self.model, r[:, 0], x.shape[-2:]))
                 outputs.append(out.detach())
                 classes.append(resolved.classes)
         lowres = torch.cat(maps)
