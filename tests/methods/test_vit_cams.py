@@ -128,12 +128,22 @@ def test_gradient_methods(model_name, method, images):
     assert_close(alone.maps[0], whole.maps[2])
 
 
-@pytest.mark.xfail(strict=True, reason="core.layers.to_grid guesses the prefix-token count from the shape; with a "
-                   "2x2 grid and 1 + 4 prefix tokens, 9 tokens read as a 3x3 grid (fix: pass the model's "
-                   "num_prefix_tokens, see the vitmodels report)")
 def test_register_tokens_on_a_grid_the_shape_cannot_tell():
     torch.manual_seed(0)
     model = small_vit(num_classes=5, img_size=8, patch_size=4, dim=16, depth=2, heads=2, reg_tokens=4).eval()
     x = torch.randn(2, 3, 8, 8)
     assert sl.explain(model, x, "attention_rollout").lowres.shape == (2, 2, 2)  # rollout knows the prefix
-    assert sl.explain(model, x, "gradcam", layer="blocks.0").lowres.shape == (2, 2, 2)
+    assert sl.explain(model, x, "gradcam", layer="blocks.0").lowres.shape == (2, 2, 2)  # the model's num_prefix_tokens
+    assert sl.explain(model, x, "score_cam", layer="blocks.0").lowres.shape == (2, 2, 2)
+    assert sl.explain(model, x, "gradcam", layer="patch_embed").lowres.shape == (2, 2, 2)  # no prefix tokens there
+
+
+def test_default_cam_layer_on_a_timm_vit_is_the_last_block_norm_not_its_fused_qkv():
+    """The last token output with gradient is `attn.qkv` (keys and values of every patch reach the class
+    token); its channels mix queries, keys and values, so the default is the norm before it, as in
+    pytorch-grad-cam's ViT example (`target_layers = [model.blocks[-1].norm1]`)."""
+    torch.manual_seed(0)
+    model = small_vit(num_classes=5, img_size=16, patch_size=4, dim=16, depth=2, heads=2).eval()
+    e = sl.explain(model, torch.randn(2, 3, 16, 16), "gradcam")
+    assert e.extras["layer"] == "blocks.1.norm1"
+    assert e.lowres.shape == (2, 4, 4)

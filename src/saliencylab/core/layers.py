@@ -100,13 +100,16 @@ def guess_layout(t: torch.Tensor, input_hw) -> str | None:
 
 
 def to_grid(t: torch.Tensor, input_hw: tuple[int, int], layout: str | None = "auto",
-            module: nn.Module | None = None) -> torch.Tensor:
+            module: nn.Module | None = None, prefix_tokens: int | None = None) -> torch.Tensor:
     """Return a layer output as a (B, C, h, w) feature map (`t` itself when it already is one).
 
     Handles convolutional maps (B, C, h, w), channels-last maps (B, h, w, C) such as Swin stages,
     and token sequences (B, N, D) from vision transformers, where leading class/register tokens
     are dropped so that the remaining tokens form a grid with the input's aspect ratio. The layout
     is `layout` if given, else `module.saliency_layout` if declared, else guessed from the shape.
+    `prefix_tokens` (a ViT's `num_prefix_tokens`: class + register tokens) is tried first for how many
+    leading tokens to drop (1 class + 4 registers on a 2x2 grid would otherwise look like 3x3); the
+    shape-based guess remains the fallback (a patch embedding's output has no prefix tokens).
     """
     layout = declared_layout(module, None if layout == "auto" else layout)
     if layout is None:
@@ -120,8 +123,9 @@ def to_grid(t: torch.Tensor, input_hw: tuple[int, int], layout: str | None = "au
     if layout == "tokens" and t.dim() == 3:
         B, N, D = t.shape
         # Prefer an exact aspect match (patches tile the input), then allow rounding at the borders.
+        known = [int(prefix_tokens)] if prefix_tokens and prefix_tokens < N else []
         for tolerance in (1e-6, 0.25):
-            for prefix in range(0, min(N - 1, 9)):
+            for prefix in [*known, *range(0, min(N - 1, 9))]:
                 grid = _grid_for(N - prefix, aspect, tolerance)
                 if grid is not None:
                     h, w = grid
@@ -225,11 +229,17 @@ def last_spatial_with_gradient(layers: list[LayerInfo]) -> LayerInfo | None:
 
     A transformer's last block output, for instance, is spatial but only its class token reaches
     the head, so its patch tokens carry no gradient; the layer before it is the right choice there,
-    and this finds it without a per-architecture table."""
+    and this finds it without a per-architecture table. A fused query/key/value projection (a Linear
+    with 3x as many outputs as inputs, timm's `attn.qkv`) is skipped: its channels mix queries, keys and
+    values, so the block's input norm before it (pytorch-grad-cam's `blocks[-1].norm1`) is taken."""
     for info in reversed(layers):
-        if info.layout is not None and info.has_gradient:
+        if info.layout is not None and info.has_gradient and not _fused_qkv(info.module):
             return info
     return None
+
+
+def _fused_qkv(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and module.out_features == 3 * module.in_features
 
 
 def last_spatial(layers: list[LayerInfo]) -> LayerInfo | None:

@@ -123,7 +123,9 @@ def cam_maps(session, x: torch.Tensor, target, name: str, module, combine: Calla
             grads = session.grad(resolved(out), acts, rows=len(inputs))
             # In a differentiable session the activations stay in the graph (maps depend on them twice).
             acts = acts if session.differentiable else acts.detach()
-            cam = combine(to_grid(acts, hw, layout), to_grid(grads, hw, layout))
+            prefix = getattr(session.model, "num_prefix_tokens", None)  # class + register tokens of a ViT
+            cam = combine(to_grid(acts, hw, layout, prefix_tokens=prefix),
+                          to_grid(grads, hw, layout, prefix_tokens=prefix))
             maps.append(cam.clamp(min=0) if relu else cam)
             outputs.append(out.detach())
             classes.append(resolved.classes)
@@ -201,7 +203,8 @@ class ScoreCAM(_CAM):
             resolved, outputs = clean_outputs(session, x, target)
             if name not in store:
                 raise ConfigError(f"layer '{name}' did not produce a tensor during the forward pass; choose another layer")
-            acts = to_grid(store[name].detach(), hw, declared_layout(module, self.layout))
+            acts = to_grid(store[name].detach(), hw, declared_layout(module, self.layout),
+                           prefix_tokens=getattr(session.model, "num_prefix_tokens", None))
         B, C = acts.shape[:2]
         lo = acts.amin(dim=(2, 3))
         hi = acts.amax(dim=(2, 3))
