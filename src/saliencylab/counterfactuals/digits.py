@@ -48,7 +48,8 @@ __all__ = ["DigitsDomain", "digits_domain", "load_digits_images", "DigitsClassif
 
 RECIPE = "v1"
 DEFAULTS = dict(latent_dim=32, width=32, held_out=0.3, batch_size=64, classifier_epochs=12, classifier_lr=1e-3,
-                ae_epochs=25, ae_lr=2e-3, latent_penalty=1e-3, adv_epochs=8, adv_lr=2e-4, adv_weight=0.01)
+                ae_epochs=25, ae_lr=2e-3, latent_penalty=1e-3, adv_epochs=8, adv_lr=2e-4, adv_weight=0.01,
+                train_limit=None)
 IMAGE_SIZE = 32
 PERCEPTUAL_LAYERS = ("layer1.1", "layer2.1")  # the ReLU outputs of layer1 / layer2, as the authors' MNISTFeatureExtractor
 
@@ -201,6 +202,8 @@ def train_domain(seed: int = 0, **overrides) -> dict:
     x_all, y_all = load_digits_images()
     train_idx, test_idx = _split(len(y_all), s["held_out"], seed)
     x, y = x_all[train_idx], y_all[train_idx]
+    if s["train_limit"] is not None:  # tiny recipes (tests): the first images of the training part
+        x, y = x[: s["train_limit"]], y[: s["train_limit"]]
     nets = _build(s, seed)
     clf, enc, gen, disc = nets["classifier"], nets["encoder"], nets["generator"], nets["discriminator"]
     start = time.perf_counter()
