@@ -31,6 +31,7 @@ smaller settings (tests use a tiny recipe; its networks are poor).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -126,6 +127,12 @@ class DigitsDiscriminator(nn.Module):
 def load_digits_images(size: int = IMAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """All 1797 digits as (N, 1, size, size) floats in [-1, 1] (bilinear upsampling of the 8x8 images,
     whose values are 0..16) and their labels (N,)."""
+    x, y = _load_digits(size)
+    return x.clone(), y.clone()
+
+
+@functools.lru_cache(maxsize=2)
+def _load_digits(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -179,7 +186,8 @@ def _settings(overrides: dict) -> dict:
 
 
 def _digest(settings: dict) -> str:
-    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    kept = {k: v for k, v in settings.items() if v is not None}  # an unset option does not change the key
+    return hashlib.sha1(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def _build(s: dict, seed: int) -> dict[str, nn.Module]:
