@@ -19,6 +19,7 @@ from .. import __version__
 from ..core.errors import ConfigError
 from ..core.threads import ENV as THREADS_ENV, resolve_threads, threads
 from . import demo, distill, evaluate, explain, guide, leaderboard, methods, report
+from . import counterfactual
 from ._common import Fail, error, one_line
 
 __all__ = ["main", "build_parser", "COMMANDS"]
@@ -27,6 +28,7 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 # `leaderboard`.
 COMMANDS = {"methods": methods, "explain": explain, "evaluate": evaluate, "leaderboard": leaderboard,
             "demo": demo, "report": report, "guide": guide, "distill": distill}
+COMMANDS["counterfactual"] = counterfactual
 _ALIASES = {leaderboard.DEPRECATED: leaderboard}
 
 
