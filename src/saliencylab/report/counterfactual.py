@@ -161,7 +161,7 @@ def _cout(classifier, x, x_cf, source, target):
         from ..metrics.counterfactual import cout
     except ImportError:
         return None
-    return cout(classifier, x, x_cf, source, target)
+    return cout(classifier, x, x_cf, source, target, protocol="c3lt")  # the authors' checkpoints and area
 
 
 def digits_counterfactual_report(out_dir, *, source: int = 4, target: int = 9, epochs: int | None = None,
@@ -195,7 +195,8 @@ def digits_counterfactual_report(out_dir, *, source: int = 4, target: int = 9, e
     cf = model.explain(x)
     with torch.no_grad():
         m = _cout(domain.classifier, x, cf.images, source, target)
-    curves = {k: v.detach().cpu() for k, v in (m.curves or {}).items()} if m is not None else None
+    curves = {k: m.curves[k].detach().cpu() for k in ("source", "target") if k in (m.curves or {})} \
+        if m is not None else None
     scores = m.scores.detach().cpu() if m is not None else None
     summary = {
         "source": source, "target": target, "images": len(x), "epochs": epochs, "seed": seed, "quick": quick,
