@@ -36,6 +36,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -133,12 +134,28 @@ def load_digits_images(size: int = IMAGE_SIZE) -> tuple[torch.Tensor, torch.Tens
 
 @functools.lru_cache(maxsize=2)
 def _load_digits(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = _digits_arrays()
+    x = torch.as_tensor(images, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+    return x * 2 - 1, torch.as_tensor(labels, dtype=torch.long)
+
+
+def _digits_arrays():
+    """scikit-learn's digits.csv.gz read directly (importing sklearn takes seconds); load_digits otherwise."""
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            data = np.loadtxt(path, delimiter=",")
+            return data[:, :-1], data[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = torch.as_tensor(d.images, dtype=torch.float32)[:, None] / 16.0
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
-    return x * 2 - 1, torch.as_tensor(d.target, dtype=torch.long)
+    return d.data, d.target
 
 
 def _split(n: int, held_out: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
