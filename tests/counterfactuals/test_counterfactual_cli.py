@@ -20,6 +20,11 @@ def test_command_writes_the_page_and_resumes(tmp_path, monkeypatch, capsys):
     page = (out / "index.html").read_text()
     assert page.count('alt="counterfactual') == 3 and page.count('alt="change mask') == 3
     assert "4 &rarr; 9" in page
+    try:  # COUT comes from helper cout's metric when it is installed
+        import saliencylab.metrics.counterfactual  # noqa: F401
+        assert page.count("<polyline") == 2 * (3 + 1) and "COUT" in page
+    except ImportError:
+        assert "<polyline" not in page and "not installed" in page
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images"] == 3 and summary["epochs"] == 2 and 0 <= summary["validity"] <= 1
     assert len(list((out / "c3lt" / "checkpoints").glob("epoch_*.pt"))) == 2
