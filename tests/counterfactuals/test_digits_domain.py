@@ -68,9 +68,20 @@ def test_cache_round_trip_and_keys(tmp_path, monkeypatch):
 
 def test_training_is_deterministic_and_restores_threads(monkeypatch):
     monkeypatch.setenv("SALIENCYLAB_CACHE", "")
-    torch.set_num_threads(1)
-    a = digits.train_domain(1, **dict(TINY, adv_epochs=0, ae_epochs=0))
+    seen = []
+    real = digits._batches
+
+    def spy(*a, **k):  # called by every training epoch: the thread count while training
+        seen.append(torch.get_num_threads())
+        return real(*a, **k)
+
+    monkeypatch.setattr(digits, "_batches", spy)
+    torch.set_num_threads(2)
+    try:
+        a = digits.train_domain(1, **dict(TINY, adv_epochs=0, ae_epochs=0))
+        assert torch.get_num_threads() == 2 and seen == [1]  # one thread inside, restored after
+    finally:
+        torch.set_num_threads(1)
     b = digits.train_domain(1, **dict(TINY, adv_epochs=0, ae_epochs=0))
     for k, v in a["state_dicts"]["classifier"].items():
         assert torch.equal(v, b["state_dicts"]["classifier"][k]), k
-    assert torch.get_num_threads() == 1
