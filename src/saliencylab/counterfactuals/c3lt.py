@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ConfigError, InputError
+from ..core.session import model_device
 from .digits import DigitsDomain, digits_domain  # noqa: F401  (re-exported: the shipped domain)
 
 __all__ = ["C3LT", "Counterfactuals", "LatentMap", "latent_step", "change_mask", "smoothness_loss", "entropy_loss",
@@ -234,6 +235,8 @@ class C3LT:
                 raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
         if not (isinstance(lr, (int, float)) and lr > 0):
             raise ConfigError(f"lr must be > 0, got {lr!r}")
+        if isinstance(perceptual_layers, str):
+            perceptual_layers = (perceptual_layers,)
         modules = dict(classifier.named_modules())
         missing = [n for n in perceptual_layers if n not in modules]
         if missing:
@@ -253,8 +256,8 @@ class C3LT:
     # -- plumbing ----------------------------------------------------------------------------
     def _maps(self, z: torch.Tensor) -> tuple[LatentMap, LatentMap]:
         if self.g is None:
-            if z.dim() not in (2, 4) or (z.dim() == 4 and z.shape[2:] != (1, 1)):
-                raise InputError(f"the encoder must return latents (B, D) or (B, D, 1, 1), got {tuple(z.shape)}")
+            if z.dim() not in (2, 4):  # 1x1 convolutions act on (B, D, H, W) codes of any H, W
+                raise InputError(f"the encoder must return latents (B, D) or (B, D, H, W), got {tuple(z.shape)}")
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.config["seed"])
                 self.g = LatentMap(z.shape[1], conv=z.dim() == 4).to(z.device)
@@ -346,7 +349,7 @@ class C3LT:
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
             raise ConfigError(f"epochs must be an integer >= 0, got {epochs!r}")
         c = self.config
-        device = next(self.generator.parameters()).device
+        device = model_device(self.generator)
         x1, x2 = x1.to(device), x2.to(device)
         with torch.no_grad(), self._frozen():
             self._maps(self.encoder(x1[:1]))
@@ -447,7 +450,8 @@ class C3LT:
         fn = self.g if direction == "forward" else self.h
         target = self.target if direction == "forward" else self.source
         source = self.source if direction == "forward" else self.target
-        device = next(self.generator.parameters()).device
+        device = model_device(self.generator)
+        fn.to(device)  # maps loaded from a file live on the CPU
         parts: dict[str, list] = {}
         with torch.no_grad(), self._frozen():
             for xb in x.split(batch_size):
