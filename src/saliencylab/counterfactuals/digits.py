@@ -9,7 +9,7 @@ Tanh output), one channel, 32 x 32.
 
 How the networks are trained (the authors use a pretrained DCGAN (pytorch/examples) plus an encoder
 trained to invert it, `models/gans/dcgan.py`, `models/encoders/encoder_dcgan.py`; we have no MNIST and
-a few minutes of one CPU thread (280 s measured on a busy shared 2-core machine), so we train an
+about a minute of one CPU thread (measured: 60 s of CPU time, 196-280 s wall on a busy machine), so we train an
 autoencoder and then fine-tune it adversarially):
 1. classifier: a small CNN in the layout of the authors' `MnistNet` (`models/classifiers/mnist.py`:
    layer1 = conv 5x5 / ReLU / max-pool, layer2 = the same, then two linear layers), cross-entropy,
