@@ -1,5 +1,5 @@
 """The `saliencylab` command: list methods, explain image files, evaluate, leaderboard, demo page, and
-training with explanations (guide, distill).
+training with explanations (guide, distill), counterfactuals and concepts.
 
 One module per subcommand (`add_parser(sub)` and `run(args) -> exit code`); the work itself lives in
 the library (`io`, `runs.files`, `runs.leaderboard`, `report.demo`), so scripts can do what the command does.
@@ -18,8 +18,7 @@ import warnings
 from .. import __version__
 from ..core.errors import ConfigError
 from ..core.threads import ENV as THREADS_ENV, resolve_threads, threads
-from . import demo, distill, evaluate, explain, guide, leaderboard, methods, report
-from . import concepts  # issue 18: `saliencylab concepts`
+from . import concepts, counterfactual, demo, distill, evaluate, explain, guide, leaderboard, methods, report
 from ._common import Fail, error, one_line
 
 __all__ = ["main", "build_parser", "COMMANDS"]
@@ -27,8 +26,8 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 # Sub-command name -> module; the order is the order of the help. `bench` is the hidden old name of
 # `leaderboard`.
 COMMANDS = {"methods": methods, "explain": explain, "evaluate": evaluate, "leaderboard": leaderboard,
-            "demo": demo, "report": report, "guide": guide, "distill": distill}
-COMMANDS["concepts"] = concepts
+            "demo": demo, "report": report, "guide": guide, "distill": distill,
+            "counterfactual": counterfactual, "concepts": concepts}
 _ALIASES = {leaderboard.DEPRECATED: leaderboard}
 
 
