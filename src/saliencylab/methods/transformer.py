@@ -7,8 +7,9 @@ attribution, every block's `forward`; for AttnLRP / CP-LRP every LayerNorm's `fo
 session edit with an equivalent forward that routes relevance, and linear layers, LayerNorms and
 activations are hooked (session edits); all are undone at exit. A block must compute
 `x + attn(norm1(x))`, then `x + mlp(norm2(x))` (timm's `Block`, with its `ls1/ls2` and `drop_path1/2`
-where present); an attention module with a q/k norm or a norm after the mixing (timm's `qk_norm`,
-`scale_norm`) is refused with a ConfigError.
+where present; timm >= 1.0's `attn_mask` / `is_causal` keywords are accepted, a mask or causal attention
+refused); an attention module with a q/k norm or a norm after the mixing (timm's `qk_norm`, `scale_norm`) is
+refused with a ConfigError.
 
 Before the first batch, one forward pass of the unmodified model (no graph, counted in `cost`) gives the
 outputs the rewritten forward must reproduce; a model it does not reproduce is refused (ConfigError), not
@@ -132,9 +133,13 @@ def vit_blocks(model: nn.Module, method: str) -> list[tuple[nn.Module, nn.Module
     return pairs
 
 
-def attention_forward(module: nn.Module, ops, x: torch.Tensor) -> torch.Tensor:
+def attention_forward(module: nn.Module, ops, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
     """timm's `Attention.forward` (explicit attention), with `ops` choosing how the products and the softmax
-    carry relevance. Same values as the module's own forward (up to rounding for a fused one)."""
+    carry relevance. Same values as the module's own forward (up to rounding for a fused one). timm >= 1.0
+    blocks pass `attn_mask` / `is_causal`; a mask or causal attention is refused (the rules assume none)."""
+    if attn_mask is not None or is_causal:
+        raise ConfigError("the relevance rules here cover unmasked self-attention; got an attention mask "
+                          "(attn_mask or is_causal)")
     B, N, _ = x.shape
     heads = module.num_heads
     head_dim = module.qkv.out_features // (3 * heads)
@@ -266,8 +271,8 @@ class _CheferOps:
         return self.switch(_add_rule, a + b, a, b)
 
 
-def _chefer_block_forward(block, ops, x):
-    x = ops.add(x, _branch(block, 1, block.attn(block.norm1(x)), ops.identity))
+def _chefer_block_forward(block, ops, x, **attention_keywords):  # timm >= 1.0: attn_mask, is_causal
+    x = ops.add(x, _branch(block, 1, block.attn(block.norm1(x), **attention_keywords), ops.identity))
     return ops.add(x, _branch(block, 2, block.mlp(block.norm2(x)), ops.identity))
 
 
