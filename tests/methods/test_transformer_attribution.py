@@ -175,6 +175,11 @@ def test_errors():
 
     with pytest.raises(sl.ConfigError, match="vision transformer"):
         methods.build("transformer_attribution", make_small_cnn())
+    for attr, value in (("global_pool", "avg"), ("num_prefix_tokens", 0)):  # the class token's row means nothing
+        model = make_vit()
+        setattr(model, attr, value)
+        with pytest.raises(sl.ConfigError, match="class token"):
+            methods.build("transformer_attribution", model)
     model = make_vit()
     model.blocks[1].attn.q_norm = nn.LayerNorm(8)
     with pytest.raises(sl.ConfigError, match="cannot rewrite attention module 'blocks.1.attn'"):

@@ -47,6 +47,8 @@ Differences from their code (deliberate):
 - Relevance below the first block's attention (its qkv, the embedding, the patch convolution) is never
   needed for the map and is not computed (their `relprop` runs the whole network down to the pixels).
 - A register token (Darcet et al.) is a prefix token: the map drops all `num_prefix_tokens` (theirs: 1).
+  A model whose head does not read the class token (timm's `global_pool` other than "token", or no
+  prefix token) is refused: the class token's row would not explain its prediction.
 - timm's LayerScale (`ls1`, `ls2`; absent from their ViT) gets the identity rule, as their LayerNorm does.
 - Rules are applied to modules: every nn.Linear (alpha=1), nn.LayerNorm, nn.Softmax and activation module
   (identity); an activation called as a function inside an MLP would get its ordinary gradient instead.
@@ -286,6 +288,12 @@ class TransformerAttribution(_VitMethod):
     def check(self):
         super().check()
         vit_blocks(self.model, self.name)
+        # the map is the class token's row: without a class token feeding the head (timm's global_pool
+        # "avg", or no prefix token) that row is not the prediction's
+        prefix, pool = int(getattr(self.model, "num_prefix_tokens", 1)), getattr(self.model, "global_pool", "token")
+        if prefix < 1 or pool != "token":
+            raise ConfigError(f"method '{self.name}' reads the class token's row: the model needs a class token that "
+                              f"feeds its head (num_prefix_tokens {prefix}, global_pool {pool!r})")
 
     def _install(self, session, state):
         ops = _CheferOps(state)
