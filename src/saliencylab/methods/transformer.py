@@ -15,6 +15,11 @@ Before the first batch, one forward pass of the unmodified model (no graph, coun
 outputs the rewritten forward must reproduce; a model it does not reproduce is refused (ConfigError), not
 explained with the wrong graph.
 
+Licences: hila-chefer/Transformer-Explainability is MIT (Copyright (c) 2020 Hila Chefer); rachtibat/
+LRP-eXplains-Transformers is the Clear BSD License (SPDX BSD-3-Clause-Clear; Copyright (c) 2024
+Fraunhofer-Gesellschaft & the authors, R. Achtibat et al.): both allow adapting with this attribution;
+`safe_divide` and `layer_norm_constant_std` are adapted from them, the rest is written from their semantics.
+
 `transformer_attribution` follows hila-chefer/Transformer-Explainability (MIT), baselines/ViT/
 ViT_explanation_generator.py `LRP.generate_LRP` (method "transformer_attribution"), baselines/ViT/ViT_LRP.py
 (`VisionTransformer.relprop`, `Block.relprop`, `Attention.relprop`) and modules/layers_ours.py (the relprop
