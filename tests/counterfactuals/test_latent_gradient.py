@@ -100,12 +100,14 @@ def test_raises_the_target_probability_and_leaves_the_models_untouched():
     assert torch.equal(z, torch.randn(4, 4, generator=torch.Generator().manual_seed(1)))
 
 
-def test_each_code_is_optimised_on_its_own_and_zero_steps_is_the_start():
+@pytest.mark.parametrize("weight", [0.0, 5.0])
+def test_each_code_is_optimised_on_its_own_and_zero_steps_is_the_start(weight):
     generator, classifier = toys()
     z = torch.randn(3, 4, generator=torch.Generator().manual_seed(2))
-    x_all, z_all = latent_gradient_counterfactual(generator, classifier, z, 2, steps=15, lr=0.05)
-    parts = [latent_gradient_counterfactual(generator, classifier, z[i:i + 1], 2, steps=15, lr=0.05)[1]
-             for i in range(3)]
+    x_all, z_all = latent_gradient_counterfactual(generator, classifier, z, 2, steps=15, lr=0.05,
+                                                  proximity_weight=weight)
+    parts = [latent_gradient_counterfactual(generator, classifier, z[i:i + 1], 2, steps=15, lr=0.05,
+                                            proximity_weight=weight)[1] for i in range(3)]
     assert torch.allclose(z_all, torch.cat(parts), atol=1e-5)
     assert not torch.allclose(z_all, z, atol=1e-3)
     x0, z0 = latent_gradient_counterfactual(generator, classifier, z, 2, steps=0)

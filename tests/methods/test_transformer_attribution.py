@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import saliencylab as sl
@@ -174,6 +175,11 @@ def test_errors():
 
     with pytest.raises(sl.ConfigError, match="vision transformer"):
         methods.build("transformer_attribution", make_small_cnn())
+    for attr, value in (("global_pool", "avg"), ("num_prefix_tokens", 0)):  # the class token's row means nothing
+        model = make_vit()
+        setattr(model, attr, value)
+        with pytest.raises(sl.ConfigError, match="class token"):
+            methods.build("transformer_attribution", model)
     model = make_vit()
     model.blocks[1].attn.q_norm = nn.LayerNorm(8)
     with pytest.raises(sl.ConfigError, match="cannot rewrite attention module 'blocks.1.attn'"):
@@ -214,3 +220,53 @@ def test_a_forward_that_is_not_the_rewritten_one_is_refused(name, where, images)
         with pytest.raises(sl.ConfigError, match="rewritten forward"):
             sl.explain(model, images, name)
     assert torch.equal(model(images), logits)
+
+
+class TimmBlock(nn.Module):
+    """timm >= 1.0's Block.forward: the attention is called with attn_mask= and is_causal= keywords."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.norm1, self.attn, self.norm2, self.mlp = block.norm1, block.attn, block.norm2, block.mlp
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        x = x + self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
+        return x + self.mlp(self.norm2(x))
+
+
+class TimmAttention(Attention):
+    def forward(self, x, attn_mask=None, is_causal=False):
+        if attn_mask is None and not is_causal:
+            return super().forward(x)
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+@pytest.mark.parametrize("name", ["transformer_attribution", "attnlrp", "cp_lrp"])
+def test_timm_blocks_that_pass_attention_keywords(name, images):
+    model = make_vit()
+    plain = sl.explain(model, images, name).maps
+    for i, block in enumerate(model.blocks):
+        attn = TimmAttention(16, 2).to(torch.float64)
+        attn.load_state_dict(block.attn.state_dict())
+        block.attn = attn
+        model.blocks[i] = TimmBlock(block)
+    logits = model(images)
+    assert torch.allclose(sl.explain(model, images, name).maps, plain)
+    assert torch.equal(model(images), logits)
+
+    class Masked(nn.Module):  # a mask (or is_causal) is refused in one line, not computed without it
+        def __init__(self, blocks):
+            super().__init__()
+            self.blocks = blocks
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x, is_causal=True)
+            return x
+
+    model.blocks = Masked(model.blocks)
+    with pytest.raises(sl.ConfigError, match="attention mask"):
+        sl.explain(model, images, name)

@@ -229,6 +229,8 @@ def test_bad_counterfactual_inputs_fail_in_one_line():
         cf.cout(model, x, x_cf, 0, lambda out: out[:, 0])
     with pytest.raises(InputError, match="out of range"):
         cf.cout(model, x, x_cf, 0, 9)
+    with pytest.raises(InputError, match="^source: got 3 targets for 2 images"):  # names the argument at fault
+        cf.cout(model, x, x_cf, [0, 1, 2], 1)
     with pytest.raises(InputError, match="x="):
         cf.validity(model, x_cf)
     explanation = saliencylab.explain(model, x, "gradient", target=0)

@@ -8,7 +8,12 @@ L1 proximity term that keeps G(z) near the start image G(z_0):
 
 No mapping is learned (C3LT learns one per class pair, see counterfactuals.c3lt); each image is
 optimised on its own, for a fixed number of steps. The L1 proximity is C3LT's proximity loss without
-its mask terms (khorrams/c3lt, c3lt/helper.py `proximity_loss` with p1 = p2 = 0), per image.
+its mask terms (khorrams/c3lt, c3lt/helper.py `proximity_loss` with p1 = p2 = 0), per image, with one
+difference: C3LT measures it from the real query image (c3lt/train.py: `proximity_loss(imgs_1, imgs_1_cf)`,
+marked "TODO imgs v.s. recon_imgs"), here from the start image G(z_0) (only the codes are given); for
+the query's own code, G(z_0) is its reconstruction. C3LT averages its losses over the batch, here they
+are summed over the images (each code's gradient its own image's; Adam is invariant to that scale up to
+its epsilon).
 
 >>> x_cf, z_cf = latent_gradient_counterfactual(generator, classifier, z, target=8, steps=100)
 

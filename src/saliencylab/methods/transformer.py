@@ -7,12 +7,18 @@ attribution, every block's `forward`; for AttnLRP / CP-LRP every LayerNorm's `fo
 session edit with an equivalent forward that routes relevance, and linear layers, LayerNorms and
 activations are hooked (session edits); all are undone at exit. A block must compute
 `x + attn(norm1(x))`, then `x + mlp(norm2(x))` (timm's `Block`, with its `ls1/ls2` and `drop_path1/2`
-where present); an attention module with a q/k norm or a norm after the mixing (timm's `qk_norm`,
-`scale_norm`) is refused with a ConfigError.
+where present; timm >= 1.0's `attn_mask` / `is_causal` keywords are accepted, a mask or causal attention
+refused); an attention module with a q/k norm or a norm after the mixing (timm's `qk_norm`, `scale_norm`) is
+refused with a ConfigError.
 
 Before the first batch, one forward pass of the unmodified model (no graph, counted in `cost`) gives the
 outputs the rewritten forward must reproduce; a model it does not reproduce is refused (ConfigError), not
 explained with the wrong graph.
+
+Licences: hila-chefer/Transformer-Explainability is MIT (Copyright (c) 2020 Hila Chefer); rachtibat/
+LRP-eXplains-Transformers is the Clear BSD License (SPDX BSD-3-Clause-Clear; Copyright (c) 2024
+Fraunhofer-Gesellschaft & the authors, R. Achtibat et al.): both allow adapting with this attribution;
+`safe_divide` and `layer_norm_constant_std` are adapted from them, the rest is written from their semantics.
 
 `transformer_attribution` follows hila-chefer/Transformer-Explainability (MIT), baselines/ViT/
 ViT_explanation_generator.py `LRP.generate_LRP` (method "transformer_attribution"), baselines/ViT/ViT_LRP.py
@@ -46,6 +52,8 @@ Differences from their code (deliberate):
 - Relevance below the first block's attention (its qkv, the embedding, the patch convolution) is never
   needed for the map and is not computed (their `relprop` runs the whole network down to the pixels).
 - A register token (Darcet et al.) is a prefix token: the map drops all `num_prefix_tokens` (theirs: 1).
+  A model whose head does not read the class token (timm's `global_pool` other than "token", or no
+  prefix token) is refused: the class token's row would not explain its prediction.
 - timm's LayerScale (`ls1`, `ls2`; absent from their ViT) gets the identity rule, as their LayerNorm does.
 - Rules are applied to modules: every nn.Linear (alpha=1), nn.LayerNorm, nn.Softmax and activation module
   (identity); an activation called as a function inside an MLP would get its ordinary gradient instead.
@@ -132,9 +140,13 @@ def vit_blocks(model: nn.Module, method: str) -> list[tuple[nn.Module, nn.Module
     return pairs
 
 
-def attention_forward(module: nn.Module, ops, x: torch.Tensor) -> torch.Tensor:
+def attention_forward(module: nn.Module, ops, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
     """timm's `Attention.forward` (explicit attention), with `ops` choosing how the products and the softmax
-    carry relevance. Same values as the module's own forward (up to rounding for a fused one)."""
+    carry relevance. Same values as the module's own forward (up to rounding for a fused one). timm >= 1.0
+    blocks pass `attn_mask` / `is_causal`; a mask or causal attention is refused (the rules assume none)."""
+    if attn_mask is not None or is_causal:
+        raise ConfigError("the relevance rules here cover unmasked self-attention; got an attention mask "
+                          "(attn_mask or is_causal)")
     B, N, _ = x.shape
     heads = module.num_heads
     head_dim = module.qkv.out_features // (3 * heads)
@@ -266,8 +278,8 @@ class _CheferOps:
         return self.switch(_add_rule, a + b, a, b)
 
 
-def _chefer_block_forward(block, ops, x):
-    x = ops.add(x, _branch(block, 1, block.attn(block.norm1(x)), ops.identity))
+def _chefer_block_forward(block, ops, x, **attention_keywords):  # timm >= 1.0: attn_mask, is_causal
+    x = ops.add(x, _branch(block, 1, block.attn(block.norm1(x), **attention_keywords), ops.identity))
     return ops.add(x, _branch(block, 2, block.mlp(block.norm2(x)), ops.identity))
 
 
@@ -281,6 +293,12 @@ class TransformerAttribution(_VitMethod):
     def check(self):
         super().check()
         vit_blocks(self.model, self.name)
+        # the map is the class token's row: without a class token feeding the head (timm's global_pool
+        # "avg", or no prefix token) that row is not the prediction's
+        prefix, pool = int(getattr(self.model, "num_prefix_tokens", 1)), getattr(self.model, "global_pool", "token")
+        if prefix < 1 or pool != "token":
+            raise ConfigError(f"method '{self.name}' reads the class token's row: the model needs a class token that "
+                              f"feeds its head (num_prefix_tokens {prefix}, global_pool {pool!r})")
 
     def _install(self, session, state):
         ops = _CheferOps(state)

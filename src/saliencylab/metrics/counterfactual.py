@@ -85,7 +85,10 @@ def _classes(spec, outputs: torch.Tensor, what: str) -> torch.Tensor:
     if callable(spec) and not isinstance(spec, torch.Tensor):
         raise InputError(f"the {what} of a counterfactual metric must be a class index (an int or one per image), "
                          "not a callable")
-    return resolve_target(spec, outputs).classes
+    try:
+        return resolve_target(spec, outputs).classes
+    except InputError as e:  # the message says "target"; name the argument at fault
+        raise InputError(f"{what}: {e}") from None
 
 
 def _forward(session, x: torch.Tensor, batch_size: int | None) -> torch.Tensor:
