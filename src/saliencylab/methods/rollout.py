@@ -41,7 +41,7 @@ import torch
 from ..core.errors import ConfigError
 from ..core.explanation import Explanation
 from ..core.targets import resolve_target, slice_target
-from .attention import attention_modules, capture_attention, is_vit, not_a_vit, prefix_tokens, recorded, token_grid
+from .attention import attention_modules, capture_attention, is_vit, not_a_vit, recorded, token_grid
 from .base import Method, Param, check_batch_size, register, upsample
 
 __all__ = ["AttentionRollout", "GradientRollout", "attention_modules", "is_vit", "rollout", "token_grid"]
@@ -59,6 +59,21 @@ def discard_lowest(fused: torch.Tensor, ratio: float) -> torch.Tensor:
     drop = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, flat.topk(k, -1, largest=False).indices, True)
     drop[:, 0] = False
     return flat.masked_fill(drop, 0.0).reshape(B, T, T)
+
+
+def class_token_feeds_head(method: str, model) -> None:
+    """The maps are the class token's row: refuse (one line) a model whose head does not read the class token
+    (timm's `global_pool` other than "token", e.g. "avg"; `has_class_token` False; no prefix token)."""
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
+    pool = getattr(model, "global_pool", "token")
+    if prefix < 1 or not getattr(model, "has_class_token", True):
+        reason = f"has no class token (num_prefix_tokens {prefix})"
+    elif pool != "token":
+        reason = f"pools the tokens for its head (global_pool {pool!r}), not reading the class token"
+    else:
+        return
+    raise ConfigError(f"method '{method}' reads the class token's row, but {type(model).__name__} {reason}: "
+                      f"that row would not explain its prediction")
 
 
 def rollout(attentions, head_fusion: str = "mean", discard_ratio: float = 0.0) -> torch.Tensor:
@@ -84,7 +99,7 @@ class _VitMethod(Method):
         check_batch_size(self.batch_size)
         if not is_vit(self.model):
             raise not_a_vit(self.name, self.model)
-        prefix_tokens(self.model)  # rollout reads the class token's row: refuse a model without one now
+        class_token_feeds_head(self.name, self.model)
 
 
 @register

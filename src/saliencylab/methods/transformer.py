@@ -99,10 +99,11 @@ from ..core.targets import resolve_target, slice_target
 from .base import ACTIVATIONS, Param, out_of_place, register, upsample
 from .propagation.composites import CONVOLUTIONS
 from .propagation.lrp import _pass_hook
-from .rollout import _VitMethod, _cat, attention_modules, token_grid
+from .attention import attention_kind, attention_modules, not_a_vit, token_grid
+from .rollout import _VitMethod, _cat
 
 __all__ = ["TransformerAttribution", "AttnLRP", "CPLRP", "vit_blocks", "safe_divide", "attention_forward",
-           "check_rewrite"]
+           "mha_attention_forward", "check_rewrite"]
 
 
 # -- the model's layout ----------------------------------------------------------------------------------
@@ -111,55 +112,123 @@ def _identity_or_absent(module, attr):
     return part is None or isinstance(part, nn.Identity)
 
 
-def vit_blocks(model: nn.Module, method: str) -> list[tuple[nn.Module, nn.Module]]:
-    """(block, attention) pairs in forward order, or one ConfigError line naming what cannot be rewritten."""
+def _torch_attention_problem(attn: nn.MultiheadAttention) -> str | None:
+    if attn.bias_k is not None or attn.bias_v is not None or attn.add_zero_attn:
+        return "it adds keys that are not tokens (bias_k / bias_v / add_zero_attn)"
+    if not attn._qkv_same_embed_dim or attn.in_proj_weight is None:
+        return "its keys / values have their own sizes (kdim / vdim): not self-attention over the tokens"
+    return None
+
+
+def _timm_attention_problem(attn: nn.Module) -> str | None:
+    if not isinstance(getattr(attn, "proj", None), nn.Module):
+        return "it has no `proj` output layer"
+    if attn.qkv.out_features % (3 * attn.num_heads):
+        return f"qkv's {attn.qkv.out_features} outputs are not 3 x {attn.num_heads} heads"
+    if not all(_identity_or_absent(attn, a) for a in ("q_norm", "k_norm", "norm")):
+        return "it normalises q, k or the mixed values (q_norm / k_norm / norm)"
+    return None
+
+
+# where a block holds its attention, and the parts its forward uses: timm's Block, torchvision's EncoderBlock
+BLOCK_LAYOUTS = {"timm": ("attn", ("norm1", "norm2", "mlp")),
+                 "torch": ("self_attention", ("ln_1", "ln_2", "mlp"))}
+
+
+def vit_blocks(model: nn.Module, method: str) -> list[tuple[nn.Module, nn.Module, str]]:
+    """(block, attention, layout) triples in forward order, layout "timm" (timm's `Block`: `norm1`, `attn` with
+    a `qkv` Linear and `proj`, `norm2`, `mlp`) or "torch" (torchvision's `EncoderBlock`: `ln_1`,
+    `self_attention` = nn.MultiheadAttention, `ln_2`, `mlp`); or one ConfigError line naming what cannot be
+    rewritten."""
     attentions = attention_modules(model)
     if not attentions:
-        raise ConfigError(f"method '{method}' needs a vision transformer with timm-style attention modules "
-                          f"(`qkv` Linear, `num_heads`); {type(model).__name__} has none")
-    parents = {id(getattr(m, "attn", None)): (n, m) for n, m in model.named_modules()}
-    pairs = []
+        raise not_a_vit(method, model)
+    parents = {}
+    for n, m in model.named_modules():
+        for kind, (attr, _) in BLOCK_LAYOUTS.items():
+            child = getattr(m, attr, None)
+            if isinstance(child, nn.Module):
+                parents[id(child)] = (n, m, kind)
+    triples = []
     for name, attn in attentions:
-        problem = None
-        if not isinstance(getattr(attn, "proj", None), nn.Module):
-            problem = "it has no `proj` output layer"
-        elif attn.qkv.out_features % (3 * attn.num_heads):
-            problem = f"qkv's {attn.qkv.out_features} outputs are not 3 x {attn.num_heads} heads"
-        elif not all(_identity_or_absent(attn, a) for a in ("q_norm", "k_norm", "norm")):
-            problem = "it normalises q, k or the mixed values (q_norm / k_norm / norm)"
-        elif id(attn) not in parents:
-            problem = "no parent block holds it as `attn`"
-        else:
-            block = parents[id(attn)][1]
-            missing = [a for a in ("norm1", "norm2", "mlp") if not isinstance(getattr(block, a, None), nn.Module)]
-            if missing:
-                problem = f"its block '{parents[id(attn)][0]}' has no {', '.join(missing)}"
+        kind = attention_kind(attn)
+        problem = _torch_attention_problem(attn) if kind == "torch" else _timm_attention_problem(attn)
+        attr, parts = BLOCK_LAYOUTS[kind]
+        if problem is None:
+            if id(attn) not in parents or parents[id(attn)][2] != kind:
+                problem = f"no parent block holds it as `{attr}`"
+            else:
+                block_name, block, _ = parents[id(attn)]
+                missing = [a for a in parts if not isinstance(getattr(block, a, None), nn.Module)]
+                if missing:
+                    problem = f"its block '{block_name}' has no {', '.join(missing)}"
         if problem:
             raise ConfigError(f"method '{method}' cannot rewrite attention module '{name}': {problem}")
-        pairs.append((parents[id(attn)][1], attn))
-    return pairs
+        triples.append((parents[id(attn)][1], attn, kind))
+    return triples
+
+
+def _mix_heads(ops, qkv: torch.Tensor, heads: int, scale: float, drop=None) -> torch.Tensor:
+    """(B, N, 3 heads d) packed q | k | v (timm's qkv output, nn.MultiheadAttention's in_proj output: the same
+    layout) -> (B, N, heads d) = softmax(q k^T * scale) v per head, with `ops` carrying the relevance."""
+    B, N, _ = qkv.shape
+    head_dim = qkv.shape[-1] // (3 * heads)
+    q, k, v = qkv.reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    attn = ops.softmax(ops.scores(q, k, scale))
+    if drop is not None:
+        attn = drop(attn)
+    return ops.mix(attn, v).transpose(1, 2).reshape(B, N, heads * head_dim)
+
+
+def _refuse_masks(attn_mask, is_causal, key_padding_mask=None):
+    if attn_mask is not None or is_causal or key_padding_mask is not None:
+        raise ConfigError("the relevance rules here cover unmasked self-attention; got an attention mask "
+                          "(attn_mask, key_padding_mask or is_causal)")
 
 
 def attention_forward(module: nn.Module, ops, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
     """timm's `Attention.forward` (explicit attention), with `ops` choosing how the products and the softmax
     carry relevance. Same values as the module's own forward (up to rounding for a fused one). timm >= 1.0
     blocks pass `attn_mask` / `is_causal`; a mask or causal attention is refused (the rules assume none)."""
-    if attn_mask is not None or is_causal:
-        raise ConfigError("the relevance rules here cover unmasked self-attention; got an attention mask "
-                          "(attn_mask or is_causal)")
-    B, N, _ = x.shape
+    _refuse_masks(attn_mask, is_causal)
     heads = module.num_heads
-    head_dim = module.qkv.out_features // (3 * heads)
-    scale = getattr(module, "scale", head_dim ** -0.5)
-    q, k, v = module.qkv(x).reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    attn = ops.softmax(ops.scores(q, k, scale))
+    scale = getattr(module, "scale", (module.qkv.out_features // (3 * heads)) ** -0.5)
     drop = getattr(module, "attn_drop", None)
-    if isinstance(drop, nn.Module):
-        attn = drop(attn)
-    out = ops.mix(attn, v).transpose(1, 2).reshape(B, N, heads * head_dim)
+    out = _mix_heads(ops, module.qkv(x), heads, scale, drop if isinstance(drop, nn.Module) else None)
     out = module.proj(out)
     drop = getattr(module, "proj_drop", None)
     return drop(out) if isinstance(drop, nn.Module) else out
+
+
+def mha_attention_forward(module: nn.MultiheadAttention, ops, query, key, value, key_padding_mask=None,
+                          need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False):
+    """nn.MultiheadAttention's forward for self-attention (torchvision's `EncoderBlock` calls it with
+    query = key = value = x), as the timm attention above: the packed `in_proj_weight` / `in_proj_bias` is
+    timm's `qkv` (rows [0:E] q, [E:2E] k, [2E:3E] v, heads contiguous in each: the same layout), through
+    `ops.linear` (it is not a module a hook could reach); `out_proj` is called as the module it is. Scale
+    1 / sqrt(head_dim), as torch's. Returns (output, weights or None) as the module does."""
+    _refuse_masks(attn_mask, is_causal, key_padding_mask)
+    if key is not query or value is not query or query.dim() != 3:
+        raise ConfigError("the relevance rules here cover batched self-attention: nn.MultiheadAttention must be "
+                          "called with query, key and value the same (B, T, E) tensor")
+    x = query if module.batch_first else query.transpose(0, 1)
+    qkv = ops.linear(x, module.in_proj_weight, module.in_proj_bias)
+    seen = []
+    drop = None
+    if module.training and module.dropout > 0:  # methods run the model in eval mode; kept for equivalence
+        def drop(a):
+            return F.dropout(a, p=module.dropout)
+
+    def keep(a):
+        a = a if drop is None else drop(a)
+        seen.append(a)
+        return a
+    out = module.out_proj(_mix_heads(ops, qkv, module.num_heads, module.head_dim ** -0.5, keep))
+    if not module.batch_first:
+        out = out.transpose(0, 1)
+    if not need_weights:
+        return out, None
+    return out, seen[0].mean(1) if average_attn_weights else seen[0]
 
 
 def check_rewrite(method: str, out: torch.Tensor, reference: torch.Tensor) -> None:
@@ -171,8 +240,8 @@ def check_rewrite(method: str, out: torch.Tensor, reference: torch.Tensor) -> No
     if out.shape != reference.shape or not torch.allclose(out, reference, rtol=tol, atol=tol * max(scale, 1e-6)):
         diff = float((out - reference).abs().max()) if out.shape == reference.shape else float("nan")
         raise ConfigError(f"method '{method}': the rewritten forward does not reproduce the model's outputs (max "
-                          f"difference {diff:.3g}); its blocks must compute x + attn(norm1(x)), x + mlp(norm2(x)) and "
-                          "its attention modules timm's softmax(q k^T * scale) v")
+                          f"difference {diff:.3g}); its blocks must compute x + attn(norm1(x)), x + mlp(norm2(x)) "
+                          "(torchvision: ln_1, self_attention, ln_2) and its attention softmax(q k^T * scale) v")
 
 
 def _branch(block, index, h, identity):
@@ -274,6 +343,9 @@ class _CheferOps:
     def identity(self, y, x):
         return self.switch(_identity_rule, y, x)
 
+    def linear(self, x, weight, bias):  # nn.MultiheadAttention's in_proj: the Linear rule, as on timm's qkv
+        return self.switch(_linear_alpha1(weight), F.linear(x, weight, bias), x)
+
     def add(self, a, b):
         return self.switch(_add_rule, a + b, a, b)
 
@@ -281,6 +353,25 @@ class _CheferOps:
 def _chefer_block_forward(block, ops, x, **attention_keywords):  # timm >= 1.0: attn_mask, is_causal
     x = ops.add(x, _branch(block, 1, block.attn(block.norm1(x), **attention_keywords), ops.identity))
     return ops.add(x, _branch(block, 2, block.mlp(block.norm2(x)), ops.identity))
+
+
+def _chefer_encoder_block_forward(block, ops, input):
+    """torchvision's `EncoderBlock.forward` (torchvision/models/vision_transformer.py): ln_1, self_attention,
+    dropout, + input; ln_2, mlp, + x; the residuals through the Add rule (symmetric in its two parts)."""
+    x = block.ln_1(input)
+    x, _ = block.self_attention(query=x, key=x, value=x, need_weights=False)
+    drop = getattr(block, "dropout", None)
+    if isinstance(drop, nn.Module):
+        x = drop(x)
+    x = ops.add(input, x)
+    return ops.add(x, block.mlp(block.ln_2(x)))
+
+
+BLOCK_FORWARDS = {"timm": _chefer_block_forward, "torch": _chefer_encoder_block_forward}
+
+
+def _attention_forward(attn, kind, ops):
+    return functools.partial(attention_forward if kind == "timm" else mha_attention_forward, attn, ops)
 
 
 @register
@@ -291,20 +382,14 @@ class TransformerAttribution(_VitMethod):
                    "over the patches. ViTs only.")
 
     def check(self):
-        super().check()
+        super().check()  # also: a class token that feeds the head (the map is its row)
         vit_blocks(self.model, self.name)
-        # the map is the class token's row: without a class token feeding the head (timm's global_pool
-        # "avg", or no prefix token) that row is not the prediction's
-        prefix, pool = int(getattr(self.model, "num_prefix_tokens", 1)), getattr(self.model, "global_pool", "token")
-        if prefix < 1 or pool != "token":
-            raise ConfigError(f"method '{self.name}' reads the class token's row: the model needs a class token that "
-                              f"feeds its head (num_prefix_tokens {prefix}, global_pool {pool!r})")
 
     def _install(self, session, state):
         ops = _CheferOps(state)
-        for block, attn in vit_blocks(self.model, self.name):
-            session.set_attr(attn, "forward", functools.partial(attention_forward, attn, ops))
-            session.set_attr(block, "forward", functools.partial(_chefer_block_forward, block, ops))
+        for block, attn, kind in vit_blocks(self.model, self.name):
+            session.set_attr(attn, "forward", _attention_forward(attn, kind, ops))
+            session.set_attr(block, "forward", functools.partial(BLOCK_FORWARDS[kind], block, ops))
 
         def hook(rule_for):
             def fn(module, args, output):
@@ -352,7 +437,7 @@ class TransformerAttribution(_VitMethod):
                     if r is None:
                         r = torch.eye(cam.shape[-1], dtype=cam.dtype, device=cam.device).expand_as(cam)
                     r = r + cam @ r
-                maps.append(token_grid(self.model, r[:, 0]).detach())
+                maps.append(token_grid(self.model, r[:, 0], x.shape[-2:]).detach())
                 outputs.append(out.detach())
                 classes.append(resolved.classes)
         lowres = torch.cat(maps)
@@ -396,7 +481,15 @@ def half(x):
 
 
 class _AttnLRPOps:
-    """The uniform rule on both products; the softmax's own gradient (AttnLRP's softmax rule)."""
+    """The uniform rule on both products; the softmax's own gradient (AttnLRP's softmax rule); the epsilon
+    rule on nn.MultiheadAttention's in_proj (as the hooks give it on every Linear module)."""
+
+    def __init__(self, eps: float = 0.0):
+        self.eps = eps
+
+    def linear(self, x, weight, bias):
+        z = F.linear(x, weight, bias)
+        return _EpsilonGrad.apply(z, self.eps) if self.eps > 0 and z.requires_grad else z
 
     def scores(self, q, k, scale):
         return (half(q) * scale) @ half(k).transpose(-2, -1)
@@ -444,10 +537,10 @@ class _GradientTimesInput(_VitMethod):
         vit_blocks(self.model, self.name)
 
     def _install(self, session):
-        ops = self.ops()
-        for _, attn in vit_blocks(self.model, self.name):
-            session.set_attr(attn, "forward", functools.partial(attention_forward, attn, ops))
         eps = float(self.epsilon)
+        ops = self.ops(eps)
+        for _, attn, kind in vit_blocks(self.model, self.name):
+            session.set_attr(attn, "forward", _attention_forward(attn, kind, ops))
 
         def epsilon_hook(module, args, output):
             if isinstance(output, torch.Tensor) and output.requires_grad:
