@@ -94,12 +94,14 @@ class _VitMethod(Method):
     input_space = False  # maps live on the token grid, upsampled
 
     batch_size = Param(32, "images per pass")
+    reads_class_token = True  # the map is the class token's row (AttnLRP / CP-LRP: False, maps at the pixels)
 
     def check(self):
         check_batch_size(self.batch_size)
         if not is_vit(self.model):
             raise not_a_vit(self.name, self.model)
-        class_token_feeds_head(self.name, self.model)
+        if self.reads_class_token:
+            class_token_feeds_head(self.name, self.model)
 
 
 @register

@@ -526,6 +526,7 @@ def layer_norm_constant_std(module: nn.LayerNorm, x: torch.Tensor) -> torch.Tens
 
 class _GradientTimesInput(_VitMethod):
     input_space = True
+    reads_class_token = False  # gradient x input at the pixels: any head (class token or pooled) is explained
     ops = _AttnLRPOps
 
     epsilon = Param(1e-6, "epsilon of the epsilon rule on linear and convolution layers (0: plain gradient x input)")
