@@ -8,7 +8,10 @@ materialises the weights; hooking `attn_drop` then silently collects nothing) an
 records the (B, heads, T, T) softmax output; on `nn.MultiheadAttention` (torchvision's
 VisionTransformer, `encoder.layers.encoder_layer_i.self_attention`) the module's `forward` is swapped
 for the same math written out, which exposes the per-head weights in the graph. A model with neither
-is refused in one line, and so is an attention module that recorded nothing.
+is refused in one line, and so is an attention module that recorded nothing. Both methods (and the
+transformer attribution) read the class token's row, so a model whose head does not read the class token
+(timm's `global_pool` other than "token", e.g. "avg"; `has_class_token` False; `num_prefix_tokens` 0) is
+refused in one line (`class_token_feeds_head`): that row would not explain its prediction.
 
 `attention_rollout` follows jacobgil/vit-explain (MIT) `vit_rollout.py`, function `rollout`: per block,
 heads fused (mean | max | min), the lowest `discard_ratio` of the fused (T x T) matrix's entries set to

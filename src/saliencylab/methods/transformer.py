@@ -1,6 +1,18 @@
 """Relevance propagation through vision transformers: Chefer et al.'s transformer attribution (CVPR 2021)
-and AttnLRP / CP-LRP (Achtibat et al. ICML 2024), batched, on timm-style ViTs (`blocks[i]` with `norm1`,
-`attn` (`qkv` Linear, `num_heads`, `proj`), `norm2`, `mlp`; e.g. saliencylab.models.vit).
+and AttnLRP / CP-LRP (Achtibat et al. ICML 2024), batched, on two layouts (`vit_blocks`):
+- timm-style ViTs (`blocks[i]` with `norm1`, `attn` (`qkv` Linear, `num_heads`, `proj`), `norm2`, `mlp`;
+  e.g. saliencylab.models.vit);
+- torchvision's VisionTransformer (torchvision/models/vision_transformer.py, `EncoderBlock`: `ln_1`,
+  `self_attention` = nn.MultiheadAttention(batch_first=True) called with query = key = value, `dropout`,
+  residual, `ln_2`, `mlp` = MLPBlock(Linear, GELU, Dropout, Linear, Dropout); `encoder.ln`; `heads.head`
+  reading the class token x[:, 0]). The rules are the timm path's, unchanged: the packed `in_proj_weight` /
+  `in_proj_bias` is timm's `qkv` (same row layout: q | k | v, heads contiguous), given the Linear rule
+  explicitly (`ops.linear`; it is a parameter, not a module a hook reaches), `out_proj` is timm's `proj`
+  (called as its module, so hooked as every Linear), scale 1 / sqrt(head_dim) as both. The same weights in
+  either layout give the same maps (tests/methods/test_transformer_torchvision.py).
+  nn.MultiheadAttention with bias_k / bias_v / add_zero_attn or its own kdim / vdim, a mask
+  (attn_mask, key_padding_mask, is_causal), cross-attention, or a parent other than a block holding it as
+  `self_attention` with `ln_1`, `ln_2`, `mlp` (e.g. nn.TransformerEncoderLayer) is refused in one line.
 
 The model is never rewritten: for the call every attention module's `forward` (and, for the transformer
 attribution, every block's `forward`; for AttnLRP / CP-LRP every LayerNorm's `forward`) is replaced by a
@@ -8,8 +20,9 @@ session edit with an equivalent forward that routes relevance, and linear layers
 activations are hooked (session edits); all are undone at exit. A block must compute
 `x + attn(norm1(x))`, then `x + mlp(norm2(x))` (timm's `Block`, with its `ls1/ls2` and `drop_path1/2`
 where present; timm >= 1.0's `attn_mask` / `is_causal` keywords are accepted, a mask or causal attention
-refused); an attention module with a q/k norm or a norm after the mixing (timm's `qk_norm`, `scale_norm`) is
-refused with a ConfigError.
+refused; torchvision's `EncoderBlock`: the same with ln_1 / ln_2 and its dropout after the attention); an
+attention module with a q/k norm or a norm after the mixing (timm's `qk_norm`, `scale_norm`) is refused
+with a ConfigError.
 
 Before the first batch, one forward pass of the unmodified model (no graph, counted in `cost`) gives the
 outputs the rewritten forward must reproduce; a model it does not reproduce is refused (ConfigError), not
@@ -55,6 +68,8 @@ Differences from their code (deliberate):
   A model whose head does not read the class token (timm's `global_pool` other than "token", or no
   prefix token) is refused: the class token's row would not explain its prediction.
 - timm's LayerScale (`ls1`, `ls2`; absent from their ViT) gets the identity rule, as their LayerNorm does.
+- torchvision's ViT (no code of theirs covers it) gets their ViT's rules: in_proj as their `qkv` Linear,
+  out_proj as their `proj`, ln_1 / ln_2 / encoder.ln identity, the residuals their Add rule.
 - Rules are applied to modules: every nn.Linear (alpha=1), nn.LayerNorm, nn.Softmax and activation module
   (identity); an activation called as a function inside an MLP would get its ordinary gradient instead.
 
@@ -82,6 +97,11 @@ Differences from LXT: LXT's efficient ViT example uses zennit's Gamma rule for L
 gradient x input, LXT's default for language models); LXT's explicit `linear_epsilon` stabilises with
 z + eps for every z (ours: z + eps sign(z), as the project's LRP rules); the identity rule's ratio is
 f(x) / x with 0 where x = 0 (LXT: f(x) / (x + 1e-10)).
+On torchvision's ViT LXT (lxt/efficient/models/vit_torch.py, `cp_LRP`; it has no AttnLRP map for it) keeps
+nn.MultiheadAttention's own forward and detaches query and key (`cp_multi_head_attention_forward`), so its
+in_proj and out_proj, which that forward uses as parameters and never calls as modules, get the plain gradient
+(no Linear rule); here they get the epsilon rule as timm's qkv / proj do (`epsilon=0`: plain gradient there as
+everywhere). The values' relevance (CP-LRP) is the same: only the q / k paths are cut in both.
 """
 
 from __future__ import annotations
