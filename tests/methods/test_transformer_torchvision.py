@@ -66,6 +66,28 @@ def test_the_mapped_model_computes_the_same(images):
         assert tv(images).std(0).max() > 1e-2  # the images are told apart: the cross-check can fail
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("average", [True, False])
+def test_the_rewritten_attention_equals_the_module(batch_first, average):
+    from saliencylab.methods.transformer import _AttnLRPOps, _CheferOps, mha_attention_forward
+
+    torch.manual_seed(1)
+    mha = nn.MultiheadAttention(16, 4, batch_first=batch_first).double().eval()
+    with torch.no_grad():
+        for p in mha.parameters():
+            p.normal_(0, 0.5)
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    x = x if batch_first else x.transpose(0, 1)
+    with torch.no_grad():
+        ref, ref_w = mha(x, x, x, need_weights=True, average_attn_weights=average)
+    for ops in (_AttnLRPOps(0.05), _CheferOps({"relevance": False, "attentions": []})):
+        out, w = mha_attention_forward(mha, ops, x, x, x, need_weights=True, average_attn_weights=average)
+        assert torch.allclose(out, ref, atol=1e-12) and torch.allclose(w, ref_w, atol=1e-12)
+        assert mha_attention_forward(mha, ops, x, x, x, need_weights=False)[1] is None
+    with pytest.raises(sl.ConfigError, match="self-attention"):
+        mha_attention_forward(mha, _AttnLRPOps(), x, x.clone(), x)  # cross-attention (key is another tensor)
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_same_maps_as_the_timm_layout_and_the_references(name, images):
     tv = tv_vit()
@@ -81,9 +103,8 @@ def test_same_maps_as_the_timm_layout_and_the_references(name, images):
     assert torch.equal(e.targets, targets) and torch.allclose(e.outputs, same.outputs)
     if name == "transformer_attribution":
         assert e.maps.shape == (3, 16, 16) and e.lowres.shape == (3, 4, 4)
-        for i in range(3):
-            ref = reference(timm, images[i], int(targets[i]))
-            assert torch.allclose(e.lowres[i], ref, rtol=1e-7, atol=1e-10), float((e.lowres[i] - ref).abs().max())
+        ref = reference(timm, images[1], int(targets[1]))  # one image: the loops are slow; the rest is equal above
+        assert torch.allclose(e.lowres[1], ref, rtol=1e-7, atol=1e-10), float((e.lowres[1] - ref).abs().max())
     else:
         ref, _, _ = hand_relevance(timm, images, targets, name == "cp_lrp", 0.05)
         assert torch.allclose(e.maps, ref, rtol=1e-8, atol=1e-12), float((e.maps - ref).abs().max())
