@@ -20,6 +20,7 @@ reproduction of a published ViT training recipe: no warm-up, augmentation, weigh
 from __future__ import annotations
 
 import os
+import pickle
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -145,7 +146,7 @@ def train(design: Design, seed: int = 0, steps: int | None = None, model: str = 
 def _load_disk(path: Path) -> dict | None:
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError):   # missing or unreadable: train again
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError):  # missing or unreadable: train again
         return None
     if not isinstance(record, dict) or not {"state_dict", "accuracy"} <= set(record):
         return None
