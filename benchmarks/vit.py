@@ -114,6 +114,10 @@ def main(argv=None) -> int:
                      f"{r['ratio_to_bound']:.2f} | {r['forward_images']}/{r['backward_images']} | {r['rows_per_pass']} |")
     lines += [""] + [f"- {m} skipped: {why}" for m, why in skipped.items()]
     lines += [f"- {m} failed: {why}" for m, why in failed.items()]
+    lines += ["", "Ratios well above 1 on a model this small are per-call work that does not scale with the passes: "
+              "attention_rollout runs the explicit softmax attention (the fused kernel the bound's forward uses never "
+              "materialises the weights) and multiplies the T x T matrices; FullGrad hooks every layer's "
+              "bias-gradient; extremal perturbation builds and smooths its masks at every step."]
     lines += ["", "Unit costs (s/image) by rows per pass: " + ", ".join(
         f"{k}: fwd {v['forward']:.2e}, fwd+bwd {v['forward_backward']:.2e}"
         for k, v in result["unit_costs_by_rows"].items()) + "."]
