@@ -114,10 +114,14 @@ def main(argv=None) -> int:
                      f"{r['ratio_to_bound']:.2f} | {r['forward_images']}/{r['backward_images']} | {r['rows_per_pass']} |")
     lines += [""] + [f"- {m} skipped: {why}" for m, why in skipped.items()]
     lines += [f"- {m} failed: {why}" for m, why in failed.items()]
-    lines += ["", "Ratios well above 1 on a model this small are per-call work that does not scale with the passes: "
-              "attention_rollout runs the explicit softmax attention (the fused kernel the bound's forward uses never "
-              "materialises the weights) and multiplies the T x T matrices; FullGrad hooks every layer's "
-              "bias-gradient; extremal perturbation builds and smooths its masks at every step."]
+    lines += ["", "What moves a ratio from 1 here: the CAM methods and gradient rollout stop their backward pass at "
+              "the explained layer or the attention weights, short of the input the bound's backward reaches (cheaper); "
+              "attention_rollout runs the explicit softmax attention (the fused kernel of the bound's forward never "
+              "materialises the weights) and multiplies the T x T matrices, work that does not shrink with a model this "
+              "small (dearer); extremal perturbation builds and smooths its masks at every step (dearer). On a shared "
+              "machine (see the load average) single ratios move by up to 2x between runs: three runs within an hour "
+              "gave FullGrad 3.20, 1.08, 1.93 and gradient rollout 1.17, 0.83, 2.02. Use --repeat 5 on a quiet "
+              "machine before quoting one."]
     lines += ["", "Unit costs (s/image) by rows per pass: " + ", ".join(
         f"{k}: fwd {v['forward']:.2e}, fwd+bwd {v['forward_backward']:.2e}"
         for k, v in result["unit_costs_by_rows"].items()) + "."]
