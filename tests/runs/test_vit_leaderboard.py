@@ -28,7 +28,10 @@ def test_default_suites_are_unchanged():
     assert bench.resolve_methods("default", "groundtruth") == list(bench.DEFAULT_METHODS)
     assert not set(bench.VIT_METHODS) & set(bench.resolve_methods(None, "groundtruth"))
     assert bench.resolve_methods("default", "groundtruth-vit") == list(bench.DEFAULT_METHODS + bench.VIT_METHODS)
-    assert set(bench.VIT_METHODS) <= set(bench.resolve_methods("all", "groundtruth-vit"))
+    from saliencylab import methods
+
+    assert set(methods.available(requires="vit")) >= set(bench.VIT_METHODS)
+    assert set(methods.available(requires="vit")) <= set(bench.resolve_methods("all", "groundtruth-vit"))
     assert not set(bench.VIT_METHODS) & set(bench.resolve_methods("all", "groundtruth"))
     assert "groundtruth-vit" in bench.SUITES
 

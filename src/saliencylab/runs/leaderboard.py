@@ -63,7 +63,8 @@ DEFAULT_METHODS = ("gradient", "input_x_gradient", "integrated_gradients", "smoo
 # area) would take most of the time: it runs there with --methods or --full.
 PHOTO_DEFAULT_METHODS = tuple(m for m in DEFAULT_METHODS if m != "extremal_perturbation")
 
-# Methods for vision transformers only (`requires="vit"`): added to the default list on the ViT suite.
+# Methods for vision transformers only (`requires="vit"`): added to the default list on the ViT suite;
+# `--methods all` there adds every registered method with requires="vit".
 VIT_METHODS = ("attention_rollout", "gradient_rollout")
 # Methods that rewrite the backward pass of ReLU modules: nothing to rewrite in a GELU ViT.
 _RELU_RULE_METHODS = ("guided_backprop", "deconvnet", "rectgrad")
@@ -130,7 +131,7 @@ def resolve_methods(text: str | Sequence[str] | None, suite: str = "groundtruth"
         return list(DEFAULT_METHODS if suite == "groundtruth" or full else PHOTO_DEFAULT_METHODS)
     names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
     if names == ["all"]:
-        return _methods.available(requires=None) + (list(VIT_METHODS) if vit else [])
+        return _methods.available(requires=None) + (_methods.available(requires="vit") if vit else [])
     return [_methods.get(n).name for n in names if n]
 
 
@@ -152,10 +153,11 @@ def vit_cam_layer(model: torch.nn.Module) -> str:
 
 def vit_method_params(names: Sequence[str], model: torch.nn.Module, data=None) -> dict:
     """The small-image settings, with the CAM-family methods (those with a `layout` parameter: Grad-CAM,
-    Grad-CAM++, LayerCAM, Score-CAM) pointed at `vit_cam_layer` as tokens. Without it their default
-    policy (the last spatial layer the gradient reaches) picks `blocks[-1].attn.qkv`, whose 3*dim
-    channels mix queries, keys and values. IBA keeps its default layer: the patch embedding
-    (`patch_embed.proj`), the ViT's only (C, h, w) layer."""
+    Grad-CAM++, LayerCAM, Score-CAM) pointed at `vit_cam_layer` as tokens: explicit, so every row names
+    its layer and the column does not move with the default-layer policy (which, unless it skips fused
+    query/key/value projections, picks `blocks[-1].attn.qkv`, whose 3*dim channels mix queries, keys
+    and values). IBA keeps its default layer: the patch embedding (`patch_embed.proj`), the ViT's only
+    (C, h, w) layer."""
     params = method_params_for(names, small=True, data=data)
     layer = vit_cam_layer(model)
     for n in names:
