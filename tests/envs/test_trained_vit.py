@@ -108,6 +108,14 @@ def test_vit_training_is_deterministic_and_one_threaded(monkeypatch):
 def test_unknown_model_kind_is_one_clear_line():
     with pytest.raises(ConfigError, match="model must be one of cnn, vit"):
         trained.trained_environment(NAME, model="resnet")
+    with pytest.raises(ConfigError, match="model must be one of cnn, vit"):
+        envs.load(NAME, model="resnet")
+
+
+def test_envs_load_gives_the_trained_vit(env):
+    loaded = envs.load(NAME, model="vit")
+    assert loaded.trained and type(loaded.model) is type(env.model)
+    assert same_weights(loaded.model, env.model)
 
 
 def _data(name, batch):

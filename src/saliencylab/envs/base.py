@@ -120,9 +120,14 @@ def available() -> list[str]:
     return registry.available()
 
 
-def load(name: str, trained: bool = False, seed: int = 0) -> Environment:
-    """The environment `name` with its designed network, or (trained=True) a small CNN trained on
-    the same data from `seed` (cached in-process and on disk, see `envs.trained`)."""
+def load(name: str, trained: bool = False, seed: int = 0, model: str = "cnn") -> Environment:
+    """The environment `name` with its designed network, or (trained=True) a small network trained on
+    the same data from `seed` (cached in-process and on disk, see `envs.trained`): the CNN, or with
+    model="vit" a small ViT (designed networks are CNNs: a ViT is always trained)."""
+    if model != "cnn":
+        from .trained import trained_environment
+
+        return trained_environment(name, seed, model)
     design = get(name)()
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"seed must be an int, got {seed!r}")

@@ -65,7 +65,7 @@ PHOTO_DEFAULT_METHODS = tuple(m for m in DEFAULT_METHODS if m != "extremal_pertu
 
 # Methods for vision transformers only (`requires="vit"`): added to the default list on the ViT suite;
 # `--methods all` there adds every registered method with requires="vit".
-VIT_METHODS = ("attention_rollout", "gradient_rollout")
+VIT_METHODS = ("attention_rollout", "gradient_rollout", "transformer_attribution", "attnlrp", "cp_lrp")
 # Methods that rewrite the backward pass of ReLU modules: nothing to rewrite in a GELU ViT.
 _RELU_RULE_METHODS = ("guided_backprop", "deconvnet", "rectgrad")
 
