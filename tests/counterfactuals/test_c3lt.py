@@ -187,6 +187,49 @@ def test_total_loss_combines_the_terms_as_the_authors():
     assert C3LT(gen, enc, clf, None, source=0, target=2).config["gamma"] == 0.0
 
 
+def test_loss_terms_with_moving_maps_follow_the_authors_train_loop():
+    # khorrams/c3lt c3lt/train.py (train_c3lt): x1 -> g -> x1_cf -> h -> x1_cyc, x2 -> h -> x2_cf -> g -> x2_cyc;
+    # the cycle compares the images and the latents with the queries', the adversarial term scores the
+    # two counterfactuals and the two cycled images (zero maps, above, cannot tell these apart)
+    nets, x1, x2 = toy()
+    gen, enc, clf, disc = nets
+    model = make(nets)
+    with torch.no_grad():
+        model._maps(enc(x1[:1]))
+        model.g.T2[0].weight.mul_(4)
+        model.h.T2[0].weight.mul_(-3)
+    x1, x2 = x1[:8], x2[:8]
+    with model._frozen() as features:
+        t = model.loss_terms(x1, x2, features)
+    with torch.no_grad():
+        z1, z2 = enc(x1), enc(x2)
+        z1_cf, z2_cf = latent_step(z1, model.g)[-1], latent_step(z2, model.h)[-1]
+        z1_cyc, z2_cyc = latent_step(z1_cf, model.h)[-1], latent_step(z2_cf, model.g)[-1]
+        c1, c2, y1, y2 = gen(z1_cf), gen(z2_cf), gen(z1_cyc), gen(z2_cyc)
+        assert (c1 - y1).abs().mean() > 0.05 and (z1_cyc - z1_cf).abs().mean() > 0.05  # the test can tell
+
+        def feats(v):
+            return [clf.features(v)]
+
+        want = {
+            "cls": (F.cross_entropy(clf(c1), torch.full((8,), 2)) + F.cross_entropy(clf(c2), torch.full((8,), 0))) / 2,
+            "prox": (proximity_loss(x1, c1) + proximity_loss(x2, c2)) / 2,
+            "cyc": (perceptual_loss(x1, y1, feats) + perceptual_loss(x2, y2, feats) + F.l1_loss(z1, z1_cyc)
+                    + F.l1_loss(z2, z2_cyc)) / 4,
+            "adv": (adversarial_loss(disc(c2)) + adversarial_loss(disc(c1)) + adversarial_loss(disc(y1))
+                    + adversarial_loss(disc(y2))) / 4}
+    for name, v in want.items():
+        assert float(t[name].detach()) == pytest.approx(float(v), rel=1e-5), name
+
+
+def test_learning_rate_halves_per_epoch_not_per_batch():
+    # the authors' StepLR steps once per epoch (train_c3lt: scheduler.step() after the batches);
+    # 20 target images at batch 8: three batches an epoch
+    nets, x1, x2 = toy()
+    history = make(nets, decay_step=2, decay_gamma=0.5).fit(x1, x2, epochs=5, progress=False)
+    assert [r["lr"] for r in history] == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4])
+
+
 def test_training_gives_cycle_consistent_valid_counterfactuals_and_leaves_the_networks_alone():
     nets, x1, x2 = toy()
     gen, enc, clf, disc = nets
@@ -257,6 +300,10 @@ def test_resume_after_an_interrupt_is_bit_identical(tmp_path):
     # a saved state explains the same as the trained object
     again = make(nets).load_state_dict(resumed.state_dict())
     assert torch.equal(again.explain(x1).images, resumed.explain(x1).images)
+    # batch invariance: explaining in batches of 5 gives what one batch gives
+    whole, parts = resumed.explain(x1), resumed.explain(x1, batch_size=5)
+    for name in ("images", "masks", "probabilities", "latents_cf"):
+        assert torch.allclose(getattr(whole, name), getattr(parts, name), atol=1e-6), name
 
 
 def test_errors_are_one_line():
