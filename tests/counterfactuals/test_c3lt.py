@@ -323,3 +323,15 @@ def test_errors_are_one_line():
         m = make(nets)
         m.fit(x1, x2, epochs=1)
         m.explain(x1, direction="sideways")
+
+
+def test_defaults_are_the_authors():
+    # khorrams/c3lt args.py: --alpha 0.1 --beta 0.1 --gamma 0.001 --p1 10 --p2 1 --cls_type nll --kappa 0.05
+    # --lr_map 1e-3 --batch_size 128 --epochs 200 --decay_step 25 --decay_gamma 0.5 --n_steps 1
+    from saliencylab.counterfactuals.c3lt import DEFAULTS
+
+    assert DEFAULTS == dict(alpha=0.1, beta=0.1, gamma=0.001, p1=10.0, p2=1.0, cls_type="nll", kappa=0.05, lr=1e-3,
+                            batch_size=128, epochs=200, decay_step=25, decay_gamma=0.5, n_steps=1)
+    nets, _, _ = toy()
+    config = C3LT(*nets).config
+    assert {k: config[k] for k in DEFAULTS if k != "epochs"} == {k: v for k, v in DEFAULTS.items() if k != "epochs"}
