@@ -174,3 +174,64 @@ def test_model_untouched_and_errors(setup):
         concept_contributions(model, sae, x, layer="nope")
     with pytest.raises(InputError, match="channels"):  # an SAE trained at another layer
         concept_contributions(model, sae, x, layer="conv1")
+
+
+def test_training_steps_follow_fact_and_dictionary_learning():
+    """Three epochs against a step-by-step reading of FaCT's MyTopKTrainer.update / .loss and
+    dictionary_learning's TopKTrainer (auxk on latents dead for n / 2 rows, normalised by the residual's
+    variance; decoder gradient made orthogonal to the columns, clipped to norm 1, columns renormalised;
+    warm-up over epoch 1, cosine decay from epoch 3; rows divided by sqrt(mean ||h||^2))."""
+    import math
+
+    from saliencylab.training.loop import _key
+
+    torch.manual_seed(0)
+    # rows far from unit norm (the norm factor matters), some far larger than others (clipping acts)
+    feats = 7 * torch.randn(96, 6)
+    feats[:3] *= 30
+    kw = dict(concepts=64, k=1, epochs=3, batch_size=32, lr=1e-2, seed=4)
+    result = train_sae(feats, progress=False, **kw)
+    assert any(row["dead"] for row in result.history[1:])  # the auxiliary loss was active
+
+    sae = TopKSAE(6, 64, 1, seed=4)
+    opt = torch.optim.Adam(sae.parameters(), lr=kw["lr"], betas=(0.9, 0.999))
+    xs = feats / feats.pow(2).sum(1).mean().sqrt()
+    since = torch.zeros(64, dtype=torch.long)
+    per_epoch, total = 3, 9
+    norms = []
+    step = 0
+    for epoch in (1, 2, 3):
+        order = torch.randperm(96, generator=torch.Generator().manual_seed(_key(4, epoch, "sae-shuffle")))
+        for idx in order.split(32):
+            x = xs[idx]
+            lr_f = step / per_epoch if step < per_epoch else \
+                0.5 * (1 + math.cos(math.pi * (1 - (total - step) / (total - 2 * per_epoch)))) if step >= 2 * per_epoch else 1.0
+            for g in opt.param_groups:
+                g["lr"] = kw["lr"] * lr_f
+            pre = torch.relu(x @ sae.encoder.weight.T)
+            top = pre.topk(1, dim=-1)
+            f = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+            e = x - f @ sae.decoder.weight.T
+            since += len(idx)
+            since[top.indices.flatten()] = 0
+            loss = e.pow(2).sum(-1).mean()
+            dead = since >= 96 // 2
+            if dead.any():
+                aux = torch.where(dead[None], pre, torch.tensor(-math.inf)).topk(min(256, int(dead.sum())), dim=-1)
+                fa = torch.zeros_like(pre).scatter(-1, aux.indices, aux.values)
+                r = e.detach()
+                loss = loss + (r - fa @ sae.decoder.weight.T).pow(2).sum(-1).mean() / \
+                    (r - r.mean(0)).pow(2).sum(-1).mean() / 32
+            opt.zero_grad()
+            loss.backward()
+            W = sae.decoder.weight
+            u = W.detach() / (W.detach().norm(dim=0, keepdim=True) + 1e-6)
+            W.grad -= (W.grad * u).sum(0, keepdim=True) * u
+            norms.append(float(torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)))
+            opt.step()
+            with torch.no_grad():
+                W /= W.norm(dim=0, keepdim=True) + torch.finfo(W.dtype).eps
+            step += 1
+    assert max(norms) > 1  # the clipping acted
+    for name, v in sae.state_dict().items():
+        assert torch.allclose(result.sae.state_dict()[name], v, atol=1e-5), name
