@@ -235,3 +235,33 @@ def test_training_steps_follow_fact_and_dictionary_learning():
     assert max(norms) > 1  # the clipping acted
     for name, v in sae.state_dict().items():
         assert torch.allclose(result.sae.state_dict()[name], v, atol=1e-5), name
+
+
+def test_feature_sampling_weights_are_position_contributions(setup, monkeypatch):
+    """FaCT load_good_features: positions drawn without replacement with probability proportional to
+    |sum_c h_c d logit_pred / d h_c| (explanation mode); on a B-cos network the signed position
+    contributions sum to the predicted logit minus the logit bias."""
+    from saliencylab.concepts import bcos_concepts as bc
+    from saliencylab.core.layers import get_layer
+    from saliencylab.core.session import ModelSession
+    from saliencylab.models.bcos import is_bcos_module
+
+    model, x, sae = setup
+    with ModelSession(model) as session:
+        bc._explanation_mode(session, [m for m in model.modules() if is_bcos_module(m)])
+        pc = bc._position_contributions(session, get_layer(model, "features"), x)
+    with torch.no_grad():
+        logits = model(x)
+    assert pc.shape == (len(x), 6, 6)
+    assert torch.allclose(pc.sum((1, 2)), logits.max(1).values - model.logit.bias, atol=1e-5)
+    # the draw follows the weights: with weight on 4 positions per image (two of them negative), exactly
+    # those 4 positions are drawn
+    chosen = torch.stack([torch.randperm(36, generator=torch.Generator().manual_seed(i))[:4] for i in range(len(x))])
+    weights = torch.zeros(len(x), 36).scatter(1, chosen, torch.tensor([0.5, -1.0, 2.0, -0.25]).expand(len(x), -1))
+    monkeypatch.setattr(bc, "_position_contributions", lambda s, m, xb: weights[: len(xb)].view(-1, 6, 6))
+    rows = collect_features(model, x, "features", samples_per_image=4, batch_size=len(x))
+    all_rows = collect_features(model, x, "features").view(len(x), 36, -1)
+    for i in range(len(x)):
+        want = all_rows[i, chosen[i]]
+        got = rows[4 * i: 4 * i + 4]
+        assert all(bool((want == r).all(1).any()) for r in got) and all(bool((got == r).all(1).any()) for r in want)
