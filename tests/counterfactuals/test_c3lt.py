@@ -300,6 +300,12 @@ def test_resume_after_an_interrupt_is_bit_identical(tmp_path):
     # a saved state explains the same as the trained object
     again = make(nets).load_state_dict(resumed.state_dict())
     assert torch.equal(again.explain(x1).images, resumed.explain(x1).images)
+    # a state of another class pair or step count is refused (it would explain under the wrong labels)
+    gen, enc, clf, disc = nets
+    with pytest.raises(ConfigError, match="source"):
+        C3LT(gen, enc, clf, disc, source=2, target=0).load_state_dict(resumed.state_dict())
+    with pytest.raises(ConfigError, match="n_steps"):
+        make(nets, n_steps=2).load_state_dict(resumed.state_dict())
     # batch invariance: explaining in batches of 5 gives what one batch gives
     whole, parts = resumed.explain(x1), resumed.explain(x1, batch_size=5)
     for name in ("images", "masks", "probabilities", "latents_cf"):

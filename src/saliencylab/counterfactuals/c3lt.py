@@ -479,6 +479,11 @@ class C3LT:
     def load_state_dict(self, blob: dict) -> "C3LT":
         if not isinstance(blob, dict) or "g" not in blob:
             raise InputError("not a C3LT state (expected the dict of C3LT.state_dict or a checkpoint)")
+        saved = blob.get("config") or {}
+        diff = [k for k in ("source", "target", "n_steps") if k in saved and saved[k] != self.config[k]]
+        if diff:  # the maps would run under the wrong labels or step count
+            raise ConfigError("the state was trained with other settings (" + ", ".join(
+                f"{k} {saved[k]!r}, here {self.config[k]!r}" for k in diff) + "); build C3LT with those")
         w = blob["g"]["T1.0.weight"]
         self.g = LatentMap(w.shape[0], conv=w.dim() == 4)
         self.h = LatentMap(w.shape[0], conv=w.dim() == 4)
