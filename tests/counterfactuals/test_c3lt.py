@@ -312,6 +312,26 @@ def test_resume_after_an_interrupt_is_bit_identical(tmp_path):
         assert torch.allclose(getattr(whole, name), getattr(parts, name), atol=1e-6), name
 
 
+def test_fit_starts_from_the_seeded_maps_unless_it_resumes(tmp_path):
+    # a second fit (another folder, or resume=False) starts over as the docstring says, instead of
+    # training on from the maps of the first: the same result as a fresh object
+    nets, x1, x2 = toy()
+    fresh = make(nets)
+    fresh.fit(x1, x2, epochs=2)
+    twice = make(nets)
+    twice.fit(x1, x2, epochs=2)
+    twice.fit(x1, x2, epochs=2)
+    over = make(nets)
+    over.fit(x1, x2, epochs=2, out_dir=tmp_path)
+    over.fit(x1, x2, epochs=2, out_dir=tmp_path, resume=False)
+    with pytest.raises(ConfigError, match="already holds"):  # a refused run leaves the trained maps
+        over.fit(x1, x2, epochs=1, out_dir=tmp_path)
+    for other in (twice, over):
+        for a, b in ((fresh.g, other.g), (fresh.h, other.h)):
+            for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
+                assert torch.equal(v, w), k
+
+
 def test_errors_are_one_line():
     nets, x1, x2 = toy()
     gen, enc, clf, disc = nets

@@ -331,7 +331,8 @@ class C3LT:
             out_dir=None, resume: bool = True, progress: bool = True, callback: Callable | None = None,
             keep_checkpoints: int = 2) -> list[dict]:
         """Train g and h on images of the source class and of the target class; returns the history
-        (one row per epoch: the epoch's mean loss terms, lr, seconds).
+        (one row per epoch: the epoch's mean loss terms, lr, seconds). Every call starts from the maps
+        built from `seed` (maps trained or loaded before are replaced), unless it resumes a checkpoint.
 
         out_dir: a checkpoint per epoch (maps, optimiser, scheduler, random state, history; written to a
         temporary file and renamed) and `history.json`; calling `fit` again with the same folder resumes
@@ -351,6 +352,8 @@ class C3LT:
         c = self.config
         device = model_device(self.generator)
         x1, x2 = x1.to(device), x2.to(device)
+        previous = (self.g, self.h)  # kept if the run is refused before it starts
+        self.g = self.h = None  # a run starts from the maps built from `seed` (or the checkpoint it resumes)
         with torch.no_grad(), self._frozen():
             self._maps(self.encoder(x1[:1]))
         params = list(self.g.parameters()) + list(self.h.parameters())
@@ -366,6 +369,7 @@ class C3LT:
                 try:
                     (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
                 except OSError as exc:
+                    self.g, self.h = previous
                     raise InputError(f"cannot create output folder '{run_dir}': {exc.strerror or exc}") from None
                 if not resume:
                     for p in _checkpoints(run_dir):
@@ -375,9 +379,11 @@ class C3LT:
                     saved = {k: v for k, v in blob["config"].items()}
                     diff = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
                     if diff:
+                        self.g, self.h = previous
                         raise ConfigError(f"'{run_dir}' holds a C3LT run with other settings ({', '.join(diff)} "
                                           "differ); resume=False starts over, or use another folder")
                     if blob["epoch"] > epochs:
+                        self.g, self.h = previous
                         raise ConfigError(f"'{run_dir}' already holds {blob['epoch']} epochs, more than the {epochs} "
                                           "asked for; use another folder or resume=False")
                     self.g.load_state_dict(blob["g"])
