@@ -80,6 +80,9 @@ def test_contributions_sum_to_logit_minus_bias(setup):
         # several concepts contribute (not one trivially equal to the logit)
         assert bool(((cc.contributions != 0).sum(1) >= 2).all())
     replaced = concept_contributions(model, sae, x, splice="replace")
+    pairs = concept_contributions(model, sae, x, splice="replace", batch_size=2)  # batch invariance
+    for name in ("contributions", "activations", "logits", "bias", "relative_error"):
+        assert torch.allclose(getattr(pairs, name), getattr(replaced, name), atol=1e-6), name
     residual = concept_contributions(model, sae, x, splice="residual", target=replaced.targets)
     with torch.no_grad():
         plain = model(x)
@@ -113,6 +116,8 @@ def test_traces_sum_to_concept_activation(setup):
     # the same concepts for every image
     shared = concept_traces(model, sae, x, torch.tensor([top[0, 0]]))
     assert torch.allclose(shared.maps[0, 0], tr.maps[0, 0], atol=1e-7)
+    whole = concept_traces(model, sae, x, top, batch_size=len(x))  # batch invariance
+    assert torch.allclose(whole.maps, tr.maps, atol=1e-7)
     with pytest.raises(InputError):
         concept_traces(model, sae, x, torch.tensor([sae.concepts]))
 
