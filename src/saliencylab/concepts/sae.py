@@ -21,8 +21,9 @@ Decisions" (NeurIPS 2025), m-parchami/FaCT (Apache-2.0), which builds on saprmar
   features unchanged (their `scale_biases` is a no-op for it, ours needs none either).
 
 Deliberate differences (see docs/differences.md):
-- CPU-sized defaults (the authors train 8192-wide dictionaries on 170 GB of ImageNet features with batch
-  32768 for 16 epochs): `concepts`, `k`, `epochs`, `batch_size` are arguments; lr 1e-3 as theirs.
+- CPU-sized defaults (64 concepts, k 4, batch 1024; the authors' `train.sh` trains 1024 concepts, k 8,
+  batch 32786 for 16 epochs on ~170 GB of ImageNet features, and `analysis.sh` evaluates a 16384-concept,
+  k 16 model): `concepts`, `k`, `epochs`, `batch_size` are arguments; 16 epochs and lr 1e-3 as theirs.
 - The norm factor is computed over all rows (theirs: the first 550 batches).
 - Each epoch's shuffle is keyed by (seed, epoch) and every epoch writes a checkpoint (model, Adam,
   step, dead-latent counters, history) to `out_dir`; calling again resumes with the identical result.
