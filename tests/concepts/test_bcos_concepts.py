@@ -49,6 +49,11 @@ def test_topk_keeps_exactly_k():
     assert torch.allclose(TopKSAE(6, 10, 3).decoder.weight.norm(dim=0), torch.ones(10), atol=1e-6)
     with pytest.raises(ConfigError):
         TopKSAE(6, 4, 5)
+    # a seeded SAE leaves the global random state alone; unseeded ones draw from it
+    state = torch.get_rng_state()
+    assert torch.equal(TopKSAE(6, 10, 3, seed=2).decoder.weight, TopKSAE(6, 10, 3, seed=2).decoder.weight)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not torch.equal(TopKSAE(6, 10, 3, seed=None).decoder.weight, TopKSAE(6, 10, 3, seed=None).decoder.weight)
 
 
 def test_lr_schedule_warmup_and_cosine():

@@ -36,6 +36,7 @@ Deliberate differences (see docs/differences.md):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -68,11 +69,12 @@ class TopKSAE(nn.Module):
             raise ConfigError(f"k (active concepts per position, {k}) must not exceed the number of concepts ({concepts})")
         self.dim, self.concepts = dim, concepts
         self.register_buffer("k", torch.tensor(k, dtype=torch.int64))
-        with torch.random.fork_rng(devices=[]):
+        # seeded: drawn in a forked random state (the caller's is left alone); unseeded: from the caller's
+        with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
             if seed is not None:
                 torch.manual_seed(seed)
             self.decoder = nn.Linear(concepts, dim, bias=False)
-        self.encoder = nn.Linear(dim, concepts, bias=False)
+            self.encoder = nn.Linear(dim, concepts, bias=False)  # its draw is overwritten below
         with torch.no_grad():
             self.decoder.weight.copy_(_unit_columns(self.decoder.weight))
             self.encoder.weight.copy_(self.decoder.weight.T)
