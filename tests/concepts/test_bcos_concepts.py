@@ -184,6 +184,11 @@ def test_model_untouched_and_errors(setup):
         concept_contributions(model, sae, x, layer="nope")
     with pytest.raises(InputError, match="channels"):  # an SAE trained at another layer
         concept_contributions(model, sae, x, layer="conv1")
+    # one-line errors for the traces' inputs too
+    with pytest.raises(InputError, match="sae must be"):
+        concept_traces(model, None, x, [0])
+    with pytest.raises(InputError, match="integer"):
+        concept_traces(model, sae, x, [0.5])
 
 
 def test_training_steps_follow_fact_and_dictionary_learning():
