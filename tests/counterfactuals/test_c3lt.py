@@ -349,6 +349,18 @@ def test_errors_are_one_line():
         m = make(nets)
         m.fit(x1, x2, epochs=1)
         m.explain(x1, direction="sideways")
+    with pytest.raises(ConfigError, match="batch_size"):
+        m.explain(x1, batch_size=0)
+    with pytest.raises(InputError, match="same image shape"):
+        make(nets).fit(x1, x2[:, :, :3], epochs=1)
+    with pytest.raises(ConfigError, match="source"):
+        C3LT(gen, enc, clf, source="a", target=2)
+    with pytest.raises(InputError, match="target 7"):
+        C3LT(gen, enc, clf, source=0, target=7).fit(x1, x2, epochs=1)
+    with pytest.raises(ConfigError, match="decay_gamma"):
+        C3LT(gen, enc, clf, decay_gamma=-1.0)
+    with pytest.raises(ConfigError, match="keep_checkpoints"):
+        make(nets).fit(x1, x2, epochs=1, keep_checkpoints=0)
 
 
 def test_defaults_are_the_authors():

@@ -223,6 +223,9 @@ class C3LT:
                 raise ConfigError(f"{name} must be a torch.nn.Module, got {type(m).__name__}")
         if discriminator is not None and not isinstance(discriminator, nn.Module):
             raise ConfigError(f"discriminator must be a torch.nn.Module or None, got {type(discriminator).__name__}")
+        for name, v in (("source", source), ("target", target)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise ConfigError(f"{name} must be a class index (an integer >= 0), got {v!r}")
         if int(source) == int(target):
             raise ConfigError(f"source and target must differ, both are {source}")
         if cls_type not in ("nll", "hinge"):
@@ -233,6 +236,8 @@ class C3LT:
         for name, v in (("n_steps", n_steps), ("batch_size", batch_size), ("decay_step", decay_step)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
+        if isinstance(decay_gamma, bool) or not isinstance(decay_gamma, (int, float)) or not 0 < decay_gamma <= 1:
+            raise ConfigError(f"decay_gamma must be a number in (0, 1], got {decay_gamma!r}")
         if not (isinstance(lr, (int, float)) and lr > 0):
             raise ConfigError(f"lr must be > 0, got {lr!r}")
         if isinstance(perceptual_layers, str):
@@ -347,6 +352,11 @@ class C3LT:
 
         x1 = self._check_images(x_source, "x_source")
         x2 = self._check_images(x_target, "x_target")
+        if x1.shape[1:] != x2.shape[1:]:
+            raise InputError(f"x_source and x_target must have the same image shape, got {tuple(x1.shape[1:])} and "
+                             f"{tuple(x2.shape[1:])}")
+        if isinstance(keep_checkpoints, bool) or not isinstance(keep_checkpoints, int) or keep_checkpoints < 1:
+            raise ConfigError(f"keep_checkpoints must be an integer >= 1, got {keep_checkpoints!r}")
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
             raise ConfigError(f"epochs must be an integer >= 0, got {epochs!r}")
         c = self.config
@@ -356,6 +366,10 @@ class C3LT:
         self.g = self.h = None  # a run starts from the maps built from `seed` (or the checkpoint it resumes)
         with torch.no_grad(), self._frozen():
             self._maps(self.encoder(x1[:1]))
+            classes = self.classifier(x1[:1]).shape[-1]
+        if max(self.source, self.target) >= classes:
+            self.g, self.h = previous
+            raise InputError(f"source {self.source} / target {self.target}: the classifier has {classes} outputs")
         params = list(self.g.parameters()) + list(self.h.parameters())
         optimizer = torch.optim.Adam(params, lr=c["lr"])
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=c["decay_step"], gamma=c["decay_gamma"])
@@ -449,6 +463,8 @@ class C3LT:
     def explain(self, x: torch.Tensor, *, direction: str = "forward", batch_size: int = 256) -> Counterfactuals:
         """Counterfactuals of `x`: with g (source -> target, "forward") or h (target -> source, "backward")."""
         x = self._check_images(x, "x")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if direction not in ("forward", "backward"):
             raise ConfigError(f"direction must be 'forward' (source -> target) or 'backward', got {direction!r}")
         if self.g is None:
