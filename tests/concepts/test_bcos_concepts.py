@@ -49,6 +49,11 @@ def test_topk_keeps_exactly_k():
     assert torch.allclose(TopKSAE(6, 10, 3).decoder.weight.norm(dim=0), torch.ones(10), atol=1e-6)
     with pytest.raises(ConfigError):
         TopKSAE(6, 4, 5)
+    # a seeded SAE leaves the global random state alone; unseeded ones draw from it
+    state = torch.get_rng_state()
+    assert torch.equal(TopKSAE(6, 10, 3, seed=2).decoder.weight, TopKSAE(6, 10, 3, seed=2).decoder.weight)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not torch.equal(TopKSAE(6, 10, 3, seed=None).decoder.weight, TopKSAE(6, 10, 3, seed=None).decoder.weight)
 
 
 def test_lr_schedule_warmup_and_cosine():
@@ -80,6 +85,9 @@ def test_contributions_sum_to_logit_minus_bias(setup):
         # several concepts contribute (not one trivially equal to the logit)
         assert bool(((cc.contributions != 0).sum(1) >= 2).all())
     replaced = concept_contributions(model, sae, x, splice="replace")
+    pairs = concept_contributions(model, sae, x, splice="replace", batch_size=2)  # batch invariance
+    for name in ("contributions", "activations", "logits", "bias", "relative_error"):
+        assert torch.allclose(getattr(pairs, name), getattr(replaced, name), atol=1e-6), name
     residual = concept_contributions(model, sae, x, splice="residual", target=replaced.targets)
     with torch.no_grad():
         plain = model(x)
@@ -113,6 +121,8 @@ def test_traces_sum_to_concept_activation(setup):
     # the same concepts for every image
     shared = concept_traces(model, sae, x, torch.tensor([top[0, 0]]))
     assert torch.allclose(shared.maps[0, 0], tr.maps[0, 0], atol=1e-7)
+    whole = concept_traces(model, sae, x, top, batch_size=len(x))  # batch invariance
+    assert torch.allclose(whole.maps, tr.maps, atol=1e-7)
     with pytest.raises(InputError):
         concept_traces(model, sae, x, torch.tensor([sae.concepts]))
 
@@ -174,3 +184,99 @@ def test_model_untouched_and_errors(setup):
         concept_contributions(model, sae, x, layer="nope")
     with pytest.raises(InputError, match="channels"):  # an SAE trained at another layer
         concept_contributions(model, sae, x, layer="conv1")
+    # one-line errors for the traces' inputs too
+    with pytest.raises(InputError, match="sae must be"):
+        concept_traces(model, None, x, [0])
+    with pytest.raises(InputError, match="integer"):
+        concept_traces(model, sae, x, [0.5])
+
+
+def test_training_steps_follow_fact_and_dictionary_learning():
+    """Three epochs against a step-by-step reading of FaCT's MyTopKTrainer.update / .loss and
+    dictionary_learning's TopKTrainer (auxk on latents dead for n / 2 rows, normalised by the residual's
+    variance; decoder gradient made orthogonal to the columns, clipped to norm 1, columns renormalised;
+    warm-up over epoch 1, cosine decay from epoch 3; rows divided by sqrt(mean ||h||^2))."""
+    import math
+
+    from saliencylab.training.loop import _key
+
+    torch.manual_seed(0)
+    # rows far from unit norm (the norm factor matters), some far larger than others (clipping acts)
+    feats = 7 * torch.randn(96, 6)
+    feats[:3] *= 30
+    kw = dict(concepts=64, k=1, epochs=3, batch_size=32, lr=1e-2, seed=4)
+    result = train_sae(feats, progress=False, **kw)
+    assert any(row["dead"] for row in result.history[1:])  # the auxiliary loss was active
+
+    sae = TopKSAE(6, 64, 1, seed=4)
+    opt = torch.optim.Adam(sae.parameters(), lr=kw["lr"], betas=(0.9, 0.999))
+    xs = feats / feats.pow(2).sum(1).mean().sqrt()
+    since = torch.zeros(64, dtype=torch.long)
+    per_epoch, total = 3, 9
+    norms = []
+    step = 0
+    for epoch in (1, 2, 3):
+        order = torch.randperm(96, generator=torch.Generator().manual_seed(_key(4, epoch, "sae-shuffle")))
+        for idx in order.split(32):
+            x = xs[idx]
+            lr_f = step / per_epoch if step < per_epoch else \
+                0.5 * (1 + math.cos(math.pi * (1 - (total - step) / (total - 2 * per_epoch)))) if step >= 2 * per_epoch else 1.0
+            for g in opt.param_groups:
+                g["lr"] = kw["lr"] * lr_f
+            pre = torch.relu(x @ sae.encoder.weight.T)
+            top = pre.topk(1, dim=-1)
+            f = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+            e = x - f @ sae.decoder.weight.T
+            since += len(idx)
+            since[top.indices.flatten()] = 0
+            loss = e.pow(2).sum(-1).mean()
+            dead = since >= 96 // 2
+            if dead.any():
+                aux = torch.where(dead[None], pre, torch.tensor(-math.inf)).topk(min(256, int(dead.sum())), dim=-1)
+                fa = torch.zeros_like(pre).scatter(-1, aux.indices, aux.values)
+                r = e.detach()
+                loss = loss + (r - fa @ sae.decoder.weight.T).pow(2).sum(-1).mean() / \
+                    (r - r.mean(0)).pow(2).sum(-1).mean() / 32
+            opt.zero_grad()
+            loss.backward()
+            W = sae.decoder.weight
+            u = W.detach() / (W.detach().norm(dim=0, keepdim=True) + 1e-6)
+            W.grad -= (W.grad * u).sum(0, keepdim=True) * u
+            norms.append(float(torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)))
+            opt.step()
+            with torch.no_grad():
+                W /= W.norm(dim=0, keepdim=True) + torch.finfo(W.dtype).eps
+            step += 1
+    assert max(norms) > 1  # the clipping acted
+    for name, v in sae.state_dict().items():
+        assert torch.allclose(result.sae.state_dict()[name], v, atol=1e-5), name
+
+
+def test_feature_sampling_weights_are_position_contributions(setup, monkeypatch):
+    """FaCT load_good_features: positions drawn without replacement with probability proportional to
+    |sum_c h_c d logit_pred / d h_c| (explanation mode); on a B-cos network the signed position
+    contributions sum to the predicted logit minus the logit bias."""
+    from saliencylab.concepts import bcos_concepts as bc
+    from saliencylab.core.layers import get_layer
+    from saliencylab.core.session import ModelSession
+    from saliencylab.models.bcos import is_bcos_module
+
+    model, x, sae = setup
+    with ModelSession(model) as session:
+        bc._explanation_mode(session, [m for m in model.modules() if is_bcos_module(m)])
+        pc = bc._position_contributions(session, get_layer(model, "features"), x)
+    with torch.no_grad():
+        logits = model(x)
+    assert pc.shape == (len(x), 6, 6)
+    assert torch.allclose(pc.sum((1, 2)), logits.max(1).values - model.logit.bias, atol=1e-5)
+    # the draw follows the weights: with weight on 4 positions per image (two of them negative), exactly
+    # those 4 positions are drawn
+    chosen = torch.stack([torch.randperm(36, generator=torch.Generator().manual_seed(i))[:4] for i in range(len(x))])
+    weights = torch.zeros(len(x), 36).scatter(1, chosen, torch.tensor([0.5, -1.0, 2.0, -0.25]).expand(len(x), -1))
+    monkeypatch.setattr(bc, "_position_contributions", lambda s, m, xb: weights[: len(xb)].view(-1, 6, 6))
+    rows = collect_features(model, x, "features", samples_per_image=4, batch_size=len(x))
+    all_rows = collect_features(model, x, "features").view(len(x), 36, -1)
+    for i in range(len(x)):
+        want = all_rows[i, chosen[i]]
+        got = rows[4 * i: 4 * i + 4]
+        assert all(bool((want == r).all(1).any()) for r in got) and all(bool((got == r).all(1).any()) for r in want)

@@ -187,6 +187,49 @@ def test_total_loss_combines_the_terms_as_the_authors():
     assert C3LT(gen, enc, clf, None, source=0, target=2).config["gamma"] == 0.0
 
 
+def test_loss_terms_with_moving_maps_follow_the_authors_train_loop():
+    # khorrams/c3lt c3lt/train.py (train_c3lt): x1 -> g -> x1_cf -> h -> x1_cyc, x2 -> h -> x2_cf -> g -> x2_cyc;
+    # the cycle compares the images and the latents with the queries', the adversarial term scores the
+    # two counterfactuals and the two cycled images (zero maps, above, cannot tell these apart)
+    nets, x1, x2 = toy()
+    gen, enc, clf, disc = nets
+    model = make(nets)
+    with torch.no_grad():
+        model._maps(enc(x1[:1]))
+        model.g.T2[0].weight.mul_(4)
+        model.h.T2[0].weight.mul_(-3)
+    x1, x2 = x1[:8], x2[:8]
+    with model._frozen() as features:
+        t = model.loss_terms(x1, x2, features)
+    with torch.no_grad():
+        z1, z2 = enc(x1), enc(x2)
+        z1_cf, z2_cf = latent_step(z1, model.g)[-1], latent_step(z2, model.h)[-1]
+        z1_cyc, z2_cyc = latent_step(z1_cf, model.h)[-1], latent_step(z2_cf, model.g)[-1]
+        c1, c2, y1, y2 = gen(z1_cf), gen(z2_cf), gen(z1_cyc), gen(z2_cyc)
+        assert (c1 - y1).abs().mean() > 0.05 and (z1_cyc - z1_cf).abs().mean() > 0.05  # the test can tell
+
+        def feats(v):
+            return [clf.features(v)]
+
+        want = {
+            "cls": (F.cross_entropy(clf(c1), torch.full((8,), 2)) + F.cross_entropy(clf(c2), torch.full((8,), 0))) / 2,
+            "prox": (proximity_loss(x1, c1) + proximity_loss(x2, c2)) / 2,
+            "cyc": (perceptual_loss(x1, y1, feats) + perceptual_loss(x2, y2, feats) + F.l1_loss(z1, z1_cyc)
+                    + F.l1_loss(z2, z2_cyc)) / 4,
+            "adv": (adversarial_loss(disc(c2)) + adversarial_loss(disc(c1)) + adversarial_loss(disc(y1))
+                    + adversarial_loss(disc(y2))) / 4}
+    for name, v in want.items():
+        assert float(t[name].detach()) == pytest.approx(float(v), rel=1e-5), name
+
+
+def test_learning_rate_halves_per_epoch_not_per_batch():
+    # the authors' StepLR steps once per epoch (train_c3lt: scheduler.step() after the batches);
+    # 20 target images at batch 8: three batches an epoch
+    nets, x1, x2 = toy()
+    history = make(nets, decay_step=2, decay_gamma=0.5).fit(x1, x2, epochs=5, progress=False)
+    assert [r["lr"] for r in history] == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4])
+
+
 def test_training_gives_cycle_consistent_valid_counterfactuals_and_leaves_the_networks_alone():
     nets, x1, x2 = toy()
     gen, enc, clf, disc = nets
@@ -257,6 +300,36 @@ def test_resume_after_an_interrupt_is_bit_identical(tmp_path):
     # a saved state explains the same as the trained object
     again = make(nets).load_state_dict(resumed.state_dict())
     assert torch.equal(again.explain(x1).images, resumed.explain(x1).images)
+    # a state of another class pair or step count is refused (it would explain under the wrong labels)
+    gen, enc, clf, disc = nets
+    with pytest.raises(ConfigError, match="source"):
+        C3LT(gen, enc, clf, disc, source=2, target=0).load_state_dict(resumed.state_dict())
+    with pytest.raises(ConfigError, match="n_steps"):
+        make(nets, n_steps=2).load_state_dict(resumed.state_dict())
+    # batch invariance: explaining in batches of 5 gives what one batch gives
+    whole, parts = resumed.explain(x1), resumed.explain(x1, batch_size=5)
+    for name in ("images", "masks", "probabilities", "latents_cf"):
+        assert torch.allclose(getattr(whole, name), getattr(parts, name), atol=1e-6), name
+
+
+def test_fit_starts_from_the_seeded_maps_unless_it_resumes(tmp_path):
+    # a second fit (another folder, or resume=False) starts over as the docstring says, instead of
+    # training on from the maps of the first: the same result as a fresh object
+    nets, x1, x2 = toy()
+    fresh = make(nets)
+    fresh.fit(x1, x2, epochs=2)
+    twice = make(nets)
+    twice.fit(x1, x2, epochs=2)
+    twice.fit(x1, x2, epochs=2)
+    over = make(nets)
+    over.fit(x1, x2, epochs=2, out_dir=tmp_path)
+    over.fit(x1, x2, epochs=2, out_dir=tmp_path, resume=False)
+    with pytest.raises(ConfigError, match="already holds"):  # a refused run leaves the trained maps
+        over.fit(x1, x2, epochs=1, out_dir=tmp_path)
+    for other in (twice, over):
+        for a, b in ((fresh.g, other.g), (fresh.h, other.h)):
+            for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
+                assert torch.equal(v, w), k
 
 
 def test_errors_are_one_line():
@@ -276,3 +349,27 @@ def test_errors_are_one_line():
         m = make(nets)
         m.fit(x1, x2, epochs=1)
         m.explain(x1, direction="sideways")
+    with pytest.raises(ConfigError, match="batch_size"):
+        m.explain(x1, batch_size=0)
+    with pytest.raises(InputError, match="same image shape"):
+        make(nets).fit(x1, x2[:, :, :3], epochs=1)
+    with pytest.raises(ConfigError, match="source"):
+        C3LT(gen, enc, clf, source="a", target=2)
+    with pytest.raises(InputError, match="target 7"):
+        C3LT(gen, enc, clf, source=0, target=7).fit(x1, x2, epochs=1)
+    with pytest.raises(ConfigError, match="decay_gamma"):
+        C3LT(gen, enc, clf, decay_gamma=-1.0)
+    with pytest.raises(ConfigError, match="keep_checkpoints"):
+        make(nets).fit(x1, x2, epochs=1, keep_checkpoints=0)
+
+
+def test_defaults_are_the_authors():
+    # khorrams/c3lt args.py: --alpha 0.1 --beta 0.1 --gamma 0.001 --p1 10 --p2 1 --cls_type nll --kappa 0.05
+    # --lr_map 1e-3 --batch_size 128 --epochs 200 --decay_step 25 --decay_gamma 0.5 --n_steps 1
+    from saliencylab.counterfactuals.c3lt import DEFAULTS
+
+    assert DEFAULTS == dict(alpha=0.1, beta=0.1, gamma=0.001, p1=10.0, p2=1.0, cls_type="nll", kappa=0.05, lr=1e-3,
+                            batch_size=128, epochs=200, decay_step=25, decay_gamma=0.5, n_steps=1)
+    nets, _, _ = toy()
+    config = C3LT(*nets).config
+    assert {k: config[k] for k in DEFAULTS if k != "epochs"} == {k: v for k, v in DEFAULTS.items() if k != "epochs"}

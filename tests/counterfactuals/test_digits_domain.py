@@ -40,6 +40,10 @@ def test_cache_round_trip_and_keys(tmp_path, monkeypatch):
     assert torch.equal(d.images(4), d.test_images[d.test_labels == 4])
     assert not any(m.training for m in (d.generator, d.encoder, d.discriminator, d.classifier))
     assert set(d.info) >= {"accuracy", "reconstruction_l1", "seconds"}
+    # the perceptual layers are the ReLU outputs of layer1 / layer2 (c3lt/modules.py MNISTFeatureExtractor: module[:2])
+    mods = dict(d.classifier.named_modules())
+    assert [n.split(".")[0] for n in d.perceptual_layers] == ["layer1", "layer2"]
+    assert all(isinstance(mods[n], torch.nn.ReLU) and mods[n] is mods[n.split(".")[0]][1] for n in d.perceptual_layers)
 
     def no_training(*a, **k):
         raise AssertionError("trained again instead of loading")

@@ -324,7 +324,12 @@ def concept_traces(model: nn.Module, sae: TopKSAE, x: torch.Tensor, concepts, *,
     _check_batch(batch_size)
     module = get_layer(model, layer)
     B = x.shape[0]
-    c = torch.as_tensor(concepts, dtype=torch.long)
+    if not isinstance(sae, TopKSAE):
+        raise InputError(f"sae must be a saliencylab.concepts.sae.TopKSAE, got {type(sae).__name__}")
+    c = torch.as_tensor(concepts)
+    if c.is_floating_point() or c.is_complex() or c.dtype == torch.bool:
+        raise InputError(f"concepts must be integer indices, got {c.dtype}")
+    c = c.long()
     if c.dim() == 1:
         c = c[None].expand(B, -1)
     if c.dim() != 2 or c.shape[0] != B or c.shape[1] < 1:

@@ -21,8 +21,9 @@ Decisions" (NeurIPS 2025), m-parchami/FaCT (Apache-2.0), which builds on saprmar
   features unchanged (their `scale_biases` is a no-op for it, ours needs none either).
 
 Deliberate differences (see docs/differences.md):
-- CPU-sized defaults (the authors train 8192-wide dictionaries on 170 GB of ImageNet features with batch
-  32768 for 16 epochs): `concepts`, `k`, `epochs`, `batch_size` are arguments; lr 1e-3 as theirs.
+- CPU-sized defaults (64 concepts, k 4, batch 1024; the authors' `train.sh` trains 1024 concepts, k 8,
+  batch 32786 for 16 epochs on ~170 GB of ImageNet features, and `analysis.sh` evaluates a 16384-concept,
+  k 16 model): `concepts`, `k`, `epochs`, `batch_size` are arguments; 16 epochs and lr 1e-3 as theirs.
 - The norm factor is computed over all rows (theirs: the first 550 batches).
 - Each epoch's shuffle is keyed by (seed, epoch) and every epoch writes a checkpoint (model, Adam,
   step, dead-latent counters, history) to `out_dir`; calling again resumes with the identical result.
@@ -35,6 +36,7 @@ Deliberate differences (see docs/differences.md):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -67,11 +69,12 @@ class TopKSAE(nn.Module):
             raise ConfigError(f"k (active concepts per position, {k}) must not exceed the number of concepts ({concepts})")
         self.dim, self.concepts = dim, concepts
         self.register_buffer("k", torch.tensor(k, dtype=torch.int64))
-        with torch.random.fork_rng(devices=[]):
+        # seeded: drawn in a forked random state (the caller's is left alone); unseeded: from the caller's
+        with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
             if seed is not None:
                 torch.manual_seed(seed)
             self.decoder = nn.Linear(concepts, dim, bias=False)
-        self.encoder = nn.Linear(dim, concepts, bias=False)
+            self.encoder = nn.Linear(dim, concepts, bias=False)  # its draw is overwritten below
         with torch.no_grad():
             self.decoder.weight.copy_(_unit_columns(self.decoder.weight))
             self.encoder.weight.copy_(self.decoder.weight.T)

@@ -223,6 +223,9 @@ class C3LT:
                 raise ConfigError(f"{name} must be a torch.nn.Module, got {type(m).__name__}")
         if discriminator is not None and not isinstance(discriminator, nn.Module):
             raise ConfigError(f"discriminator must be a torch.nn.Module or None, got {type(discriminator).__name__}")
+        for name, v in (("source", source), ("target", target)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise ConfigError(f"{name} must be a class index (an integer >= 0), got {v!r}")
         if int(source) == int(target):
             raise ConfigError(f"source and target must differ, both are {source}")
         if cls_type not in ("nll", "hinge"):
@@ -233,6 +236,8 @@ class C3LT:
         for name, v in (("n_steps", n_steps), ("batch_size", batch_size), ("decay_step", decay_step)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
+        if isinstance(decay_gamma, bool) or not isinstance(decay_gamma, (int, float)) or not 0 < decay_gamma <= 1:
+            raise ConfigError(f"decay_gamma must be a number in (0, 1], got {decay_gamma!r}")
         if not (isinstance(lr, (int, float)) and lr > 0):
             raise ConfigError(f"lr must be > 0, got {lr!r}")
         if isinstance(perceptual_layers, str):
@@ -331,7 +336,8 @@ class C3LT:
             out_dir=None, resume: bool = True, progress: bool = True, callback: Callable | None = None,
             keep_checkpoints: int = 2) -> list[dict]:
         """Train g and h on images of the source class and of the target class; returns the history
-        (one row per epoch: the epoch's mean loss terms, lr, seconds).
+        (one row per epoch: the epoch's mean loss terms, lr, seconds). Every call starts from the maps
+        built from `seed` (maps trained or loaded before are replaced), unless it resumes a checkpoint.
 
         out_dir: a checkpoint per epoch (maps, optimiser, scheduler, random state, history; written to a
         temporary file and renamed) and `history.json`; calling `fit` again with the same folder resumes
@@ -346,13 +352,24 @@ class C3LT:
 
         x1 = self._check_images(x_source, "x_source")
         x2 = self._check_images(x_target, "x_target")
+        if x1.shape[1:] != x2.shape[1:]:
+            raise InputError(f"x_source and x_target must have the same image shape, got {tuple(x1.shape[1:])} and "
+                             f"{tuple(x2.shape[1:])}")
+        if isinstance(keep_checkpoints, bool) or not isinstance(keep_checkpoints, int) or keep_checkpoints < 1:
+            raise ConfigError(f"keep_checkpoints must be an integer >= 1, got {keep_checkpoints!r}")
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
             raise ConfigError(f"epochs must be an integer >= 0, got {epochs!r}")
         c = self.config
         device = model_device(self.generator)
         x1, x2 = x1.to(device), x2.to(device)
+        previous = (self.g, self.h)  # kept if the run is refused before it starts
+        self.g = self.h = None  # a run starts from the maps built from `seed` (or the checkpoint it resumes)
         with torch.no_grad(), self._frozen():
             self._maps(self.encoder(x1[:1]))
+            classes = self.classifier(x1[:1]).shape[-1]
+        if max(self.source, self.target) >= classes:
+            self.g, self.h = previous
+            raise InputError(f"source {self.source} / target {self.target}: the classifier has {classes} outputs")
         params = list(self.g.parameters()) + list(self.h.parameters())
         optimizer = torch.optim.Adam(params, lr=c["lr"])
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=c["decay_step"], gamma=c["decay_gamma"])
@@ -366,6 +383,7 @@ class C3LT:
                 try:
                     (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
                 except OSError as exc:
+                    self.g, self.h = previous
                     raise InputError(f"cannot create output folder '{run_dir}': {exc.strerror or exc}") from None
                 if not resume:
                     for p in _checkpoints(run_dir):
@@ -375,9 +393,11 @@ class C3LT:
                     saved = {k: v for k, v in blob["config"].items()}
                     diff = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
                     if diff:
+                        self.g, self.h = previous
                         raise ConfigError(f"'{run_dir}' holds a C3LT run with other settings ({', '.join(diff)} "
                                           "differ); resume=False starts over, or use another folder")
                     if blob["epoch"] > epochs:
+                        self.g, self.h = previous
                         raise ConfigError(f"'{run_dir}' already holds {blob['epoch']} epochs, more than the {epochs} "
                                           "asked for; use another folder or resume=False")
                     self.g.load_state_dict(blob["g"])
@@ -443,6 +463,8 @@ class C3LT:
     def explain(self, x: torch.Tensor, *, direction: str = "forward", batch_size: int = 256) -> Counterfactuals:
         """Counterfactuals of `x`: with g (source -> target, "forward") or h (target -> source, "backward")."""
         x = self._check_images(x, "x")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if direction not in ("forward", "backward"):
             raise ConfigError(f"direction must be 'forward' (source -> target) or 'backward', got {direction!r}")
         if self.g is None:
@@ -479,6 +501,11 @@ class C3LT:
     def load_state_dict(self, blob: dict) -> "C3LT":
         if not isinstance(blob, dict) or "g" not in blob:
             raise InputError("not a C3LT state (expected the dict of C3LT.state_dict or a checkpoint)")
+        saved = blob.get("config") or {}
+        diff = [k for k in ("source", "target", "n_steps") if k in saved and saved[k] != self.config[k]]
+        if diff:  # the maps would run under the wrong labels or step count
+            raise ConfigError("the state was trained with other settings (" + ", ".join(
+                f"{k} {saved[k]!r}, here {self.config[k]!r}" for k in diff) + "); build C3LT with those")
         w = blob["g"]["T1.0.weight"]
         self.g = LatentMap(w.shape[0], conv=w.dim() == 4)
         self.h = LatentMap(w.shape[0], conv=w.dim() == 4)
