@@ -49,15 +49,16 @@ FULL = dict(size=224, batches=(1, 4, 16, 64, 128, 256), repeat=5, occ_window=16,
             smooth_samples=16, ig_steps=32, rise_masks=1000,
             board_methods=("gradient", "input_x_gradient", "integrated_gradients", "smoothgrad", "gradcam", "lrp",
                            "occlusion", "rise"), lrp_images=32,
-            lrp_composites=("epsilon", "epsilon_plus", "epsilon_gamma_box", "epsilon_alpha2_beta1"))
+            lrp_composites=("epsilon", "epsilon_plus", "epsilon_gamma_box", "epsilon_alpha2_beta1"),
+            vit_images=64, vit_config=dict(img_size=224, patch_size=16, dim=192, depth=12, heads=3))
 TINY = dict(size=32, batches=(1, 4), repeat=1, occ_window=16, occ_stride=16, occ_images=2, occ_batch=8,
             igos_images=2, igos_iterations=2, igos_steps=2, igos_batch_sizes=(10,), iba_images=2, iba_crops=8, iba_steps=2, board_images=2, board_steps=4,
             road_fractions=(0.3, 0.6), agree_images=2, smooth_samples=2, ig_steps=4, rise_masks=16,
             board_methods=("gradient", "occlusion"), lrp_images=2,
-            lrp_composites=("epsilon",))
+            lrp_composites=("epsilon",), vit_images=2, vit_config=dict(img_size=32, patch_size=8, dim=32, depth=2, heads=2))
 
 PARTS = ("agreement", "agreement_no_tf32", "batch_curve", "occlusion", "igos", "igos_profile", "iba", "leaderboard",
-         "lrp")
+         "lrp", "vit")
 
 
 def sync(device: torch.device) -> None:
@@ -109,11 +110,11 @@ def unit_costs(model, x, batch_size, device, repeat):
     return timed(fwd, device, repeat)[0] / batch_size, timed(fwd_bwd, device, repeat)[0] / batch_size
 
 
-def agreement(model_cpu, model_dev, x, targets, device, cfg):
+def agreement(model_cpu, model_dev, x, targets, device, cfg, cases=None):
     """Maps on the device against the CPU's, per method."""
-    cases = {"gradient": {}, "integrated_gradients": {"steps": cfg["ig_steps"]},
-             "smoothgrad": {"samples": cfg["smooth_samples"]}, "rise": {"masks": cfg["rise_masks"]},
-             "gradcam": {}, "occlusion": {"window": cfg["occ_window"], "stride": cfg["occ_window"]}}
+    cases = cases or {"gradient": {}, "integrated_gradients": {"steps": cfg["ig_steps"]},
+                      "smoothgrad": {"samples": cfg["smooth_samples"]}, "rise": {"masks": cfg["rise_masks"]},
+                      "gradcam": {}, "occlusion": {"window": cfg["occ_window"], "stride": cfg["occ_window"]}}
     out = {}
     for name, params in cases.items():
         ref = sl.explain(model_cpu, x, name, target=targets, **params).maps.double()
@@ -307,6 +308,55 @@ def lrp_cost(model, x, targets, device, cfg):
     return {"images": len(x), "composites": rows}
 
 
+VIT_METHODS = ("attention_rollout", "gradient_rollout", "transformer_attribution", "attnlrp", "cp_lrp", "gradcam")
+
+
+def vit_part(photos, device, cfg):
+    """The ViT methods on a ViT-Tiny-sized timm-style model (random weights, seeded): maps on the device
+    against the CPU's (TF32 off), and each method's time against a plain forward+backward of the same
+    batch, timed alternately."""
+    from saliencylab.models.vit import small_vit
+
+    torch.manual_seed(0)
+    model_cpu = frozen(small_vit(1000, **cfg["vit_config"]).eval())
+    model = frozen(small_vit(1000, **cfg["vit_config"]).eval())
+    model.load_state_dict(model_cpu.state_dict())
+    model = model.to(device)
+    size = cfg["vit_config"]["img_size"]
+    x = torch.nn.functional.interpolate(photo_batch(photos, cfg["vit_images"]), size=(size, size), mode="bilinear",
+                                        align_corners=False)
+    with torch.no_grad():
+        targets = model_cpu(x[:4]).argmax(1)
+    out = {"config": cfg["vit_config"], "images": len(x)}
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        out["agreement_no_tf32"] = agreement(model_cpu, model, x[:4], targets, device, cfg,
+                                             cases={m: {} for m in VIT_METHODS})
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+    xd = x.to(device)
+    with torch.no_grad():
+        td = model(xd).argmax(1)
+
+    def grad():
+        inp = xd.detach().requires_grad_(True)
+        return torch.autograd.grad(model(inp).gather(1, td[:, None]).sum(), inp)[0]
+
+    rows = {}
+    for name in VIT_METHODS:
+        t_g, t_m = [], []
+        sl.explain(model, xd, name, target=td)  # warm-up
+        for _ in range(cfg["repeat"]):
+            t_g.append(timed(grad, device, warmup=False)[0])
+            t_m.append(timed(lambda: sl.explain(model, xd, name, target=td), device, warmup=False)[0])
+        g, m = statistics.median(t_g), statistics.median(t_m)
+        rows[name] = {"seconds_per_image": m / len(x), "ratio_to_forward_backward": m / g}
+        print(f"  vit {name:24s} {m / len(x) * 1e3:.3f} ms/image  {m / g:.2f}x forward+backward", flush=True)
+    out["timing"] = rows
+    return out
+
+
 def markdown(result) -> str:
     env, cfg = result["environment"], result["config"]
     lines = [f"# GPU claims ({'tiny check' if result['tiny'] else 'full run'})", "",
@@ -382,6 +432,14 @@ def markdown(result) -> str:
                   "| composite | ratio | s/image |", "|---|---|---|"]
         lines += [f"| {k} | {v['ratio_to_forward_backward']:.2f} | {v['seconds_per_image']:.4f} |"
                   for k, v in lr["composites"].items()]
+    v = result.get("vit")
+    if v:
+        lines += ["", f"## 8. ViT methods ({v['images']} images, {v['config']}, random weights)", "",
+                  "| method | max abs difference / map scale (TF32 off) | min correlation | ms/image | x forward+backward |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {k} | {v['agreement_no_tf32'][k]['max_relative_difference']:.1e} | "
+                  f"{v['agreement_no_tf32'][k]['min_correlation']:.6f} | {t['seconds_per_image'] * 1e3:.3f} | "
+                  f"{t['ratio_to_forward_backward']:.2f} |" for k, t in v["timing"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -451,6 +509,7 @@ def main(argv=None) -> int:
     part("iba", lambda: iba_speed(model, *on_device(cfg["iba_images"]), device, cfg))
     part("leaderboard", lambda: leaderboard_throughput(model, *on_device(cfg["board_images"]), device, cfg))
     part("lrp", lambda: lrp_cost(model, *on_device(cfg["lrp_images"]), device, cfg))
+    part("vit", lambda: vit_part(photos, device, cfg))
     result["seconds"] = time.perf_counter() - start
     (out / "gpu.json").write_text(json.dumps(result, indent=1))
     (out / "gpu.md").write_text(markdown(result))

@@ -26,7 +26,7 @@ def test_tiny_run_writes_every_section(tmp_path):
     assert "errors" not in result, result.get("errors")
     md = (tmp_path / "gpu.md").read_text()
     for heading in ("## 1. Device agreement", "## 2. Per-image cost", "## 3. Occlusion", "## 4. I-GOS",
-                    "## 4b. I-GOS profile", "## 5. IBA", "## 6. Leaderboard", "## 7. LRP"):
+                    "## 4b. I-GOS profile", "## 5. IBA", "## 6. Leaderboard", "## 7. LRP", "## 8. ViT methods"):
         assert heading in md
     # the same device on both sides: identical maps, whatever the method's randomness
     assert all(r["max_relative_difference"] == 0 for r in result["agreement"].values())
