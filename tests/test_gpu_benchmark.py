@@ -43,3 +43,15 @@ def test_gpu_sh_refuses_a_missing_cuda_device(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert script.main(["--device", "cuda", "--out", str(tmp_path)]) == 2
     assert not (tmp_path / "gpu.json").exists()
+
+
+def test_vit_precision_script_tiny(capsys):
+    """benchmarks/vit_precision.py (float32 against float64 maps of the ViT methods) in its tiny mode: every
+    method and dtype pair is compared, and on a 2-block model float32 stays close to float64."""
+    spec = importlib.util.spec_from_file_location("vit_precision", ROOT / "benchmarks" / "vit_precision.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--tiny"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "vs cpu float64" in line]
+    assert len(lines) >= len(module.METHODS)
+    assert all(float(line.split("min corr")[1]) > 0.999 for line in lines)
