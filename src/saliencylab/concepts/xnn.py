@@ -35,9 +35,9 @@ sparse reconstruction on, q = 100, weights 1 / 10 / 10). The explained output y 
 of one class (one-vs-all, one XNN per class, `SparseRAE_CUB.SparseRAE_multi`).
 
 Differences, all deliberate:
-- the encoder and decoder start from PyTorch's default initialisation (the authors pretrain each
-  encoder layer as a one-layer autoencoder for an epoch); the head starts, as theirs, from a linear
-  regression of the outputs on the initial concepts (least squares here, an epoch of Adam there);
+- none in the initialisation: `pretrain=1` (default) trains each encoder layer as a one-layer autoencoder
+  and then the head by regression, one pass each, as the authors (`pretrain=0`: PyTorch's default
+  initialisation, no pretraining);
 - `steps` of minibatches (reshuffled every pass, keyed by (seed, pass)) instead of epochs with the
   learning rate divided by 10 every 40 epochs (`adjust_lr`); no retry loop (`Main1_TrainXNN.py`
   re-trains up to 5 times with the reconstruction weight x1.2 and the pull-away weight x0.8 until two
@@ -278,7 +278,8 @@ def _digest(*tensors) -> str:
 def fit_xnn(model: nn.Module, layer, data, *, concepts: int = 5, steps: int = 1000, seed: int = 0, out_dir=None,
             classes: Sequence[int] | int | None = None, hidden: Sequence[int] = (800, 100), batch_size: int = 50,
             lr: float = 1e-3, weight_decay: float = 1e-4, weights: dict | None = None, q: float | None = 100.0,
-            pull_away: str = "images", pool: str = "flatten", dropout: float = 0.02, checkpoint_every: int = 100,
+            pull_away: str = "images", pool: str = "flatten", dropout: float = 0.02, pretrain: int = 1,
+            checkpoint_every: int = 100,
             log_every: int = 50, progress: bool = True, resume: bool = True) -> XNN:
     """Train an XNN on `model`'s `layer` (a dotted name or a module) over `data`.
 
@@ -288,6 +289,7 @@ def fit_xnn(model: nn.Module, layer, data, *, concepts: int = 5, steps: int = 10
     classes: the explained logits (an int or list: one-vs-all as the authors with one class; None: all).
     weights: {faithfulness, reconstruction, pull_away, sparsity} (defaults `DEFAULT_WEIGHTS`); q: the
     log penalty of the sparse reconstruction (None: plain MSE); pull_away: "images" or "concepts".
+    pretrain: passes of the authors' layer-wise pretraining before the SRAE is trained (0: none).
     out_dir: a checkpoint (XNN, optimiser, step, history; written to a temporary file, then renamed)
     every `checkpoint_every` steps and at the end; calling again with the same out_dir resumes from it
     (settings and data must match; `steps` may grow) and gives the same XNN, to the bit, as one run:
@@ -309,6 +311,7 @@ def fit_xnn(model: nn.Module, layer, data, *, concepts: int = 5, steps: int = 10
     _check_int(batch_size, "batch_size", 1)
     _check_int(checkpoint_every, "checkpoint_every", 1)
     _check_int(log_every, "log_every", 1)
+    _check_int(pretrain, "pretrain", 0)
     _number(lr, "lr", positive=True)
     _number(weight_decay, "weight_decay", low=0)
     _number(dropout, "dropout", low=0)
@@ -337,12 +340,13 @@ def fit_xnn(model: nn.Module, layer, data, *, concepts: int = 5, steps: int = 10
     nonnegative = bool((feats[: min(n, batch_size)] >= 0).all())
     config = {"layer": name, "classes": cls, "concepts": concepts, "hidden": hidden, "batch_size": batch_size,
               "lr": lr, "weight_decay": weight_decay, "weights": w, "q": q, "pull_away": pull_away, "pool": pool,
-              "dropout": dropout, "seed": seed, "data": {"n": n, "features": d, "sha1": _digest(feats, target)}}
+              "dropout": dropout, "pretrain": pretrain, "seed": seed, "data": {"n": n, "features": d, "sha1": _digest(feats, target)}}
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_key(seed, "init"))
         xnn = XNN(d, concepts, target.shape[1], hidden, dropout, nonnegative)
-    _init_head(xnn, feats, target)
+        if pretrain:
+            _pretrain(xnn, feats, target, seed, pretrain, batch_size, lr)
     optimizer = torch.optim.Adam(xnn.parameters(), lr=lr, weight_decay=weight_decay)
     history: list[dict] = []
     start = 0
@@ -424,17 +428,42 @@ def fit_xnn(model: nn.Module, layer, data, *, concepts: int = 5, steps: int = 10
     return xnn
 
 
-def _init_head(xnn: XNN, feats: torch.Tensor, target: torch.Tensor) -> None:
-    """The head fitted by least squares to the initial encoder's concepts (the authors pretrain it by
-    linear regression, `autoencoder.LR_Optim`, before fine-tuning the whole SRAE)."""
-    with torch.no_grad():
-        xnn.eval()
-        e = xnn.encode(feats).double()
-        a = torch.cat([e, torch.ones(len(e), 1, dtype=e.dtype)], 1)
-        sol = torch.linalg.lstsq(a, target.double(), driver="gelsd").solution
-        xnn.head.weight.copy_(sol[:-1].T.to(xnn.head.weight.dtype))
-        xnn.head.bias.copy_(sol[-1].to(xnn.head.bias.dtype))
-        xnn.train()
+def _pretrain(xnn: XNN, feats: torch.Tensor, target: torch.Tensor, seed: int, epochs: int, batch_size: int,
+              lr: float) -> None:
+    """The authors' initialisation (`SparseRAE_CUB.SparseRAE_multi`): each encoder layer trained as a
+    one-layer autoencoder (Linear-ReLU, Linear-ReLU; MSE, Adam, `autoencoder.AutoencoderOptim`) on the
+    previous layer's codes, its decoder becoming the SRAE's mirrored decoder layer; then the head by
+    linear regression of the outputs on the concepts (MSE, Adam, `autoencoder.LR_Optim`). Minibatches are
+    keyed by (seed, layer, epoch)."""
+    from ..training.loop import _key
+
+    enc = [m for m in xnn.encoder if isinstance(m, nn.Linear)]
+    dec = [m for m in xnn.decoder if isinstance(m, nn.Linear)][::-1]  # dec[i] maps layer i + 1 back to layer i
+    h = feats
+    n = len(feats)
+
+    def batches(*tag):
+        for epoch in range(epochs):
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(_key(seed, "pretrain", *tag, epoch)))
+            yield from order.split(batch_size)
+
+    for i, (e_lin, d_lin) in enumerate(zip(enc, dec)):
+        relu_out = i > 0 or xnn.config["nonnegative"]
+        opt = torch.optim.Adam([*e_lin.parameters(), *d_lin.parameters()], lr=lr)
+        for idx in batches(i):
+            r = d_lin(torch.relu(e_lin(h[idx])))
+            loss = ((torch.relu(r) if relu_out else r) - h[idx]).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            h = torch.relu(e_lin(h))
+    opt = torch.optim.Adam(xnn.head.parameters(), lr=lr)
+    for idx in batches("head"):
+        loss = (xnn.head(h[idx]) - target[idx]).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
 
 
 def save_xnn(xnn: XNN, path) -> Path:
