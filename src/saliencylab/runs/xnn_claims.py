@@ -20,7 +20,8 @@ thresholds fixed by us in advance: reproduced if the lower 95% bounds of the mea
 and of the agreement are both >= 0.9, with 5 concepts per class (the authors' `Neuron_n = 5`) and a
 mean of >= 2 positively contributing concepts per image (their acceptance level); not reproduced
 otherwise. Intervals: percentile bootstrap (`runs.stats.bootstrap_interval`) over the (seed, class)
-correlations and over the (seed, image) agreements.
+correlations and over the (seed, image) agreements; an XNN whose prediction is constant (all concepts dead) counts
+as correlation 0.
 
 Set-up: sklearn's 8x8 digits (1797 images, 10 classes, bundled with scikit-learn), scaled to [0, 1] and
 upsampled to 16x16 (nearest); per seed a random 2/3 train, 1/3 test split; `training.nets.small_cnn(10,
@@ -136,7 +137,8 @@ def run_seed(seed: int, steps: int, quick: bool = False, log=print) -> dict:
 def evaluate(results: Sequence[dict]) -> dict:
     from .stats import bootstrap_interval
 
-    corr = [c for r in results for c in r["correlations"]]
+    # a constant prediction (every concept dead) has no correlation: it counts as 0, not as missing
+    corr = [0.0 if math.isnan(c) else c for r in results for c in r["correlations"]]
     agree = [a for r in results for a in r["agreement"]]
     active = [a for r in results for a in r["active"]]
     positive = [a for r in results for a in r["positive"]]
