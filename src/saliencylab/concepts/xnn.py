@@ -35,9 +35,11 @@ sparse reconstruction on, q = 100, weights 1 / 10 / 10). The explained output y 
 of one class (one-vs-all, one XNN per class, `SparseRAE_CUB.SparseRAE_multi`).
 
 Differences, all deliberate:
-- none in the initialisation: `pretrain=1` (default) trains each encoder layer as a one-layer autoencoder
-  and then the head by regression, one pass each, as the authors (`pretrain=0`: PyTorch's default
-  initialisation, no pretraining);
+- (not a difference) `pretrain=1`, the default, initialises as the authors: each encoder layer trained
+  as a one-layer autoencoder, then the head by regression, one pass each (`pretrain=0`: PyTorch's
+  default initialisation; without pretraining most concepts die in our runs);
+- `fit_xnn` reads the layer once and trains on the stored features, on the CPU (move the XNN with
+  `.to(device)` to explain a model on a GPU);
 - `steps` of minibatches (reshuffled every pass, keyed by (seed, pass)) instead of epochs with the
   learning rate divided by 10 every 40 epochs (`adjust_lr`); no retry loop (`Main1_TrainXNN.py`
   re-trains up to 5 times with the reconstruction weight x1.2 and the pull-away weight x0.8 until two
@@ -58,6 +60,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import operator
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,29 +143,25 @@ def sparse_reconstruction_loss(reconstruction: torch.Tensor, features: torch.Ten
     return torch.log1p(q * sq.mean(0)).mean()
 
 
-def _pull_away_rows(v: torch.Tensor) -> torch.Tensor:
-    n = v.shape[0]
-    if n < 2:
-        return v.new_zeros(())
-    u = v / v.norm(dim=1, keepdim=True)
-    cos = u @ u.T
-    off = cos - torch.diag_embed(torch.diagonal(cos))
-    return (off ** 2).sum() / (n * (n - 1))
-
-
 def pull_away_loss(concepts: torch.Tensor, weight: torch.Tensor, along: str = "images", eps: float = 1e-8) -> torch.Tensor:
     """Sum over outputs o of the pull-away term of v = concepts * weight[o] + eps (`util.PT_loss`).
 
     along="images": cosines between the rows (images) of v, (B, B); "concepts": between its columns,
     (K, K) (`util.PT_loss_true`). Each: the sum of squared off-diagonal cosines / (n (n - 1)).
+    All outputs in one batched product.
     """
     if along not in PULL_AWAY:
         raise ConfigError(f"pull_away must be one of {', '.join(PULL_AWAY)}, got {along!r}")
-    total = concepts.new_zeros(())
-    for w in weight:
-        v = concepts * w + eps
-        total = total + _pull_away_rows(v if along == "images" else v.T)
-    return total
+    v = concepts[None] * weight[:, None, :] + eps           # (O, B, K)
+    if along == "concepts":
+        v = v.transpose(1, 2)                               # (O, K, B)
+    n = v.shape[1]
+    if n < 2:
+        return concepts.new_zeros(())
+    u = v / v.norm(dim=2, keepdim=True)
+    cos = u @ u.transpose(1, 2)
+    off = cos * (1 - torch.eye(n, dtype=cos.dtype, device=cos.device))
+    return (off ** 2).sum() / (n * (n - 1))
 
 
 def concept_sparsity_loss(concepts: torch.Tensor) -> torch.Tensor:
@@ -268,6 +267,16 @@ def _check_int(value, name, low):
     return value
 
 
+def _index(value) -> int | None:
+    """An integer class index (Python, numpy or 0-d tensor), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _digest(*tensors) -> str:
     h = hashlib.sha1()
     for t in tensors:
@@ -329,8 +338,10 @@ def fit_xnn(model: nn.Module, layer, data, *, concepts: int = 5, steps: int = 10
     feats, logits = _collect(model, layer, data, pool, 256)
     n, d = feats.shape
     if classes is not None:
-        cls = [classes] if isinstance(classes, int) and not isinstance(classes, bool) else list(classes)
-        bad = [c for c in cls if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < logits.shape[1]]
+        cls = [classes] if not isinstance(classes, (list, tuple, torch.Tensor)) and not hasattr(classes, "__len__") \
+            else list(classes)
+        cls = [_index(c) for c in cls]
+        bad = [c for c in cls if c is None or not 0 <= c < logits.shape[1]]
         if not cls or bad:
             raise ConfigError(f"classes must be class indices in [0, {logits.shape[1]}), got {classes!r}")
         target = logits[:, cls]
@@ -350,6 +361,8 @@ def fit_xnn(model: nn.Module, layer, data, *, concepts: int = 5, steps: int = 10
     optimizer = torch.optim.Adam(xnn.parameters(), lr=lr, weight_decay=weight_decay)
     history: list[dict] = []
     start = 0
+    sums: dict[str, float] = {}  # the terms summed since the last history row (kept in checkpoints)
+    count = 0
     run_dir = Path(out_dir) if out_dir is not None else None
     if run_dir is not None:
         try:
@@ -376,16 +389,18 @@ def fit_xnn(model: nn.Module, layer, data, *, concepts: int = 5, steps: int = 10
             optimizer.load_state_dict(blob["optimizer"])
             history = list(blob["history"])
             start = int(blob["step"])
+            sums, count = dict(blob["partial"]["sums"]), int(blob["partial"]["count"])
+            if history and history[-1]["step"] % log_every:  # the previous call's last row, off the grid
+                history.pop()
 
     def save(step):
         if run_dir is not None:
             _atomic_save({"format": FORMAT, "step": step, "xnn": xnn.state_dict(), "optimizer": optimizer.state_dict(),
-                          "history": history, "config": config}, run_dir / CHECKPOINT)
+                          "history": history, "partial": {"sums": dict(sums), "count": count}, "config": config},
+                         run_dir / CHECKPOINT)
 
     per_pass = math.ceil(n / batch_size)
     order, order_pass = None, -1
-    sums: dict[str, float] = {}
-    count = 0
     t0 = time.perf_counter()
     show = progress and _progress._enabled
     bar = tqdm(total=steps - start, desc="xnn", unit="step", delay=1.0, leave=False,
@@ -414,7 +429,8 @@ def fit_xnn(model: nn.Module, layer, data, *, concepts: int = 5, steps: int = 10
                 if done % log_every == 0 or done == steps:
                     history.append({"step": done, **{k: v / count for k, v in sums.items()},
                                     "seconds": time.perf_counter() - t0})
-                    sums, count = {}, 0
+                    if done % log_every == 0:  # a last row off the grid keeps its sums: a resumed run redoes it
+                        sums, count = {}, 0
                 if done % checkpoint_every == 0 or done == steps:
                     save(done)
                 bar.update(1)
@@ -521,7 +537,8 @@ class ConceptNet(nn.Module):
             self.model(x)
         finally:
             handle.remove()
-        return self.xnn.encode(_pool(store["z"], self.xnn.pool))
+        z = _pool(store["z"], self.xnn.pool)
+        return self.xnn.encode(z.to(next(self.xnn.parameters()).device))
 
 
 @dataclass
