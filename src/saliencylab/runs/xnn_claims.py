@@ -92,8 +92,30 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1])
 
 
-def run_seed(seed: int, steps: int, quick: bool = False, log=print) -> dict:
-    from ..concepts.xnn import fit_xnn, layer_features
+def fit_accepted(model, x, c: int, steps: int, seed: int, retries: int):
+    """The authors' loop (`Main1_TrainXNN.py`): train; if fewer than 2 concepts have a positive mean
+    contribution over the training images, or the second is below 0.3 of the first, train again with
+    the reconstruction weight x1.2 and the pull-away weight x0.8, at most `retries` more times.
+    Returns (xnn, rounds used, accepted, positive mean contributions)."""
+    from ..concepts.xnn import DEFAULT_WEIGHTS, fit_xnn, layer_features
+
+    f_tr, _ = layer_features(model, "features", x)
+    weights = dict(DEFAULT_WEIGHTS)
+    for round_ in range(retries + 1):
+        xnn = fit_xnn(model, "features", x, concepts=CONCEPTS, steps=steps, seed=seed, classes=c, weights=weights,
+                      progress=False)
+        with torch.no_grad():
+            mean = (xnn.encode(f_tr) * xnn.head.weight[0]).mean(0).sort(descending=True).values
+        n_pos = int((mean > 0).sum())
+        ok = bool(n_pos >= 2 and float(mean[1]) >= 0.3 * float(mean[0]))
+        if ok:
+            break
+        weights = {**weights, "reconstruction": weights["reconstruction"] * 1.2, "pull_away": weights["pull_away"] * 0.8}
+    return xnn, round_ + 1, ok, n_pos
+
+
+def run_seed(seed: int, steps: int, quick: bool = False, log=print, retries: int = 0) -> dict:
+    from ..concepts.xnn import layer_features
 
     x, y = digits()
     if quick:
@@ -104,24 +126,23 @@ def run_seed(seed: int, steps: int, quick: bool = False, log=print) -> dict:
     with torch.no_grad():
         acc = float((model(x[te]).argmax(1) == y[te]).double().mean())
     log(f"seed {seed}: CNN test accuracy {acc:.3f} ({time.perf_counter() - t0:.0f} s)")
-    f_tr, _ = layer_features(model, "features", x[tr])
     f_te, logits = layer_features(model, "features", x[te])
     preds, corr, accepted, n_pos_mean = [], [], [], []
     active = torch.zeros(len(te), 10)
     positive = torch.zeros(len(te), 10)
+    rounds = []
     for c in range(10):
-        xnn = fit_xnn(model, "features", x[tr], concepts=CONCEPTS, steps=steps, seed=seed, classes=c, progress=False)
+        xnn, used, ok, n_pos = fit_accepted(model, x[tr], c, steps, seed, retries)
         with torch.no_grad():
             e, _, p = xnn(f_te)
             contrib = e * xnn.head.weight[0]
-            mean_train = (xnn.encode(f_tr) * xnn.head.weight[0]).mean(0).sort(descending=True).values
         preds.append(p[:, 0])
         corr.append(_pearson(p[:, 0], logits[:, c]))
         active[:, c] = (e > 0).sum(1).float()
         positive[:, c] = (contrib > 0).sum(1).float()
-        n_pos = int((mean_train > 0).sum())
         n_pos_mean.append(n_pos)
-        accepted.append(bool(n_pos >= 2 and float(mean_train[1]) >= 0.3 * float(mean_train[0])))
+        accepted.append(ok)
+        rounds.append(used)
     pred = torch.stack(preds, 1)
     predicted = logits.argmax(1)
     agree = (pred.argmax(1) == predicted).double()
@@ -130,7 +151,7 @@ def run_seed(seed: int, steps: int, quick: bool = False, log=print) -> dict:
         f"{time.perf_counter() - t0:.0f} s")
     return {"seed": seed, "cnn_accuracy": acc, "correlations": corr, "agreement": agree.tolist(),
             "active": active[rows, predicted].tolist(), "positive": positive[rows, predicted].tolist(),
-            "accepted": accepted, "positive_mean_contributions": n_pos_mean, "n_test": len(te),
+            "accepted": accepted, "positive_mean_contributions": n_pos_mean, "rounds": rounds, "n_test": len(te),
             "seconds": time.perf_counter() - t0}
 
 
@@ -169,21 +190,40 @@ def markdown(summary: dict, results: Sequence[dict], command: str, seconds: floa
              f"| active concepts per image (e_i > 0, XNN of the predicted class) | {_fmt(summary['active_per_image'])} |",
              f"| positively contributing concepts per image (W_i e_i > 0) | {_fmt(summary['positive_per_image'])} |",
              f"| XNNs passing the authors' acceptance test (>= 2 positive mean contributions, ratio >= 0.3) | "
-             f"{summary['accepted_fraction']:.2f} |", "",
+             f"{summary['accepted_fraction']:.2f} |",
+             f"| rounds of the authors' re-training loop per class (--retries {summary.get('retries', 0)}) | "
+             f"{sum(x for r in results for x in r.get('rounds', [1])) / sum(len(r.get('rounds', [1])) for r in results):.2f} |",
+             "",
              "Per seed: " + "; ".join(f"seed {r['seed']}: CNN accuracy {r['cnn_accuracy']:.3f}, agreement "
                                        f"{sum(r['agreement']) / len(r['agreement']):.3f}, correlation "
                                        f"{sum(r['correlations']) / len(r['correlations']):.3f}" for r in results), ""]
     return "\n".join(lines)
 
 
-def run_claims(out_dir, seeds: Sequence[int] = (0, 1, 2), steps: int = 480, quick: bool = False, log=print) -> dict:
+def run_claims(out_dir, seeds: Sequence[int] = (0, 1, 2), steps: int = 480, quick: bool = False, log=print,
+               retries: int = 0) -> dict:
+    """Every seed's result is written to OUT/seed_<s>.json as it finishes; a rerun with the same settings
+    reuses those files (delete them to measure again)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    results = [run_seed(s, 20 if quick else steps, quick, log) for s in seeds]
+    settings = {"steps": 20 if quick else steps, "quick": quick, "retries": retries}
+    results = []
+    for s in seeds:
+        path = out / f"seed_{s}.json"
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            saved = None
+        if saved is None or saved.get("settings") != settings:
+            saved = {"settings": settings, "result": run_seed(s, settings["steps"], quick, log, retries)}
+            path.write_text(json.dumps(saved), encoding="utf-8")
+        results.append(saved["result"])
     summary = evaluate(results)
-    command = "python -m saliencylab.runs.xnn_claims " + " ".join([str(out_dir), "--seeds", *map(str, seeds),
-                                                                    "--steps", str(steps)] + (["--quick"] if quick else []))
+    summary["retries"] = retries
+    command = "python -m saliencylab.runs.xnn_claims " + " ".join(
+        [str(out_dir), "--seeds", *map(str, seeds), "--steps", str(steps)] + (["--retries", str(retries)] if retries else [])
+        + (["--quick"] if quick else []))
     seconds = time.perf_counter() - t0
     (out / "claims.json").write_text(json.dumps({"summary": summary, "results": results}, indent=1), encoding="utf-8")
     (out / "claims.md").write_text(markdown(summary, results, command, seconds), encoding="utf-8")
@@ -197,10 +237,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=480, help="XNN training steps per class (default 480)")
     ap.add_argument("--quick", action="store_true", help="300 images, 2 CNN epochs, 20 XNN steps: a test, not a result")
+    ap.add_argument("--retries", type=int, default=0,
+                    help="the authors' re-training loop: up to this many more rounds per class until accepted (they use 4)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = run_claims(args.out, seeds=args.seeds, steps=args.steps, quick=args.quick)
+    result = run_claims(args.out, seeds=args.seeds, steps=args.steps, quick=args.quick, retries=args.retries)
     s = result["summary"]
     print(f"XNN claim: {s['verdict']}; correlation {_fmt(s['correlation'])}, agreement {_fmt(s['agreement'])}, "
           f"positive concepts per image {_fmt(s['positive_per_image'])}")
