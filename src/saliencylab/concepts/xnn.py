@@ -41,9 +41,10 @@ Differences, all deliberate:
 - `fit_xnn` reads the layer once and trains on the stored features, on the CPU (move the XNN with
   `.to(device)` to explain a model on a GPU);
 - `steps` of minibatches (reshuffled every pass, keyed by (seed, pass)) instead of epochs with the
-  learning rate divided by 10 every 40 epochs (`adjust_lr`); no retry loop (`Main1_TrainXNN.py`
-  re-trains up to 5 times with the reconstruction weight x1.2 and the pull-away weight x0.8 until two
-  x-features have a positive mean contribution and the second is >= 0.3 of the first);
+  learning rate divided by 10 every 40 epochs (`adjust_lr`); `fit_xnn` trains once: the authors'
+  re-training loop (`Main1_TrainXNN.py`: up to 5 rounds, the reconstruction weight x1.2 and the
+  pull-away weight x0.8 each round, until two x-features have a positive mean contribution and the
+  second is >= 0.3 of the first) is `saliencylab.runs.xnn_claims.fit_accepted(..., retries=4)`;
 - `classes=None` (our default) explains all logits with one XNN (a multi-output head, as the authors'
   `len(label_ind)` outputs); `classes=[c]` is the authors' one-vs-all XNN;
 - the decoder's last ReLU is kept only if the layer's features are non-negative on the first batch

@@ -30,6 +30,8 @@ width=16, in_channels=1)` trained 25 epochs (Adam 3e-3, batch 64); one XNN per c
 defaults: encoder 512 -> 800 -> 100 -> 5, weights 1 / 10 / 10, q = 100, pull-away along the images,
 Adam 1e-3 with weight decay 1e-4, batch 50) for `steps` minibatches (480 = 20 passes over the training
 images, after the authors' layer-wise pretraining, one pass per layer; the authors then train 1 epoch).
+`--retries 4` adds the authors' re-training loop (`fit_accepted`, from `Main1_TrainXNN.py`); the
+verdict's thresholds are the same with or without it.
 """
 
 from __future__ import annotations
