@@ -352,7 +352,7 @@ def fit_xnn(model: nn.Module, layer, data, *, concepts: int = 5, steps: int = 10
     nonnegative = bool((feats[: min(n, batch_size)] >= 0).all())
     config = {"layer": name, "classes": cls, "concepts": concepts, "hidden": hidden, "batch_size": batch_size,
               "lr": lr, "weight_decay": weight_decay, "weights": w, "q": q, "pull_away": pull_away, "pool": pool,
-              "dropout": dropout, "pretrain": pretrain, "seed": seed, "data": {"n": n, "features": d, "sha1": _digest(feats, target)}}
+              "dropout": dropout, "pretrain": pretrain, "log_every": log_every, "seed": seed, "data": {"n": n, "features": d, "sha1": _digest(feats, target)}}
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_key(seed, "init"))
