@@ -75,7 +75,7 @@ __all__ = ["C3LT", "Counterfactuals", "LatentMap", "latent_step", "change_mask",
 # The authors' defaults (khorrams/c3lt args.py): see the module docstring.
 DEFAULTS = dict(alpha=0.1, beta=0.1, gamma=0.001, p1=10.0, p2=1.0, cls_type="nll", kappa=0.05, lr=1e-3,
                 batch_size=128, epochs=200, decay_step=25, decay_gamma=0.5, n_steps=1)
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = "checkpoints"  # the folder and checkpoint format of training.loop, whose readers C3LT uses
 FORMAT = 1
 
 
@@ -348,7 +348,8 @@ class C3LT:
         from tqdm.auto import tqdm
 
         from ..core import progress as _progress
-        from ..training.loop import _atomic_save, _atomic_text, _key, _rng_state, _seed_epoch, _set_rng_state
+        from ..training.loop import (_atomic_save, _atomic_text, _checkpoints, _key, _load_last_checkpoint, _rng_state,
+                                     _seed_epoch, _set_rng_state)
 
         x1 = self._check_images(x_source, "x_source")
         x2 = self._check_images(x_target, "x_target")
@@ -388,7 +389,7 @@ class C3LT:
                 if not resume:
                     for p in _checkpoints(run_dir):
                         p.unlink()
-                blob = _last_checkpoint(run_dir)
+                _, blob = _load_last_checkpoint(run_dir)  # training.loop's: same folder and format
                 if blob is not None:
                     saved = {k: v for k, v in blob["config"].items()}
                     diff = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
@@ -533,16 +534,3 @@ def _fingerprint(x: torch.Tensor) -> dict:
             "sha1": hashlib.sha1(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]}
 
 
-def _checkpoints(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / CHECKPOINTS).glob("epoch_*.pt"))
-
-
-def _last_checkpoint(run_dir: Path):
-    for path in reversed(_checkpoints(run_dir)):
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception:  # noqa: BLE001 - an unreadable file: fall back to the one before
-            continue
-        if isinstance(blob, dict) and blob.get("format") == FORMAT:
-            return blob
-    return None
