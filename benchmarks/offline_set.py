@@ -23,8 +23,11 @@ gradcam_plus_plus,layercam,fullgrad,occlusion,rise,iba,igos \\
         --metrics deletion,insertion,road,morf_lerf,sensitivity_n,sparseness --preset photo \\
         --metric-param deletion.protocol=igos --metric-param deletion.steps=25 \\
         --metric-param insertion.protocol=igos --metric-param insertion.steps=25 \\
-        --metric-param morf_lerf.tile=14 --metric-param morf_lerf.steps=32 --chunk-size 8
+        --metric-param morf_lerf.tile=14 --metric-param morf_lerf.steps=32 --chunk-size 2
 
+`--chunk-size 2`: images are explained and measured two at a time, so a run stopped early leaves whole
+images (every method and metric) behind, not a part of a larger chunk; the scores do not depend on it
+(randomness is keyed by image; batches move them by float rounding only).
 `python benchmarks/offline_set.py --print-command` prints that command from the suite's own tables
 (`runs.leaderboard.PHOTO_DEFAULT_METHODS`, `FAITHFULNESS_METRICS`, `_FAITHFULNESS_METRIC_PARAMS`), so
 it cannot drift from them. The run streams in chunks and resumes (rows.jsonl): rerun the same command
@@ -146,7 +149,7 @@ def command(data: str = "offline-set", out: str = "offline-leaderboard", threads
                      for m in lb.FAITHFULNESS_METRICS for k, v in params.get(m, {}).items()]
     return (f"saliencylab --threads {threads} evaluate --data {data} --out {out} "
             f"--methods {','.join(lb.PHOTO_DEFAULT_METHODS)} --metrics {','.join(lb.FAITHFULNESS_METRICS)} "
-            f"--preset photo {' '.join(metric_params)} --chunk-size 8")
+            f"--preset photo {' '.join(metric_params)} --chunk-size 2")
 
 
 def main(argv=None) -> None:
