@@ -8,13 +8,14 @@ their mirror images, and copies shifted by 16k pixels, cyclically: `photos(n)`):
    on gradient maps: seconds per image (wall and this process's CPU time), forward images per image,
    and the forward bound (forward images x the model's no-grad cost per image at the engine's batch
    size, measured in this process). `--compare` alternates each metric with the engine's shared
-   passes and fast paths switched off (`perturbation.FAST = False`, the code before issue 16), in the
-   same process, and reports both and whether the scores agree.
+   passes and fast paths switched off (`perturbation.FAST = False`, the code before issue 16: no shared
+   rows, no channels-last inputs), in the same process, and reports both and whether the scores agree.
 2. leaderboard: every method of the suite's default list at its photo preset (explanation time) and
    the six metrics on its maps: seconds per image for the whole leaderboard, and images per hour.
 3. memory: peak RSS (resource.getrusage, in fresh subprocesses) of a streamed run (batches of 8:
    photos made, explained, measured, only the scores kept) at two image counts, with tiny settings
-   (gradient maps, few steps, 64x64 images) so that 512 images finish in a minute.
+   (gradient maps, few steps) so that the counts finish in minutes; at 224x224 (the default) the
+   engine's channels-last path and batch sizes are the leaderboard's.
 
 With one thread (`--threads 1`, the default) the CPU times are the ones to trust on a shared machine.
 
@@ -75,9 +76,13 @@ def timed(fn):
     return time.perf_counter() - w0, time.process_time() - c0, result
 
 
-def forward_cost(model, x, batch: int, repeat: int = 5) -> tuple[float, float]:
-    """(wall, CPU) seconds per image of a no-grad forward at the engine's batch size (median)."""
+def forward_cost(model, x, batch: int, repeat: int = 5, channels_last: bool = True) -> tuple[float, float]:
+    """(wall, CPU) seconds per image of a no-grad forward at the engine's batch size (median), with the
+    engine's input layout (channels-last on CPU for large images, `perturbation._forward_fast`) or not."""
     rows = x.repeat((batch + len(x) - 1) // len(x), 1, 1, 1)[:batch]
+    min_pixels = perturbation.CHANNELS_LAST_MIN_PIXELS
+    if channels_last and min_pixels is not None and rows.shape[-2] * rows.shape[-1] >= min_pixels:
+        rows = rows.contiguous(memory_format=torch.channels_last)
 
     def fwd():
         with torch.no_grad():
@@ -200,7 +205,9 @@ def write_markdown(path: Path, result: dict) -> None:
              f"{result['machine']}; torch {result['torch']}, {a['threads']} thread(s); load average at start "
              f"{result['load_average'][0]:.1f} (a shared 2-core machine: CPU times are the ones to trust). "
              f"No-grad forward of EfficientNet-Lite0 at the engine's batch of {result['batch']}: "
-             f"{result['forward_cpu_s_per_image'] * 1000:.1f} ms CPU per image.", ""]
+             f"{result['forward_cpu_s_per_image'] * 1000:.1f} ms CPU per image with the engine's channels-last "
+             f"inputs ({result.get('forward_contiguous_cpu_s_per_image', float('nan')) * 1000:.1f} ms contiguous).",
+             f"Load average at the end: {result.get('load_average_end', [float('nan')])[0]:.1f}.", ""]
     if result.get("metrics"):
         lines += [f"## Metrics on gradient maps ({a['images']} photos; the suite's settings)", ""]
         compare = any("before" in r for r in result["metrics"].values())
@@ -252,8 +259,8 @@ def main(argv=None) -> None:
     p.add_argument("--leaderboard-images", type=int, default=2, help="photos for the whole leaderboard (0: skip)")
     p.add_argument("--methods", default=None, help="comma-separated methods (default: the photo suite's list)")
     p.add_argument("--compare", action="store_true", help="alternate with the engine's fast paths off")
-    p.add_argument("--memory", default="64,512", help="image counts for the peak-memory check ('' to skip)")
-    p.add_argument("--memory-size", type=int, default=64, help="image side for the memory check")
+    p.add_argument("--memory", default="16,128", help="image counts for the peak-memory check ('' to skip)")
+    p.add_argument("--memory-size", type=int, default=224, help="image side for the memory check")
     p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-share", action="store_true", help="leaderboard without perturbation.shared_passes()")
     p.add_argument("--threads", type=int, default=1)
@@ -268,10 +275,12 @@ def main(argv=None) -> None:
     batch = perturbation.auto_batch_size("cpu", pixels=224 * 224)
     model, x = photos(max(args.images, args.leaderboard_images, 1))
     unit = forward_cost(model, x, batch)
+    plain = forward_cost(model, x, batch, channels_last=False)
     result = {"command": "python benchmarks/faithfulness.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
               "torch": torch.__version__, "args": vars(args), "load_average": os.getloadavg(), "batch": batch,
-              "forward_wall_s_per_image": unit[0], "forward_cpu_s_per_image": unit[1]}
+              "forward_wall_s_per_image": unit[0], "forward_cpu_s_per_image": unit[1],
+              "forward_contiguous_cpu_s_per_image": plain[1]}
     if args.images:
         result["metrics"] = part_metrics(model, x[:args.images], args.compare, unit)
     if args.leaderboard_images:
@@ -279,6 +288,7 @@ def main(argv=None) -> None:
         result["leaderboard"] = part_leaderboard(model, x[:args.leaderboard_images], methods, not args.no_share)
     if args.memory:
         result["memory"] = part_memory([int(n) for n in args.memory.split(",")], args.memory_size, args.threads)
+    result["load_average_end"] = os.getloadavg()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=1, default=float))

@@ -174,3 +174,94 @@ def test_multigrid_pooling_by_corners_is_the_reshape_reduction_bit_for_bit(monke
             slow = [_pool2(t), _pool2(t, "min", 1.0)]
             monkeypatch.setattr(perturbation, "FAST", True)
             assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+
+
+# -- channels-last engine inputs (issue 16): the same scores, the model untouched --------------------------
+class _LayoutProbe(torch.nn.Module):
+    """The zoo CNN, recording whether each forward call got a channels-last input."""
+
+    def __init__(self, flatten_by_view: bool = False):
+        super().__init__()
+        self.net, self.seen, self.flatten_by_view = make_small_cnn(), [], flatten_by_view
+
+    def forward(self, x):
+        self.seen.append(x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last))
+        if self.flatten_by_view:  # a model that cannot take channels-last inputs
+            x = x.view(x.shape[0], -1).view(x.shape)
+        return self.net(x)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name, params", [
+    ("deletion", {"protocol": "igos", "steps": 5}), ("insertion", {"protocol": "igos", "steps": 5}),
+    ("morf_lerf", {"steps": 5, "tile": 16}), ("road", {"fractions": (0.0, 0.3, 0.6), "tile": 16}),
+    ("sensitivity_n", {"samples": 4, "fraction": (0.01, 0.1)}),
+])
+def test_channels_last_inputs_keep_the_scores(monkeypatch, name, params):
+    from saliencylab import perturbation
+
+    model, x = _LayoutProbe(), torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(3))
+    maps = torch.randn(2, 128, 128, generator=torch.Generator().manual_seed(4))
+    metric = sl.metrics.build(name, **params)
+    fast = metric.measure(model, x, maps)
+    assert any(model.seen) and not all(model.seen)  # the engine's rows channels-last, the clean forward not
+    model.seen.clear()
+    monkeypatch.setattr(perturbation, "CHANNELS_LAST_MIN_PIXELS", None)
+    plain = metric.measure(model, x, maps)
+    assert not any(model.seen)
+    assert plain.cost.forward_images == fast.cost.forward_images
+    torch.testing.assert_close(fast.scores, plain.scores, rtol=0, atol=1e-6)
+    for key, curve in (fast.curves or {}).items():
+        torch.testing.assert_close(curve, plain.curves[key], rtol=0, atol=1e-6)
+    monkeypatch.setattr(perturbation, "FAST", False)  # the code before issue 16 (no shared rows either)
+    torch.testing.assert_close(metric.measure(model, x, maps).scores, fast.scores, rtol=0, atol=1e-6)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_channels_last_only_for_large_cpu_images_and_not_for_models_that_refuse_them():
+    from saliencylab import perturbation
+
+    small = _LayoutProbe()
+    sl.metrics.build("deletion", steps=2).measure(small, torch.randn(1, 3, 32, 32), torch.randn(1, 32, 32))
+    assert not any(small.seen)  # below CHANNELS_LAST_MIN_PIXELS: contiguous inputs (faster there)
+    refusing, x = _LayoutProbe(flatten_by_view=True), torch.randn(2, 3, 128, 128)
+    metric = sl.metrics.build("deletion", steps=3)
+    first = metric.measure(refusing, x, torch.randn(2, 128, 128))
+    assert refusing in perturbation._NO_CHANNELS_LAST  # the failed call fell back, and is remembered
+    # the failed call is not counted as a pass: 1 clean forward + 3 rows per image, the first from it
+    assert first.cost.forward_images == 2 + 2 * 3
+    refusing.seen.clear()
+    again = metric.measure(refusing, x, torch.randn(2, 128, 128))
+    assert not any(refusing.seen) and torch.isfinite(again.scores).all()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_faithfulness_suite_shares_map_independent_passes_across_methods(monkeypatch, tmp_path):
+    """The suite's methods are measured inside one shared_passes() scope: sensitivity-N's drops once."""
+    from saliencylab import perturbation
+    from saliencylab.runs import leaderboard as lb
+
+    assert lb.FAITHFULNESS_METRICS == ("deletion", "insertion", "road", "morf_lerf", "sensitivity_n", "sparseness")
+    assert "completeness" in lb.FAITHFULNESS_PRESETS["faithfulness-soundness"]
+    model = make_small_cnn().eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def groups(methods, full, seed, images, metrics=lb.FAITHFULNESS_METRICS):
+        return [lb.Group("photos", model, x, None, ["sensitivity_n"], {},
+                         metric_params={"sensitivity_n": {"samples": 3, "fraction": 0.1}},
+                         display=lambda t: lb._unit_rgb(t[:3]))]
+
+    monkeypatch.setattr(lb, "faithfulness_groups", groups)
+    calls = []
+    scores = perturbation.Perturber.scores
+
+    def counting(self, session, x, target, n, make_masks, **kw):
+        calls.append(n)
+        return scores(self, session, x, target, n, make_masks, **kw)
+
+    monkeypatch.setattr(perturbation.Perturber, "scores", counting)
+    suite = lb.suites.get("faithfulness")
+    results = suite.run(["gradient", "input_x_gradient"], tmp_path, full=False, seed=0, images=None,
+                        on_record=None, debug=True)
+    assert {r.method for r in results[0].records} == {"gradient", "input_x_gradient"}
+    assert calls.count(3) == 1  # the 3 subsets of each image forwarded for the first method only

@@ -299,7 +299,38 @@ class Perturber:
             inputs = apply_masks(xr, masks, base[image])
         if perturb is not None:
             inputs = perturb(inputs, image, k)
-        return target(session.forward(inputs), image)
+        return target(_forward_fast(session, inputs), image)
+
+
+# Channels-last inputs on CPU (issue 16): the engine's no-grad scoring passes hand the model its
+# perturbed images in channels-last memory order when they are this large. Convolutions (oneDNN) then
+# skip their layout conversions: EfficientNet-Lite0 at 224x224, batch 4, one thread: 21 instead of
+# 32 ms per image (a 56-px CNN of the test zoo at 224x224: 24 instead of 56 ms); small images lose
+# (the zoo CNN at 32x32: 10 instead of 8 ms), hence the threshold. The values are the same; the
+# outputs move by float rounding only (1e-7 on the EfficientNet-Lite0 softmax, as a change of batch
+# size does). A model that cannot take them (a `.view` of its input, say) gets contiguous inputs
+# from its first failure on (remembered per model). `FAST = False` or None here turns this off.
+CHANNELS_LAST_MIN_PIXELS: int | None = 128 * 128
+_NO_CHANNELS_LAST: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _forward_fast(session, inputs: torch.Tensor) -> torch.Tensor:
+    """`session.forward(inputs)`, with channels-last inputs where they pay (see CHANNELS_LAST_MIN_PIXELS)."""
+    model = session.model
+    if (not FAST or CHANNELS_LAST_MIN_PIXELS is None or inputs.dim() != 4 or inputs.device.type != "cpu"
+            or inputs.requires_grad or inputs.shape[-2] * inputs.shape[-1] < CHANNELS_LAST_MIN_PIXELS
+            or model in _NO_CHANNELS_LAST):
+        return session.forward(inputs)
+    try:
+        return session.forward(inputs.contiguous(memory_format=torch.channels_last))
+    except RuntimeError:
+        try:
+            _NO_CHANNELS_LAST.add(model)
+        except TypeError:
+            pass
+        session.cost.forward_images -= int(inputs.shape[0])  # the failed call is not a pass
+        session.cost.forward_calls -= 1
+        return session.forward(inputs)
 
 
 MASK_UPSAMPLING = ("nearest", "bilinear")

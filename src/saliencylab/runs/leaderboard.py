@@ -15,7 +15,8 @@ Suites
   background; methods are scored on class sensitivity, null player and symmetry
   (`saliencylab.envs.knows_best`).
 - faithfulness: the embedded model and the bundled photos; deletion/insertion (I-GOS protocol),
-  MoRF/LeRF tiles, ROAD, soundness and completeness.
+  ROAD, MoRF/LeRF tiles, sensitivity-N and sparseness (issue 16's list); "faithfulness-soundness" has
+  completeness and soundness in place of sensitivity-N and sparseness.
 
 Each (group, method) is explained once and scored by every metric of the suite; every score is a row
 (`saliencylab.runs.store`: image, model fingerprint, method spec, metric spec, target) appended to
@@ -70,7 +71,13 @@ VIT_METHODS = ("attention_rollout", "gradient_rollout", "transformer_attribution
 _RELU_RULE_METHODS = ("guided_backprop", "deconvnet", "rectgrad")
 
 GROUNDTRUTH_METRICS = ("gt_precision", "gt_recall", "gt_mass_positive", "gt_mass_negative", "gt_rank_correlation")
-FAITHFULNESS_METRICS = ("deletion", "insertion", "morf_lerf", "road", "completeness", "soundness")
+# The faithfulness suite's default: issue 16's leaderboard (deletion, insertion, ROAD, MoRF-LeRF,
+# sensitivity-N, sparseness). The former default, with completeness and soundness in place of
+# sensitivity-N and sparseness, is the suite "faithfulness-soundness".
+FAITHFULNESS_METRICS = ("deletion", "insertion", "road", "morf_lerf", "sensitivity_n", "sparseness")
+FAITHFULNESS_PRESETS = {"faithfulness": FAITHFULNESS_METRICS,
+                        "faithfulness-soundness": ("deletion", "insertion", "morf_lerf", "road", "completeness",
+                                                   "soundness")}
 
 # Settings per suite come from the one presets table: "small-image" for the 32x32 environments (small
 # windows, cells and masks), "photo" for 224x224 photos (the costly methods at a few hundred passes per
@@ -253,14 +260,15 @@ def embedded_photos():
     return loaded, x, lambda t: denormalize(t, models.LITE_MEAN, models.LITE_STD)
 
 
-def faithfulness_groups(methods: Sequence[str], full: bool, seed: int, images: int | None) -> list[Group]:
+def faithfulness_groups(methods: Sequence[str], full: bool, seed: int, images: int | None,
+                        metrics: Sequence[str] = FAITHFULNESS_METRICS) -> list[Group]:
     loaded, x, display = embedded_photos()
     if full:  # the larger version: mirrored photos too
         x = torch.cat([x, x.flip(-1)])
     if images:
         x = x[:images]
     available = set(_metrics.available())
-    metric_names = [m for m in FAITHFULNESS_METRICS if m in available]
+    metric_names = [m for m in metrics if m in available]
     metric_params = _FAITHFULNESS_METRIC_PARAMS["full" if full else "default"]
     note = (f"EfficientNet-Lite0 on {len(x)} bundled photos{' and their mirror images' if full else ''}; "
             "each map explains the predicted class.")
@@ -288,6 +296,21 @@ def _groups_suite(name: str, make_groups: Callable, description: str) -> Suite:
     def run(names, out, *, full, seed, images, on_record, debug):
         groups = make_groups(names, full, seed, images)
         return [run_group(g, names, out, seed=seed, on_record=on_record, debug=debug) for g in groups]
+
+    return Suite(name, run, description)
+
+
+def _faithfulness_suite(name: str, description: str) -> Suite:
+    """A faithfulness suite (metrics: FAITHFULNESS_PRESETS[name]). Its methods are measured on the same
+    images inside one `perturbation.shared_passes()` scope, so what does not depend on the map (the clean
+    outputs, sensitivity-N's score drops, the all-removed images) is computed once for all methods,
+    not once per method: the same scores, bit for bit (tests/test_perturbation.py)."""
+    from .. import perturbation as _perturbation
+
+    def run(names, out, *, full, seed, images, on_record, debug):
+        groups = faithfulness_groups(names, full, seed, images, metrics=FAITHFULNESS_PRESETS[name])
+        with _perturbation.shared_passes():
+            return [run_group(g, names, out, seed=seed, on_record=on_record, debug=debug) for g in groups]
 
     return Suite(name, run, description)
 
@@ -479,7 +502,10 @@ for _suite in (
                       "groundtruth plus a small ViT trained on each environment (ViT methods on the ViT only)"),
         Suite("knows-best", lambda names, out, **kw: [knows_best_group(names, out, **kw)],
               "model-knows-best patches: class sensitivity, null player, symmetry"),
-        _groups_suite("faithfulness", faithfulness_groups, "the embedded model on photos; faithfulness metrics"),
+        _faithfulness_suite("faithfulness", "the embedded model on photos; deletion, insertion, ROAD, MoRF-LeRF, "
+                            "sensitivity-N, sparseness"),
+        _faithfulness_suite("faithfulness-soundness", "the embedded model on photos; deletion, insertion, "
+                            "MoRF-LeRF, ROAD, completeness, soundness"),
         Suite("positive-aggregation", lambda names, out, **kw: _positive_aggregation.run(names, out, **kw),
               "positive vs signed aggregation/propagation: class sensitivity and cascading randomization")):
     suites.register(_suite, name=_suite.name)
