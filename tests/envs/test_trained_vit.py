@@ -158,3 +158,20 @@ def test_vit_deletes_along_the_truth_and_truth_outranks_noise(env, batch):
         m = metrics.build(name)
         better, worse = (m(env.model, batch.x, s, batch.target, truth=batch.truth) for s in (truth_map, noise))
         assert (better > worse).all(), (name, better, worse)
+
+
+def test_knows_best_suite_runs_on_the_trained_vit(env):
+    """The model-knows-best suite on the ViT: patches optimised for it, composed images, scores. Attention
+    rollout is class-agnostic (the same map for both classes), so it scores 0 on class sensitivity, where
+    a class-specific method does better."""
+    from saliencylab.envs.knows_best.generation import generate_patches
+    from saliencylab.envs.knows_best.scoring import evaluate_method
+    from saliencylab.envs.knows_best.suites import make_suite
+
+    patches = generate_patches(env.model, [0, 1, 2], image_size=32, steps=40, cache=False)
+    suite = make_suite(env.model, patches, n=2, only_converged=False)
+    rollout = evaluate_method(env.model, "attention_rollout", suite)
+    ig = evaluate_method(env.model, "integrated_gradients", suite, steps=16)
+    assert set(rollout) == {"class_sensitivity", "null_player", "symmetry"}
+    assert torch.all(rollout["class_sensitivity"] == 0)
+    assert ig["class_sensitivity"].mean() > 0.05
