@@ -251,3 +251,9 @@ def write_image_folder(root, n: int, *, classes: int | None = 2, broken: str | N
     if broken:
         (root / (str(classes - 1) if classes else "") / broken).write_bytes(b"not a png")
     return root
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    """The two modules hold equal state (parameters and buffers), key for key."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

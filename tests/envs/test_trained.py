@@ -5,13 +5,9 @@ import torch
 
 from saliencylab import envs
 from saliencylab.envs import trained
+from zoo import same_weights
 
 NAMES = ("dominant_colour", "pattern_at_location", "null_player")
-
-
-def same_weights(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from saliencylab import envs, metrics
 from saliencylab.core.errors import ConfigError
 from saliencylab.envs import trained
 from saliencylab.models.vit import VisionTransformer
+from zoo import same_weights
 
 NAME = "dominant_colour"  # the cheapest to train; the other two are covered by the leaderboard run
 B = 4
@@ -20,11 +21,6 @@ FAST = {"soundness": {"ratios": [0.9, 0.5, 0.1], "iterations": 10}, "completenes
         "faithfulness_correlation": {"samples": 6}, "infidelity": {"samples": 6}, "morf": {"steps": 10},
         "lerf": {"steps": 10}, "morf_lerf": {"steps": 10, "tile": 4}, "deletion": {"steps": 10},
         "insertion": {"steps": 10}}
-
-
-def same_weights(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 @pytest.fixture(scope="module")

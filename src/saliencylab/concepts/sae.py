@@ -166,8 +166,7 @@ def train_sae(features: torch.Tensor, *, concepts: int = 64, k: int = 4, epochs:
     from tqdm.auto import tqdm
 
     from ..core import progress as _progress
-    from ..training.loop import (FORMAT, _atomic_save, _check_resumable, _checkpoints, _key,
-                                 _load_last_checkpoint)
+    from ..training.loop import FORMAT, _atomic_save, _key, open_run_dir
 
     t0 = time.perf_counter()
     if not isinstance(features, torch.Tensor) or features.dim() != 2 or not features.is_floating_point():
@@ -200,16 +199,8 @@ def train_sae(features: torch.Tensor, *, concepts: int = 64, k: int = 4, epochs:
     resumed_from = None
     step = 0
     if run_dir is not None:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise InputError(f"cannot create output folder '{run_dir}': {exc.strerror or exc}") from None
-        if not resume:
-            for p in _checkpoints(run_dir):
-                p.unlink()
-        _, blob = _load_last_checkpoint(run_dir)
+        _, blob = open_run_dir(run_dir, config, resume)
         if blob is not None:
-            _check_resumable(blob["config"], config, run_dir)
             sae.load_state_dict(blob["model"])
             optimizer.load_state_dict(blob["optimizer"])
             since_fired = blob["since_fired"].clone()

@@ -654,6 +654,22 @@ def _load_last_checkpoint(run_dir: Path):
     return None, None
 
 
+def open_run_dir(run_dir: Path, config: dict, resume: bool, outputs=()):
+    """Create `run_dir`; with resume=False delete its checkpoints and `outputs`; return the newest readable
+    checkpoint (path, blob), or (None, None), after checking it was written with the same `config`."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create output folder '{run_dir}': {exc.strerror or exc}") from None
+    if not resume:
+        for p in [*_checkpoints(run_dir), *(run_dir / name for name in outputs)]:
+            p.unlink(missing_ok=True)
+    path, blob = _load_last_checkpoint(run_dir)
+    if blob is not None:
+        _check_resumable(blob["config"], config, run_dir)
+    return path, blob
+
+
 COLUMNS = ("epoch", "loss", "ce", "guidance", "guided_images", "accuracy", "worst_group_accuracy", "epg", "iou")
 
 
@@ -817,18 +833,9 @@ def fit(model: nn.Module, train, val=None, *, epochs: int = 5, lr: float = 1e-3,
     try:
         with torch.random.fork_rng(devices=devices):
             if run_dir is not None:
-                try:
-                    run_dir.mkdir(parents=True, exist_ok=True)
-                except OSError as exc:
-                    raise InputError(f"cannot create output folder '{run_dir}': {exc.strerror or exc}") from None
-                if not resume:
-                    for p in _checkpoints(run_dir):
-                        p.unlink()
-                    for name in ("metrics.csv", "metrics.json", "model.pt", "report.html", "examples.json"):
-                        (run_dir / name).unlink(missing_ok=True)
-                path, blob = _load_last_checkpoint(run_dir)
+                path, blob = open_run_dir(run_dir, config, resume, outputs=(
+                    "metrics.csv", "metrics.json", "model.pt", "report.html", "examples.json"))
                 if blob is not None:
-                    _check_resumable(blob["config"], config, run_dir)
                     if blob["epoch"] > epochs:
                         raise ConfigError(f"'{run_dir}' already holds {blob['epoch']} epochs, more than the {epochs} asked "
                                           "for; use another folder or resume=False")
