@@ -78,6 +78,11 @@ def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor |
     return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
 
 
+def mha_adds_keys(module: nn.MultiheadAttention) -> bool:
+    """bias_k / bias_v / add_zero_attn append keys that are not tokens: no token-to-token attention to read."""
+    return module.bias_k is not None or module.bias_v is not None or module.add_zero_attn
+
+
 def mha_forward(module: nn.MultiheadAttention, query, key, value, key_padding_mask=None, need_weights=True,
                 attn_mask=None, average_attn_weights=True, is_causal=False, *, record=None):
     """`module(query, key, value, ...)` computed explicitly; `record(weights)` gets the (B, heads, L, S)
@@ -88,7 +93,7 @@ def mha_forward(module: nn.MultiheadAttention, query, key, value, key_padding_ma
     weights = softmax(q k^T / sqrt(head_dim) + masks), out = (weights v) W_o + b_o. `is_causal` is
     only a hint there (the mask must be given), so it is ignored here too. Returns (output, weights or
     None) as `nn.MultiheadAttention.forward` does."""
-    if module.bias_k is not None or module.bias_v is not None or module.add_zero_attn:
+    if mha_adds_keys(module):
         raise ConfigError("nn.MultiheadAttention with bias_k/bias_v or add_zero_attn adds keys that are not tokens; "
                           "its attention weights cannot be read as token-to-token attention")
     batched = query.dim() == 3

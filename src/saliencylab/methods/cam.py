@@ -109,6 +109,7 @@ def cam_maps(session, x: torch.Tensor, target, name: str, module, combine: Calla
     check_batch_size(batch_size)
     hw = tuple(x.shape[-2:])
     maps, outputs, classes = [], [], []
+    prefix = getattr(session.model, "num_prefix_tokens", None)  # class + register tokens of a ViT
     with session.scope():
         store = session.capture({name: module})
         for start in range(0, x.shape[0], batch_size):
@@ -123,7 +124,6 @@ def cam_maps(session, x: torch.Tensor, target, name: str, module, combine: Calla
             grads = session.grad(resolved(out), acts, rows=len(inputs))
             # In a differentiable session the activations stay in the graph (maps depend on them twice).
             acts = acts if session.differentiable else acts.detach()
-            prefix = getattr(session.model, "num_prefix_tokens", None)  # class + register tokens of a ViT
             cam = combine(to_grid(acts, hw, layout, prefix_tokens=prefix),
                           to_grid(grads, hw, layout, prefix_tokens=prefix))
             maps.append(cam.clamp(min=0) if relu else cam)

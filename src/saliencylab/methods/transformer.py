@@ -119,7 +119,7 @@ from ..core.targets import resolve_target, slice_target
 from .base import ACTIVATIONS, Param, out_of_place, register, upsample
 from .propagation.composites import CONVOLUTIONS
 from .propagation.lrp import _pass_hook
-from .attention import attention_kind, attention_modules, not_a_vit, token_grid
+from .attention import attention_kind, attention_modules, mha_adds_keys, not_a_vit, token_grid
 from .rollout import _VitMethod, _cat
 
 __all__ = ["TransformerAttribution", "AttnLRP", "CPLRP", "vit_blocks", "safe_divide", "attention_forward",
@@ -133,7 +133,7 @@ def _identity_or_absent(module, attr):
 
 
 def _torch_attention_problem(attn: nn.MultiheadAttention) -> str | None:
-    if attn.bias_k is not None or attn.bias_v is not None or attn.add_zero_attn:
+    if mha_adds_keys(attn):
         return "it adds keys that are not tokens (bias_k / bias_v / add_zero_attn)"
     if not attn._qkv_same_embed_dim or attn.in_proj_weight is None:
         return "its keys / values have their own sizes (kdim / vdim): not self-attention over the tokens"
